@@ -1,0 +1,182 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden from the command line.
+
+Each stage has one dataclass (see ``hgdpo.pool_config``); this module holds the small
+machinery they share:
+
+* ``load_config(PoolConfig, "pool.yaml", ["images_per_prompt=8", "output=/tmp/p"])`` reads
+  the YAML, applies ``key=value`` overrides (values parsed as YAML, so ``steps=20`` is an
+  int and ``keep=pair`` a string), rejects unknown keys, checks every value against the
+  field's annotation, and lets the dataclass's ``__post_init__`` check cross-field rules.
+* Every error is a :class:`ConfigError` naming the field (``pool.loser_rank: ...``).
+* ``to_dict`` gives plain data, which is what Ray workers receive (they rebuild the typed
+  config with ``from_dict`` on their first line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from hgdpo.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A dataclass field with its documentation (shown by ``--help`` and in the README)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"doc": text}, **kwargs)
+    return dataclasses.field(default=default, metadata={"doc": text}, **kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: must be one of {_type_name(tp)} (got {value!r})")
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: must be {_type_name(tp)} (got {value!r})")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: must be null (got {value!r})")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: must be a list (got {value!r})")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: must be true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: must be an integer (got {value!r})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: must be a number (got {value!r})")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `seed_tag=7` on the command line means the string "7"
+        raise ConfigError(f"{where}: must be a string (got {value!r})")
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def from_dict(cls: type[C], data: dict[str, Any], source: str = "") -> C:
+    """Build config ``cls`` from plain data, rejecting unknown keys and ill-typed values."""
+    section = getattr(cls, "SECTION", cls.__name__)
+    where = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}{section}: expected a mapping of settings, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}{section}.{key}: unknown setting{hint}; known: {', '.join(fields)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}{section}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["steps=20", "keep=pair"]`` -> ``{"steps": 20, "keep": "pair"}`` (values as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key.replace("-", "_")] = raw
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Read ``path`` (YAML; optional) and apply ``key=value`` overrides, then validate."""
+    data: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        data.update(loaded)
+    data.update(parse_overrides(overrides or []))
+    return from_dict(cls, data, source)
+
+
+def describe(cls: type) -> str:
+    """The configuration reference of ``cls`` as text: name, type, default, doc."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+        )
+        tp = _type_name(typing.get_type_hints(cls)[f.name])
+        lines.append(f"  {f.name} ({tp}, default {default!r})\n      {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def markdown_table(cls: type) -> str:
+    """The configuration reference of ``cls`` as a Markdown table (used for the README)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+        )
+        tp = _type_name(typing.get_type_hints(cls)[f.name]).replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {tp} | `{default!r}` | {f.metadata.get('doc', '')} |")
+    return "\n".join(rows)

@@ -1,0 +1,121 @@
+"""The configuration of the preference-pool builder (``jobs/build_pool.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from hgdpo.config import doc
+from hgdpo.errors import ConfigError
+
+Sampler = Literal["dpm_multistep", "ddim", "euler", "euler_ancestral", "ddpm", "pndm"]
+
+# Settings that change what is in the pool. A pool on disk remembers them; a rerun that
+# differs in any of them is refused (the others only change how fast the pool is built).
+DATA_FIELDS = (
+    "prompts", "prompt_format", "prompt_column", "id_column", "category", "max_prompts",
+    "model", "model_config", "scorer_model", "scorer_processor",
+    "images_per_prompt", "loser_rank", "keep", "seed", "sampler", "steps",
+    "guidance_scale", "width", "height", "negative_prompt", "dtype",
+)
+
+
+@dataclass
+class PoolConfig:
+    """How to build a preference pool (paper §3.1): N samples per prompt, ranked by PickScore."""
+
+    SECTION = "pool"
+
+    prompts: str = doc("Prompt file: .txt (one per line), .jsonl, .csv, .tsv (PartiPrompts) or .parquet.")
+    output: str = doc("Directory (or pyarrow filesystem URI) the pool is written to.")
+    prompt_format: Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet"] = doc(
+        "Format of the prompt file; `auto` goes by its suffix.", "auto")
+    prompt_column: str | None = doc(
+        "Column/field holding the prompt text (default: the first of prompt, Prompt, caption, text).", None)
+    id_column: str | None = doc(
+        "Column/field holding a stable prompt id (default: id or prompt_id if present, "
+        "else an id derived from the text and its position).", None)
+    category: str | None = doc("Keep only prompts of this category (PartiPrompts: `People`).", None)
+    max_prompts: int | None = doc("Use only the first this many prompts (after the category filter).", None)
+
+    model: str = doc(
+        "The model to improve: `embedded`, a hub id, a local diffusers folder, or a single-file "
+        "`.safetensors` checkpoint.", "embedded")
+    model_config: str | None = doc(
+        "For a single-file checkpoint: a diffusers folder or hub id with the component configs "
+        "(default: the SD1.5 configs from the hub).", None)
+    scorer_model: str = doc(
+        "PickScore model: `embedded`, a hub id (paper: yuvalkirstain/PickScore_v1) or a local folder.", "embedded")
+    scorer_processor: str | None = doc(
+        "PickScore processor (paper: laion/CLIP-ViT-H-14-laion2B-s32B-b79K); default: same as scorer_model.", None)
+    allow_pickle: bool = doc("Allow pickle weight formats (.bin/.ckpt/.pt). Off: safetensors only.", False)
+
+    images_per_prompt: int = doc("N, the number of images generated and ranked per prompt (paper: 20).", 20)
+    loser_rank: int | None = doc(
+        "Which ranked image is the loser whose image is stored (2..N; default N, the lowest score).", None)
+    keep: Literal["all", "pair"] = doc(
+        "Latents kept per prompt: all N (ablations over N and loser rank need no new pool) "
+        "or only the winner's and loser's.", "all")
+    seed: int = doc("Run seed; image j of prompt p uses a seed derived from (seed, prompt id, j).", 0)
+    sampler: Sampler = doc("Scheduler used for sampling (paper: DPM-Solver multistep).", "dpm_multistep")
+    steps: int = doc("Sampler steps (paper: 50).", 50)
+    guidance_scale: float = doc("Classifier-free guidance scale (paper: 5.0).", 5.0)
+    width: int | None = doc("Image width in pixels (paper: 704); default: the model's native size.", None)
+    height: int | None = doc("Image height in pixels (paper: 1024); default: the model's native size.", None)
+    negative_prompt: str = doc("Negative prompt used for classifier-free guidance.", "")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = doc(
+        "Model precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
+
+    generator_actors: int = doc("Number of generator actors (each loads the model once).", 1)
+    generator_gpus: float = doc("GPUs per generator actor (fractions allowed, e.g. 0.5).", 0.0)
+    generator_cpus: float = doc("CPUs per generator actor.", 1.0)
+    scorer_actors: int = doc("Number of PickScore actors.", 1)
+    scorer_gpus: float = doc("GPUs per scorer actor (fractions allowed).", 0.0)
+    scorer_cpus: float = doc("CPUs per scorer actor.", 1.0)
+    rows_per_file: int = doc("Prompts per parquet file of the pool.", 64)
+
+    mlflow_uri: str | None = doc(
+        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).", None)
+    mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-pool")
+    log_pairs: int = doc("Winner/loser pairs shown in the MLflow picture.", 4)
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        if not self.prompts:
+            raise ConfigError(f"{s}.prompts: required (a prompt file)")
+        if not self.output:
+            raise ConfigError(f"{s}.output: required (where to write the pool)")
+        if self.images_per_prompt < 2:
+            raise ConfigError(f"{s}.images_per_prompt: must be at least 2 to form a pair (got {self.images_per_prompt})")
+        if self.loser_rank is not None and not 2 <= self.loser_rank <= self.images_per_prompt:
+            raise ConfigError(
+                f"{s}.loser_rank: must be between 2 and images_per_prompt={self.images_per_prompt} "
+                f"(got {self.loser_rank})")
+        for name in ("steps", "generator_actors", "scorer_actors", "rows_per_file"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"{s}.{name}: must be a positive multiple of 8 (got {value})")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"{s}.max_prompts: must be at least 1 (got {self.max_prompts})")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"{s}.guidance_scale: must be >= 0 (got {self.guidance_scale})")
+        for name in ("generator_gpus", "scorer_gpus"):
+            value = getattr(self, name)
+            if value < 0 or (value > 1 and value != int(value)):
+                raise ConfigError(f"{s}.{name}: must be a fraction in [0, 1] or a whole number (got {value})")
+        for name in ("generator_cpus", "scorer_cpus"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{s}.{name}: must be positive (got {getattr(self, name)})")
+
+    def resolved_loser_rank(self) -> int:
+        """Rank (1 = best) of the stored loser: the configured one, or N (the argmin)."""
+        return self.loser_rank if self.loser_rank is not None else self.images_per_prompt
+
+    def data_settings(self) -> dict:
+        """The settings that determine the pool's content (see ``DATA_FIELDS``)."""
+        names = {f.name for f in fields(self)}
+        assert set(DATA_FIELDS) <= names
+        return {k: getattr(self, k) for k in DATA_FIELDS}

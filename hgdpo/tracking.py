@@ -1,0 +1,74 @@
+"""MLflow: where runs go, and the provenance every output carries (config + versions)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+PACKAGES = ("hgdpo", "torch", "diffusers", "transformers", "peft", "ray", "pyarrow", "mlflow",
+            "safetensors", "open_clip_torch", "numpy")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages that shape an output."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def tracking_uri(configured: str | None) -> str:
+    """The configured URI, else ``$MLFLOW_TRACKING_URI``, else a sqlite store ``./mlflow.db``."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """For a sqlite store, artifacts go in ``mlartifacts/`` beside the database (not ./mlruns)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def experiment_id(name: str, uri: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root(uri)
+    location = f"{root}/{name}" if root else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextlib.contextmanager
+def run(uri: str | None, experiment: str, run_name: str | None = None, **kwargs: Any) -> Iterator[Any]:
+    """Start an MLflow run in ``experiment`` at ``uri`` (see ``tracking_uri``)."""
+    import mlflow
+
+    uri = tracking_uri(uri)
+    exp = experiment_id(experiment, uri)
+    with mlflow.start_run(experiment_id=exp, run_name=run_name, **kwargs) as active:
+        yield active
+
+
+def flat_params(config: dict[str, Any]) -> dict[str, str]:
+    """Config values as MLflow params (None shown as an empty string; long values cut)."""
+    return {k: ("" if v is None else str(v))[:500] for k, v in config.items()}
