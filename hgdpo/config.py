@@ -110,6 +110,10 @@ def from_dict(cls: type[C], data: dict[str, Any], source: str = "") -> C:
         close = difflib.get_close_matches(str(key), fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{where}{section}.{key}: unknown setting{hint}; known: {', '.join(fields)}")
+    missing = [f.name for f in fields.values() if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}{section}.{missing[0]}: required ({fields[missing[0]].metadata.get('doc', '')})")
     kwargs = {k: _coerce(v, hints[k], f"{where}{section}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)

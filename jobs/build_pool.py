@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file of settings")
     parser.add_argument("overrides", nargs="*", help="key=value settings that override the file")
     parser.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         from hgdpo.pool_builder import build_pool
         from hgdpo.quiet import quiet_libraries
