@@ -1,0 +1,32 @@
+"""The README's promises: its configuration reference is current, its example configs load."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from hgdpo.config import load_config, markdown_table
+from hgdpo.pool_config import PoolConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"PoolConfig": PoolConfig}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_configuration_reference_is_current(name):
+    readme = (REPO / "README.md").read_text()
+    found = re.search(rf"<!-- config:{name} -->\n(.*?)\n<!-- /config:{name} -->", readme, re.S)
+    assert found, f"README has no reference section for {name}"
+    assert found.group(1) == markdown_table(CONFIGS[name]), "regenerate it with hgdpo.config.markdown_table"
+
+
+def test_makefile_commands_exist_and_handle_no_tests():
+    makefile = (REPO / "Makefile").read_text()
+    assert "demo:" in makefile and "test:" in makefile
+    assert "torch==2.14.1" in makefile and "$$rc -eq 5" in makefile
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_example_pool_config_loads():
+    cfg = load_config(PoolConfig, REPO / "examples" / "pool.yaml")
+    assert cfg.model == "embedded" and (REPO / cfg.prompts).is_file()
