@@ -189,10 +189,12 @@ def _as_float_image(image) -> np.ndarray:
     a = a[..., :3]
     if a.dtype == np.uint8:
         return a.astype(np.float32)
-    a = a.astype(np.float32)
-    if a.size and float(np.nanmax(a)) <= 1.0 + 1e-6:  # float images in [0, 1]
-        a = a * 255.0
-    return np.nan_to_num(a, nan=0.0)
+    a = np.nan_to_num(a.astype(np.float32), nan=0.0)
+    if a.size and float(a.max()) <= 1.0 + 1e-6:
+        if float(a.min()) < 0.0:  # diffusion-style [-1, 1]
+            a = (a + 1.0) / 2.0
+        a = a * 255.0  # [0, 1]
+    return a
 
 
 def _background(img: np.ndarray) -> np.ndarray:
@@ -485,7 +487,8 @@ def judge_details(image, caption: str | SceneSpec) -> Judgement:
 
 
 def judge(image, caption: str | SceneSpec) -> float:
-    """Score in [0, 1] of how well ``image`` (H, W, 3 RGB; uint8, or float in [0, 1]) shows
+    """Score in [0, 1] of how well ``image`` (H, W, 3 RGB: uint8 0-255, or float in [0, 1], or
+    float in [-1, 1] if it has negative values) shows
     ``caption`` (any caption of the miniature-world grammar).  See the module docstring."""
     return judge_details(image, caption).score
 
