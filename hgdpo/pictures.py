@@ -25,3 +25,20 @@ def pairs_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], labels: tuple[str
                                                  else Image.Resampling.BILINEAR)
             grid.paste(tile, (text_w + pad + j * (cell + pad), y))
     return grid
+
+
+def captioned_grid(rows: list[tuple[str, list[np.ndarray]]], cell: int = 96):
+    """A PIL image with one row per caption: the caption, then its images."""
+    from PIL import Image, ImageDraw
+
+    text_w, pad = 200, 4
+    width = max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (text_w + width * (cell + pad) + pad, len(rows) * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (caption, images) in enumerate(rows):
+        y = pad + i * (cell + pad)
+        draw.multiline_text((pad, y), "\n".join(textwrap.wrap(caption, 30)[:6]), fill="black")
+        for j, image in enumerate(images):
+            grid.paste(Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST),
+                       (text_w + pad + j * (cell + pad), y))
+    return grid
