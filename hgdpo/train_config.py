@@ -1,0 +1,113 @@
+"""The configuration of the trainer (``jobs/train.py``): LoRA Diffusion-DPO + statistic matching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from hgdpo.config import doc
+from hgdpo.errors import ConfigError
+
+# Settings that change the trained adapter: a checkpoint written under other values of these
+# cannot be resumed. (workers may change: the data order and noise do not depend on it.)
+RESUME_FIELDS = (
+    "pool", "model", "model_config", "objective", "pool_size", "loser_rank", "dataset_size", "beta",
+    "lambda_stat", "lora_rank", "lora_alpha", "learning_rate", "lr_schedule", "warmup_steps", "max_steps",
+    "global_batch", "data_shards", "max_grad_norm", "weight_decay", "optimizer", "seed", "mixed_precision",
+)
+
+
+@dataclass
+class TrainConfig:
+    """How to train LoRA adapters on a pool (paper §3.2; eq. 3, 8, 9)."""
+
+    SECTION = "train"
+
+    pool: str = doc("The pool to train on (a folder or URI written by jobs/build_pool.py).")
+    output: str = doc("Folder for checkpoints and the final adapter.")
+    model: str = doc("Base model (must be the pool's): `embedded`, a diffusers folder, a .safetensors file "
+                     "or a hub id.", "embedded")
+    model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
+    allow_pickle: bool = doc("Allow pickle weight formats. Off: safetensors only.", False)
+
+    objective: Literal["hgdpo", "dpo", "sft"] = doc(
+        "hgdpo: Diffusion-DPO + statistic matching (eq. 9); dpo: Diffusion-DPO alone (eq. 3); "
+        "sft: noise-prediction loss on winners (the paper's SFT baseline).", "hgdpo")
+    pool_size: int | None = doc("n: use the first n images of each prompt (paper Table 3); default all N.", None)
+    loser_rank: int | None = doc("Rank (2..n) of the loser among the first n (paper Table 5); default n.", None)
+    dataset_size: int | None = doc("D: train on the first D prompts of the pool (paper Table 6); default all.", None)
+    beta: float = doc("Diffusion-DPO beta; 2500 is the paper's value in the diffusers convention.", 2500.0)
+    lambda_stat: float = doc("Weight of the statistic-matching loss (eq. 9; paper: 10000).", 10000.0)
+
+    lora_rank: int = doc("LoRA rank on every attention projection of the UNet (paper: 8).", 8)
+    lora_alpha: float | None = doc("LoRA alpha (scale = alpha / rank); default: the rank.", None)
+    learning_rate: float = doc("Peak learning rate (paper: 1e-5).", 1e-5)
+    lr_schedule: Literal["constant", "cosine", "linear"] = doc("Learning-rate schedule after warm-up.", "constant")
+    warmup_steps: int = doc("Linear warm-up steps.", 0)
+    max_steps: int = doc("Optimizer steps.", 1000)
+    global_batch: int = doc("Pairs per optimizer step, over all workers (paper: 16).", 16)
+    micro_batch: int = doc("Pairs per forward pass on a worker (gradient accumulation fills the rest).", 4)
+    data_shards: int = doc("Fixed data shards (a multiple of workers, dividing global_batch): the data order "
+                           "depends on them, not on the worker count.", 4)
+    max_grad_norm: float = doc("Gradient clipping (global norm; 0 disables).", 1.0)
+    weight_decay: float = doc("AdamW weight decay.", 1e-2)
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = doc(
+        "`auto`: 8-bit Adam where bitsandbytes and CUDA are present (the paper's), else AdamW.", "auto")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = doc(
+        "Autocast on GPU (`auto`: bf16 where supported, else fp16); always off on CPU.", "auto")
+    gradient_checkpointing: bool = doc("Trade compute for memory in the UNet (GPU).", False)
+    seed: int = doc("Seed of the LoRA initialisation, data order, timesteps and noise.", 0)
+
+    workers: int = doc("Data-parallel workers (one per GPU).", 1)
+    gpus_per_worker: float = doc("GPUs per worker (0: CPU with gloo; >0: CUDA with NCCL).", 0.0)
+    cpus_per_worker: float = doc("CPUs per worker.", 1.0)
+    checkpoint_every: int = doc("Steps between checkpoints (adapter, optimizer, schedule, step).", 100)
+    metrics_every: int = doc("Steps between metric reports (MLflow, console).", 10)
+    max_failures: int = doc("Worker failures survived by resuming from the last checkpoint.", 2)
+
+    mlflow_uri: str | None = doc("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).", None)
+    mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-train")
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        for name in ("pool", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"{s}.{name}: required")
+        positive = ("lora_rank", "max_steps", "global_batch", "micro_batch", "data_shards", "workers",
+                    "checkpoint_every", "metrics_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
+        if self.pool_size is not None and self.pool_size < 2:
+            raise ConfigError(f"{s}.pool_size: must be at least 2 (got {self.pool_size})")
+        if self.loser_rank is not None:
+            top = self.pool_size if self.pool_size is not None else None
+            if self.loser_rank < 2 or (top is not None and self.loser_rank > top):
+                raise ConfigError(f"{s}.loser_rank: must be between 2 and pool_size={top} (got {self.loser_rank})"
+                                  if top else f"{s}.loser_rank: must be at least 2 (got {self.loser_rank})")
+        if self.dataset_size is not None and self.dataset_size < 1:
+            raise ConfigError(f"{s}.dataset_size: must be at least 1 (got {self.dataset_size})")
+        if self.beta <= 0:
+            raise ConfigError(f"{s}.beta: must be positive (got {self.beta})")
+        if self.lambda_stat < 0:
+            raise ConfigError(f"{s}.lambda_stat: must be >= 0 (got {self.lambda_stat})")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{s}.learning_rate: must be positive (got {self.learning_rate})")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.max_failures < 0:
+            raise ConfigError(f"{s}: warmup_steps, max_grad_norm and max_failures must be >= 0")
+        if self.data_shards % self.workers:
+            raise ConfigError(f"{s}.data_shards: must be a multiple of workers={self.workers} (got {self.data_shards})")
+        if self.global_batch % self.data_shards:
+            raise ConfigError(f"{s}.global_batch: must be a multiple of data_shards={self.data_shards} "
+                              f"(got {self.global_batch})")
+        per_worker = self.global_batch // self.workers
+        if per_worker % self.micro_batch:
+            raise ConfigError(f"{s}.micro_batch: must divide the pairs per worker and step, global_batch / workers "
+                              f"= {per_worker} (got {self.micro_batch})")
+
+    def accumulation_steps(self) -> int:
+        """Micro-batches per worker per optimizer step."""
+        return self.global_batch // self.workers // self.micro_batch
+
+    def resume_settings(self) -> dict:
+        return {k: getattr(self, k) for k in RESUME_FIELDS}
