@@ -147,7 +147,7 @@ def state(uri: str) -> PoolState:
     names = sorted(posixpath.basename(e.path) for e in entries)
     meta = _read_json(fs, posixpath.join(root, META))
     if meta is None and names:
-        raise HgdpoError(f"output: {uri} is not empty and holds no pool ({META} missing); choose another output")
+        raise HgdpoError(f"{uri} is not empty and holds no pool ({META} missing)")
     if meta is not None and meta.get("format") != FORMAT:
         raise HgdpoError(f"{uri}/{META}: not a pool of format {FORMAT} (found {meta.get('format')!r})")
     parts = [n for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")]
