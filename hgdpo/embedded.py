@@ -1,63 +1,43 @@
-"""The embedded default: a small SD1.5-architecture pipeline and PickScore-architecture scorer.
+"""The embedded default: the miniature world's SD1.5-architecture pipeline and PickScore.
 
 Used whenever a job names ``model: embedded`` / ``scorer_model: embedded`` (the defaults), so
-the product runs on a laptop with no GPU and no model hub. The components are built
-deterministically (fixed seed) into a cache folder in the formats real models ship in (a
-diffusers pipeline folder; a CLIP model + processor folder; safetensors) and are then loaded
-by exactly the code that loads real models (``hgdpo.models``).
+the product runs on a laptop with no GPU and no model hub. The models were trained by
+``hgdpo.world.build`` on the world's renders (see ``hgdpo/world/``) and ship inside the package
+(``hgdpo/world/weights``, float32 safetensors, about 21 MB) in the formats real models ship in: a
+diffusers pipeline folder and a CLIP model + processor folder. They are loaded by exactly the
+code that loads real models (``hgdpo.models``).
 
-The seam: ``build_pipeline`` / ``build_scorer`` write the folders; whatever writes them (random
-initialisation here, trained weights later) the loaders do not change. The folder name carries
-``EMBEDDED_VERSION`` so a new default never collides with a cached old one.
+The architectures (``new_clip``, ``new_vae``, ``new_unet``) are defined here once, for the
+world builder and for anything that needs a fresh model of the same shape.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from hgdpo.errors import HgdpoError
+
 EMBEDDED = "embedded"
-EMBEDDED_VERSION = "v1"
 IMAGE_SIZE = 64  # native resolution of the embedded model (pixels)
-SEED = 1234
+WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
 
 
-def home() -> Path:
-    """Cache root: ``$HGDPO_HOME`` or ``~/.cache/hgdpo``."""
-    return Path(os.environ.get("HGDPO_HOME") or Path.home() / ".cache" / "hgdpo")
-
-
-def _ensure(name: str, build) -> Path:
-    """Build ``home()/embedded-<version>/<name>`` once; safe when several processes race."""
-    target = home() / f"embedded-{EMBEDDED_VERSION}" / name
-    if (target / ".complete").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text("ok\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / ".complete").is_file():  # a stale, incomplete folder: replace it
-                shutil.rmtree(target, ignore_errors=True)
-                os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def _folder(name: str) -> Path:
+    path = WEIGHTS / name
+    if not (path / "config.json").is_file() and not (path / "model_index.json").is_file():
+        raise HgdpoError(f"the embedded {name} is missing at {path}; rebuild it with "
+                         f"`python -m hgdpo.world.build --out {WEIGHTS}`")
+    return path
 
 
 def pipeline_dir() -> Path:
-    """The embedded SD1.5-architecture pipeline folder (built on first use)."""
-    return _ensure("pipeline", build_pipeline)
+    """The embedded SD1.5-architecture pipeline folder (the world's tailored model)."""
+    return _folder("pipeline")
 
 
 def scorer_dir() -> Path:
-    """The embedded PickScore-architecture model + processor folder (built on first use)."""
-    return _ensure("scorer", build_scorer)
+    """The embedded PickScore-architecture model + processor folder (the world's PickScore)."""
+    return _folder("scorer")
 
 
 # Architecture of the embedded models (SD1.5's, scaled down). One definition, used both by the
@@ -117,40 +97,24 @@ def save_pipeline(dst: Path, text_encoder, vae, unet) -> None:
     """Write the components as a diffusers ``StableDiffusionPipeline`` folder (safetensors)."""
     from diffusers import StableDiffusionPipeline
 
-    from hgdpo.tokenizer import clip_tokenizer
+    from hgdpo.tokenizer import clip_tokenizer, write_vocab_files
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=new_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(dst, safe_serialization=True)
+    write_vocab_files(Path(dst) / "tokenizer")
 
 
 def save_scorer(dst: Path, clip) -> None:
     """Write a CLIP model and its processor (the real CLIP tokenizer) as a PickScore-style folder."""
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from hgdpo.tokenizer import clip_tokenizer
+    from hgdpo.tokenizer import clip_tokenizer, write_vocab_files
 
     clip.save_pretrained(dst, safe_serialization=True)
     CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
         tokenizer=clip_tokenizer()).save_pretrained(dst)
-
-
-def build_pipeline(dst: Path) -> None:
-    """Write an untrained (seeded) SD1.5-architecture pipeline folder to ``dst``."""
-    import torch
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(SEED)
-    text_encoder = CLIPTextModel(new_clip().config.text_config)
-    save_pipeline(dst, text_encoder, new_vae(), new_unet())
-
-
-def build_scorer(dst: Path) -> None:
-    """Write an untrained (seeded) CLIP-architecture PickScore stand-in to ``dst``."""
-    import torch
-
-    torch.manual_seed(SEED + 1)
-    save_scorer(dst, new_clip())
+    write_vocab_files(dst)

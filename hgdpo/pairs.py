@@ -119,9 +119,11 @@ def read_pairs(pool_uri: str, plan_: PairPlan, shards: list[int], latent_shape: 
         return pa.table({"index": table.column("prompt_index"), "prompt": table.column("prompt"),
                          "latents_w": pa.array(lw, pa.binary()), "latents_l": pa.array(ll, pa.binary())})
 
-    ds = ray.data.read_parquet(paths, filesystem=fs,
+    # The train workers hold the CPUs they asked for; this small read runs beside them on none,
+    # or it would wait forever for a CPU the workers will not release.
+    ds = ray.data.read_parquet(paths, filesystem=fs, ray_remote_args={"num_cpus": 0},
                                columns=["prompt_index", "prompt", "scores", "latent_index", "latents"])
-    ds = ds.map_batches(select, batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(select, batch_format="pyarrow", batch_size=None, num_cpus=0)
     rows = ds.to_arrow_refs()
     table = pa.concat_tables([t for t in ray.get(rows) if t.num_rows]).sort_by("index")
     shape = tuple(latent_shape)  # (C, h, w)

@@ -64,3 +64,19 @@ def clip_tokenizer():
                         bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
                         model_max_length=CLIP_MAX_LENGTH)
     return tok
+
+
+def write_vocab_files(directory) -> None:
+    """Store the tokenizer in a folder as SD1.5's repository does: ``vocab.json`` + ``merges.txt``.
+
+    Replaces the ``tokenizer.json`` that ``save_pretrained`` writes (3.6 MB) by the two files
+    (1.5 MB) from which transformers rebuilds the same tokenizer.
+    """
+    import json
+
+    directory = Path(directory)
+    vocab, merges = clip_vocab_and_merges()
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                          encoding="utf-8")
+    (directory / "tokenizer.json").unlink(missing_ok=True)

@@ -1,19 +1,13 @@
-"""Shared fixtures: an isolated cache for the embedded models, one local Ray for the session."""
+"""Shared fixtures: one local Ray for the session, the PartiPrompts file beside the project."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-# The embedded default is built once per test session into its own cache, before anything
-# imports it (Ray workers inherit HGDPO_* variables from the driver).
-os.environ.setdefault("HGDPO_HOME", tempfile.mkdtemp(prefix="hgdpo-test-home-"))
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +16,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HGDPO_HOME": os.environ["HGDPO_HOME"]}})
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

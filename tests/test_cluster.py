@@ -375,7 +375,6 @@ def test_pool_job_on_a_ray_head(tmp_path):
     gcs, dashboard, agent, client = free_ports(4)
     # Ray puts unix sockets under its temp dir (limit ~107 characters): keep the path short.
     ray_tmp = tempfile.mkdtemp(prefix="hgr", dir="/tmp")
-    home = os.environ.get("HGDPO_HOME") or str(tmp_path / "hgdpo_home")  # conftest's: embedded built once
     output = tmp_path / "pool"
     head_log, submit_log = tmp_path / "head.log", tmp_path / "submit.log"
     head_env = clean_env(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
@@ -395,7 +394,6 @@ def test_pool_job_on_a_ray_head(tmp_path):
         command = [
             str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
             "--working-dir", str(REPO),
-            "--runtime-env-json", json.dumps({"env_vars": {"HGDPO_HOME": home}}),
             "--", "python", "jobs/build_pool.py", "--config", "examples/pool.yaml",
             f"output={output}", "images_per_prompt=3", "steps=3", "max_prompts=3",
             f"mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}",

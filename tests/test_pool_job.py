@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hgdpo import pool
+from hgdpo import embedded, pool
 from hgdpo.prompts import read_prompts
 from hgdpo.sampling import image_seeds
 
@@ -232,7 +232,7 @@ def test_bad_input_fails_early_and_writes_nothing(tmp_path, capsys, case, messag
     elif case == "bad_scorer":
         (tmp_path / "scorer").mkdir()
         (tmp_path / "scorer" / "config.json").write_text("{not json")
-        extra = [f"scorer_model={tmp_path / 'scorer'}", f"scorer_processor={os.environ['HGDPO_HOME']}/embedded-v1/scorer"]
+        extra = [f"scorer_model={tmp_path / 'scorer'}", f"scorer_processor={embedded.scorer_dir()}"]
     elif case == "missing_scorer":
         extra = ["scorer_model=/nonexistent/pickscore"]
     elif case == "non_pool_output":

@@ -24,12 +24,10 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(original pipeline, exported file, embedded config folder), built once for the module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HGDPO_HOME", str(tmp_path_factory.mktemp("hgdpo_home")))
-        folder = embedded.pipeline_dir()
-        pipe = models.load_pipeline(str(folder))
-        file = export_single_file(pipe, tmp_path_factory.mktemp("export") / "tiny.safetensors")
-        yield pipe, file, folder
+    folder = embedded.pipeline_dir()
+    pipe = models.load_pipeline(str(folder))
+    file = export_single_file(pipe, tmp_path_factory.mktemp("export") / "tiny.safetensors")
+    return pipe, file, folder
 
 
 @pytest.fixture

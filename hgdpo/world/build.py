@@ -19,7 +19,7 @@ Three stages, each a real architecture trained on renders of the world (``hgdpo.
    visible mistakes, so preference optimization has room to improve it.
 
 The result is written as a diffusers pipeline folder (``pipeline/``) and a CLIP model + processor
-folder (``scorer/``), safetensors in float16, plus ``world.json`` with the settings and figures.
+folder (``scorer/``), float32 safetensors, plus ``world.json`` with the settings and figures.
 Everything is seeded: the same command gives the same weights on the same machine.
 """
 
@@ -225,10 +225,6 @@ def train_unet(captions: list[str], text_encoder, vae, s: BuildSettings, log) ->
     return unet.eval()
 
 
-def _to_half(module: torch.nn.Module) -> torch.nn.Module:
-    return module.to(torch.float16)
-
-
 def build(out: str | Path, settings: BuildSettings | None = None, log=print) -> dict:
     """Train all three models and write ``out/pipeline``, ``out/scorer`` and ``out/world.json``."""
     s = settings or BuildSettings()
@@ -248,9 +244,9 @@ def build(out: str | Path, settings: BuildSettings | None = None, log=print) -> 
     unet = train_unet(captions, text_encoder, vae, s, log)
     times["unet_s"] = time.perf_counter() - t2
     times["total_s"] = time.perf_counter() - t0
-    # Stored in float16 to keep the committed world small; loaders upcast to the dtype asked for.
-    embedded.save_pipeline(out / "pipeline", _to_half(text_encoder), _to_half(vae), _to_half(unet))
-    embedded.save_scorer(out / "scorer", _to_half(clip))
+    # float32, as SD1.5 checkpoints ship: a plain `from_pretrained` gets one dtype throughout.
+    embedded.save_pipeline(out / "pipeline", text_encoder, vae, unet)
+    embedded.save_scorer(out / "scorer", clip)
     info = {"settings": asdict(s), "build_seconds": times}
     (out / "world.json").write_text(json.dumps(info, indent=2))
     log(f"world: built in {times['total_s']:.0f}s -> {out}")
