@@ -132,8 +132,10 @@ def test_alpha_and_seeds(plain, tuned):
     assert not np.array_equal(half[1], base[1])
     full = lan.sample(tuned, PROMPT, SEEDS, alpha=1.0, **KW)
     assert not np.array_equal(full[1], half[1])
-    # one image alone is the same as in its batch
-    assert np.array_equal(lan.sample(tuned, PROMPT, SEEDS[1:], alpha=0.5, **KW)[1][0], half[1][1])
+    # One image alone is the one in its batch, up to float rounding (another batch size sums in
+    # another order): within 2 of 255 levels.
+    alone = lan.sample(tuned, PROMPT, SEEDS[1:], alpha=0.5, **KW)[1][0].astype(int)
+    assert np.abs(alone - half[1][1].astype(int)).max() <= 2
 
 
 @pytest.mark.parametrize("sampler", ["dpm_multistep", "euler_ancestral"])
