@@ -83,11 +83,11 @@ def plan(meta: dict, *, pool_size: int | None, loser_rank: int | None, dataset_s
     return p
 
 
-def read_pairs(pool_uri: str, plan_: PairPlan, shards: list[int], latent_shape: list[int]) -> dict[str, np.ndarray]:
-    """The pairs of ``shards`` through Ray Data: prompt text and winner/loser latents, by index.
+def pairs_dataset(pool_uri: str, plan_: PairPlan):
+    """The D pairs as a materialized Ray Data dataset: index, prompt, winner and loser latents.
 
-    Returns ``{"index": (P,), "prompt": (P,), "latents_w": (P, C, h, w), "latents_l": ...}``
-    sorted by index (the prompt's position in the pool).
+    Run by the driver before training starts (while the CPUs are free): the training workers
+    then only read rows out of the object store (``worker_pairs``), each keeping its own shards.
     """
     import posixpath
 
@@ -97,37 +97,35 @@ def read_pairs(pool_uri: str, plan_: PairPlan, shards: list[int], latent_shape: 
     from hgdpo import pool
 
     fs, root = pool.open_dir(pool_uri)
-    meta_parts = pool.state(pool_uri).complete["parts"]
-    paths = [posixpath.join(root, name) for name in meta_parts]
-    wanted = set(shards)
+    paths = [posixpath.join(root, name) for name in pool.state(pool_uri).complete["parts"]]
 
     def select(table: pa.Table) -> pa.Table:
-        index = table.column("prompt_index").to_numpy()
-        keep = np.asarray([i < plan_.dataset_size and plan_.shard_of(int(i)) in wanted for i in index], dtype=bool)
-        table = table.filter(pa.array(keep))
-        if table.num_rows == 0:
-            return pa.table({"index": pa.array([], pa.int64()), "prompt": pa.array([], pa.string()),
-                             "latents_w": pa.array([], pa.binary()), "latents_l": pa.array([], pa.binary())})
+        table = table.filter(pa.compute.less(table.column("prompt_index"), plan_.dataset_size))
         latents = pool.latents_of(table)  # (B, K, C, h, w)
-        scores = table.column("scores").to_pylist()
-        latent_index = table.column("latent_index").to_pylist()
         lw, ll = [], []
-        for b, (s, li) in enumerate(zip(scores, latent_index)):
+        for b, (s, li) in enumerate(zip(table.column("scores").to_pylist(), table.column("latent_index").to_pylist())):
             w, l = choose_pair(np.asarray(s), plan_.pool_size, plan_.loser_rank)
             lw.append(latents[b, li.index(w)].tobytes())
             ll.append(latents[b, li.index(l)].tobytes())
         return pa.table({"index": table.column("prompt_index"), "prompt": table.column("prompt"),
                          "latents_w": pa.array(lw, pa.binary()), "latents_l": pa.array(ll, pa.binary())})
 
-    # The train workers hold the CPUs they asked for; this small read runs beside them on none,
-    # or it would wait forever for a CPU the workers will not release.
-    ds = ray.data.read_parquet(paths, filesystem=fs, ray_remote_args={"num_cpus": 0},
+    ds = ray.data.read_parquet(paths, filesystem=fs,
                                columns=["prompt_index", "prompt", "scores", "latent_index", "latents"])
-    ds = ds.map_batches(select, batch_format="pyarrow", batch_size=None, num_cpus=0)
-    rows = ds.to_arrow_refs()
-    table = pa.concat_tables([t for t in ray.get(rows) if t.num_rows]).sort_by("index")
-    shape = tuple(latent_shape)  # (C, h, w)
-    decode = lambda col: np.stack([np.frombuffer(b, np.float16).reshape(shape) for b in table.column(col).to_pylist()])  # noqa: E731
-    return {"index": table.column("index").to_numpy(), "prompt": np.asarray(table.column("prompt").to_pylist()),
-            "latents_w": decode("latents_w"), "latents_l": decode("latents_l")}
+    return ds.map_batches(select, batch_format="pyarrow", batch_size=None).materialize()
 
+
+def worker_pairs(batches, plan_: PairPlan, shards: list[int], latent_shape: list[int]) -> dict[str, np.ndarray]:
+    """Keep the rows of ``shards`` from pyarrow batches of ``pairs_dataset``, decoded, by index."""
+    wanted = set(shards)
+    index, prompts, lw, ll = [], [], [], []
+    for batch in batches:
+        for i, prompt, w, l in zip(batch.column("index").to_pylist(), batch.column("prompt").to_pylist(),
+                                   batch.column("latents_w").to_pylist(), batch.column("latents_l").to_pylist()):
+            if plan_.shard_of(i) in wanted:
+                index.append(i), prompts.append(prompt), lw.append(w), ll.append(l)
+    order = np.argsort(index)
+    shape = tuple(latent_shape)  # (C, h, w)
+    decode = lambda blobs: np.stack([np.frombuffer(blobs[k], np.float16).reshape(shape) for k in order])  # noqa: E731
+    return {"index": np.asarray(index)[order], "prompt": np.asarray(prompts)[order],
+            "latents_w": decode(lw), "latents_l": decode(ll)}

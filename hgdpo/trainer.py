@@ -35,7 +35,7 @@ from hgdpo import losses, models, pool, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.lora import INFO_FILE, add_lora, load_lora_state, lora_state, save_adapter
-from hgdpo.pairs import PairPlan, plan as make_plan, read_pairs
+from hgdpo.pairs import PairPlan, pairs_dataset, plan as make_plan, worker_pairs
 from hgdpo.train_config import TrainConfig
 
 RUN_NAME = "train"  # Ray Train run folder inside <output>/checkpoints
@@ -194,7 +194,8 @@ def train_loop(config: dict) -> None:
             start = _load_checkpoint(Path(d), unet, optimizer, scheduler, config["fingerprint"])
 
     shards = [v for v in range(plan_.data_shards) if v % world == rank]
-    data = read_pairs(cfg.pool, plan_, shards, config["latent_shape"])
+    batches = ray.train.get_dataset_shard("pairs").iter_batches(batch_format="pyarrow", batch_size=256)
+    data = worker_pairs(batches, plan_, shards, config["latent_shape"])
     position = {int(i): k for k, i in enumerate(data["index"])}
     shape = tuple(config["latent_shape"])
     mlflow_client = None
@@ -355,8 +356,12 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             "mlflow_run_id": run.info.run_id, "mlflow_uri": tracking.tracking_uri(cfg.mlflow_uri),
         }
         use_gpu = cfg.gpus_per_worker > 0
+        # Pairs are selected by Ray Data now, while the CPUs are free; every worker reads the
+        # materialized rows and keeps its own shards (the data order needs fixed shards).
+        pairs = pairs_dataset(cfg.pool, plan_)
         trainer = TorchTrainer(
-            train_loop, train_loop_config=loop_config,
+            train_loop, train_loop_config=loop_config, datasets={"pairs": pairs},
+            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}),

@@ -44,3 +44,5 @@ def test_agreement_counts_pairs_and_skips_ties():
     assert agreement(ai, judge) == (1.0, 5)
     judge[1] = [0.9, 0.5, 0.1]  # now the AI orders prompt 1 exactly backwards: 3 disagreements
     assert agreement(ai, judge) == (2 / 5, 5)
+    # a wider tie band drops pairs: only |0.9-0.1| and |0.5-0.1| remain in prompt 1, (0,1) in prompt 0...
+    assert agreement(ai, judge, tie=0.39)[1] == 4

@@ -5,8 +5,9 @@
 * the tailored model's mean judge score (one sample per prompt): it must leave room to improve;
 * the world's PickScore against the judge: on pairs of the tailored model's own samples for the
   same prompt, how often PickScore prefers the image the judge prefers (the paper's Fig. 5a
-  question: does the AI feedback agree with the "human"?); pairs the judge scores within 0.05
-  of each other are left out as ties;
+  question: does the AI feedback agree with the "human"?). The judge's score is exp(-ln 3 * V)
+  for its violation V (unmet constraints), so orderings are compared on V, and pairs within
+  0.1 of a constraint of each other are left out as ties;
 * a grid of held-out captions with samples, for people to look at (``--grid grid.png``);
 * load time of the pipeline and scorer.
 """
@@ -25,7 +26,7 @@ import torch
 from hgdpo import models
 from hgdpo.sampling import generate, image_seeds, set_sampler
 from hgdpo.scoring import pickscore
-from hgdpo.world.judge import judge_batch
+from hgdpo.world.judge import judge_details
 from hgdpo.world.prompts import make_prompts
 
 
@@ -44,7 +45,11 @@ def sample_world(pipeline: str, captions: list[str], samples: int, steps: int = 
 
 
 def agreement(scores_ai: np.ndarray, scores_judge: np.ndarray, tie: float = 0.05) -> tuple[float, int]:
-    """Fraction of within-prompt pairs where the AI feedback orders the images as the judge does."""
+    """Fraction of within-prompt pairs where the AI feedback orders the images as the judge does.
+
+    Both arrays are (prompts, samples), higher is better; pairs the judge rates within ``tie``
+    of each other are skipped.
+    """
     agree = total = 0
     for ai, human in zip(scores_ai, scores_judge):
         for a, b in itertools.combinations(range(len(ai)), 2):
@@ -65,15 +70,18 @@ def measure(pipeline: str = "embedded", scorer: str = "embedded", n_prompts: int
     t = time.perf_counter()
     images = sample_world(pipeline, captions, samples)
     sample_s = time.perf_counter() - t
-    judged = np.stack([judge_batch(list(imgs), [c] * samples) for c, imgs in zip(captions, images)])
+    details = [[judge_details(img, c) for img in imgs] for c, imgs in zip(captions, images)]
+    judged = np.asarray([[d.score for d in row] for row in details])
+    violation = np.asarray([[d.violation for d in row] for row in details])
     picked = np.stack([pickscore(processor, clip, c, imgs) for c, imgs in zip(captions, images)])
-    agree, pairs = agreement(picked, judged)
+    agree, pairs = agreement(picked, -violation, tie=0.1)
     figures = {
         "held_out_prompts": n_prompts,
         "samples_per_prompt": samples,
         "tailored_judge_mean": float(judged[:, 0].mean()),
         "tailored_judge_mean_all_samples": float(judged.mean()),
         "tailored_judge_best_of_n_mean": float(judged.max(axis=1).mean()),
+        "tailored_violation_mean": float(violation.mean()),
         "pickscore_judge_agreement": agree,
         "agreement_pairs": pairs,
         "pickscore_top1_judge_mean": float(judged[np.arange(len(judged)), picked.argmax(1)].mean()),
