@@ -40,6 +40,7 @@ from hgdpo.train_config import TrainConfig
 
 RUN_NAME = "train"  # Ray Train run folder inside <output>/checkpoints
 ADAPTER_DIR = "adapter"
+NONFINITE = "NONFINITE.json"  # written by rank 0 when the loss or gradient stops being finite
 
 
 def lr_factor(cfg: TrainConfig):
@@ -231,7 +232,8 @@ def train_loop(config: dict) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         # Gradients are all-reduced, so every worker sees the same norm and stops together.
         if not torch.isfinite(grad_norm) or not all(math.isfinite(v) for v in sums.values()):
-            ray.train.report({"step": step, "nonfinite_step": step})
+            if rank == 0:  # Result.metrics carries only reports with checkpoints: tell the driver by file
+                (Path(config["output"]) / NONFINITE).write_text(json.dumps({"step": step + 1}))
             return
         if scaler:
             scaler.step(optimizer)
@@ -297,7 +299,9 @@ class TrainResult:
 
 
 def _checkpoints(output: str) -> list[Path]:
-    return sorted((Path(output) / "checkpoints" / RUN_NAME).glob("checkpoint_*"))
+    """Finished checkpoints of the run in ``output``, oldest first (a half-written one has no state)."""
+    found = (Path(output) / "checkpoints" / RUN_NAME).glob("checkpoint_[0-9]*")
+    return sorted(p for p in found if (p / "state.json").is_file())
 
 
 def prepare(cfg: TrainConfig) -> tuple[dict, PairPlan, str]:
@@ -369,14 +373,17 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                 name=RUN_NAME, storage_path=str(output / "checkpoints"),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+        (output / NONFINITE).unlink(missing_ok=True)
         result = trainer.fit()
         metrics = result.metrics or {}
-        if "nonfinite_step" in metrics:
+        if (output / NONFINITE).is_file():
+            step = json.loads((output / NONFINITE).read_text())["step"]
             last = _checkpoints(str(output))
             kept = f"; the last good checkpoint is {last[-1]}" if last else ""
-            raise HgdpoError(f"train: the loss or its gradient became NaN/infinite at step {metrics['nonfinite_step']}"
-                             f" (lower learning_rate or beta){kept}")
-        if (adapter / INFO_FILE).is_file():
-            mlflow.log_artifacts(str(adapter), artifact_path="adapter")
+            raise HgdpoError(f"train: the loss or its gradient became NaN/infinite at step {step} (a corrupt pool "
+                             f"row, or learning_rate/beta too high){kept}")
+        if not (adapter / INFO_FILE).is_file():
+            raise HgdpoError(f"train: the run ended without writing {adapter}")
+        mlflow.log_artifacts(str(adapter), artifact_path="adapter")
     log(f"train: adapter written to {adapter}")
     return TrainResult(str(output), str(adapter), cfg.max_steps, metrics)

@@ -112,15 +112,17 @@ def test_rerun_of_finished_training_does_nothing(work, one_worker, capsys):
 
 
 def _kill_worker_after(checkpoint: Path, killed: list) -> None:
-    from ray.util.state import list_actors
+    """SIGKILL the Ray Train worker process once ``checkpoint`` exists (as a node failure would)."""
+    import psutil
 
     deadline = time.time() + 300
     while time.time() < deadline and not checkpoint.exists():
         time.sleep(0.05)
-    for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
-        os.kill(actor.pid, signal.SIGKILL)
-        killed.append(actor.pid)
-        return
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            killed.append(proc.info["pid"])
+            return
 
 
 def test_a_worker_that_dies_is_replaced_and_the_run_ends_as_an_uninterrupted_one(work):
@@ -169,11 +171,33 @@ def test_objectives_dpo_and_sft_train(work):
 
 
 def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, capsys):
-    assert run(work, "nan", "max_steps=6", "checkpoint_every=1", "learning_rate=1e30", "max_grad_norm=0") == 2
+    """A pool row whose latents are NaN (a corrupt sample) poisons the loss at the step that draws it."""
+    import numpy as np
+
+    from hgdpo import pool
+    from hgdpo.pairs import PairPlan
+
+    plan = PairPlan(pool_size=4, loser_rank=4, dataset_size=8, data_shards=2, global_batch=4, seed=0)
+    first = {int(i) for v in range(2) for i in plan.step_indices(0, v)}
+    second = {int(i) for v in range(2) for i in plan.step_indices(1, v)}
+    target = min(second - first)  # drawn at step 2, not at step 1
+    bad = work / "nan-pool"
+    bad.mkdir()
+    shutil.copy(work / "pool" / "pool.json", bad)
+    table = pool.read(str(work / "pool"))
+    rows = table.drop_columns(["latents"]).to_pydict()
+    rows["latents"] = pool.latents_of(table).copy()
+    rows["latents"][target] = np.nan
+    part = pool.write_part(str(bad), pool.to_table(rows, rows["latents"].shape[1:]))
+    pool.mark_complete(str(bad), [part], table.num_rows)
+
+    args = [f"pool={bad}", f"output={work / 'nan'}", *BASE, "max_steps=6", "checkpoint_every=1"]
+    assert train_job.main(args) == 2
     err = capsys.readouterr().err
-    assert "became NaN/infinite at step" in err and "the last good checkpoint is" in err
+    assert "became NaN/infinite at step 2" in err and "the last good checkpoint is" in err, err
     assert not (work / "nan" / "adapter").exists()
-    assert list((work / "nan" / "checkpoints" / "train").glob("checkpoint_*"))
+    kept = sorted(p.name for p in (work / "nan" / "checkpoints" / "train").glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000001"]
 
 
 @pytest.mark.parametrize("case, message", [
