@@ -48,17 +48,21 @@ def _generate(pipe) -> np.ndarray:
 def test_export_layout(exported):
     from safetensors import safe_open
 
-    _, file, _ = exported
+    pipe, file, _ = exported
+    width = pipe.vae.config.block_out_channels[-1]
     with safe_open(str(file), framework="pt") as f:
         keys = list(f.keys())
         assert f.metadata() == {"format": "pt"}
-        assert f.get_tensor(VAE_PREFIX + "encoder.mid.attn_1.q.weight").shape == (64, 64, 1, 1)
-        assert f.get_tensor(VAE_PREFIX + "decoder.mid.attn_1.proj_out.weight").shape == (64, 64, 1, 1)
+        # the original layout stores the VAE's mid attention as 1x1 convolutions
+        assert f.get_tensor(VAE_PREFIX + "encoder.mid.attn_1.q.weight").shape == (width, width, 1, 1)
+        assert f.get_tensor(VAE_PREFIX + "decoder.mid.attn_1.proj_out.weight").shape == (width, width, 1, 1)
     assert all(k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX + "text_model.")) for k in keys)
-    for key in ("input_blocks.0.0.weight", "input_blocks.1.1.proj_in.weight", "input_blocks.2.0.op.weight",
-                "input_blocks.3.0.skip_connection.weight", "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
-                "middle_block.2.emb_layers.1.weight", "output_blocks.1.1.conv.weight",
-                "output_blocks.3.1.proj_out.weight", "time_embed.2.bias", "out.2.weight"):
+    # the world's UNet: a plain down block, then a cross-attention one (layers_per_block=1)
+    for key in ("input_blocks.0.0.weight", "input_blocks.1.0.in_layers.2.weight", "input_blocks.2.0.op.weight",
+                "input_blocks.3.0.skip_connection.weight", "input_blocks.3.1.proj_in.weight",
+                "middle_block.1.transformer_blocks.0.attn2.to_k.weight", "middle_block.2.emb_layers.1.weight",
+                "output_blocks.1.1.proj_out.weight", "output_blocks.1.2.conv.weight", "time_embed.2.bias",
+                "out.2.weight"):
         assert UNET_PREFIX + key in keys, key
     assert models.resolve_model(str(file)).kind == "file"
 
