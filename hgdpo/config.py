@@ -79,6 +79,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: must be true or false (got {value!r})")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where}: must be a mapping of settings (got {value!r})")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -145,26 +149,27 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of settings in YAML file ``path`` (empty file: no settings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return loaded
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Read ``path`` (YAML; optional) and apply ``key=value`` overrides, then validate."""
-    data: dict[str, Any] = {}
-    source = ""
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-        data.update(loaded)
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     data.update(parse_overrides(overrides or []))
-    return from_dict(cls, data, source)
+    return from_dict(cls, data, str(path) if path is not None else "")
 
 
 def describe(cls: type) -> str:

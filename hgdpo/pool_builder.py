@@ -12,10 +12,13 @@ the rest, and adds no duplicate. ``_COMPLETE.json`` is written when every prompt
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -262,3 +265,30 @@ def build_pool(cfg: PoolConfig, log=print) -> PoolResult:
     pool.mark_complete(cfg.output, st.parts, len(done))
     log(f"pool: complete, {len(done)} prompts in {len(st.parts)} files at {cfg.output}")
     return result
+
+
+def record(cfg: PoolConfig, result, meta: dict) -> None:
+    """One MLflow run per pool job: config, throughput, score statistics, a picture of pairs."""
+    import mlflow
+
+    from hgdpo.pictures import pairs_grid
+
+    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=f"pool:{Path(cfg.output).name}"):
+        mlflow.log_params(tracking.flat_params(to_dict(cfg)))
+        mlflow.set_tags({"stage": "pool", "output": cfg.output, **{f"version.{k}": v for k, v in meta["versions"].items()}})
+        metrics = {"prompts_total": result.total, "prompts_built": result.built, "seconds": result.seconds,
+                   "images_per_s": result.images_per_second}
+        if result.built:
+            gap = np.asarray(result.score_w) - np.asarray(result.score_l)
+            metrics.update(score_winner_mean=float(np.mean(result.score_w)),
+                           score_loser_mean=float(np.mean(result.score_l)),
+                           score_mean=float(np.mean(result.score_mean)),
+                           score_gap_mean=float(gap.mean()), score_gap_std=float(gap.std()),
+                           score_gap_min=float(gap.min()))
+        mlflow.log_metrics(metrics)
+        table = pool.read(cfg.output, columns=["prompt", "image_w", "image_l", "prompt_index"]).slice(0, cfg.log_pairs)
+        rows = [(r["prompt"], pool.png_image(r["image_w"]), pool.png_image(r["image_l"])) for r in table.to_pylist()]
+        with tempfile.TemporaryDirectory() as tmp:
+            pairs_grid(rows).save(Path(tmp) / "pairs.png")
+            (Path(tmp) / "pool.json").write_text(json.dumps(meta, indent=2))
+            mlflow.log_artifacts(tmp)

@@ -59,11 +59,21 @@ def experiment_id(name: str, uri: str) -> str:
 
 
 @contextlib.contextmanager
-def run(uri: str | None, experiment: str, run_name: str | None = None, **kwargs: Any) -> Iterator[Any]:
-    """Start an MLflow run in ``experiment`` at ``uri`` (see ``tracking_uri``)."""
+def run(uri: str | None, experiment: str, run_name: str | None = None, run_id: str | None = None,
+        **kwargs: Any) -> Iterator[Any]:
+    """Start an MLflow run in ``experiment`` at ``uri`` (see ``tracking_uri``).
+
+    With ``run_id``, log into that existing run instead (a sweep's trial run, which the trial's
+    training and evaluation share), whatever its experiment.
+    """
     import mlflow
 
     uri = tracking_uri(uri)
+    if run_id is not None:
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run(run_id=run_id) as active:
+            yield active
+        return
     exp = experiment_id(experiment, uri)
     with mlflow.start_run(experiment_id=exp, run_name=run_name, **kwargs) as active:
         yield active

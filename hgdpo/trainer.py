@@ -320,8 +320,11 @@ def prepare(cfg: TrainConfig) -> tuple[dict, PairPlan, str]:
     return meta, plan_, fingerprint(cfg, meta)
 
 
-def train(cfg: TrainConfig, log=print) -> TrainResult:
-    """Train (or resume, or find finished) the adapter described by ``cfg``."""
+def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> TrainResult:
+    """Train (or resume, or find finished) the adapter described by ``cfg``.
+
+    The run is recorded in a new MLflow run, or in ``mlflow_run_id`` (a sweep's trial run).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -349,11 +352,14 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports cost ~0.1 s, not ~2 s
     info = {"fingerprint": fp, "config": to_dict(cfg), "plan": asdict(plan_), "pool": str(cfg.pool),
             "base_model": meta["base_model"], "versions": tracking.versions()}
-    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=f"train:{output.name}") as run:
+    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=f"train:{output.name}",
+                      run_id=mlflow_run_id) as run:
         import mlflow
 
-        mlflow.log_params(tracking.flat_params(dict(to_dict(cfg), **{f"plan_{k}": v for k, v in asdict(plan_).items()})))
-        mlflow.set_tags({"stage": "train", "output": str(output), "objective": cfg.objective})
+        if mlflow_run_id is None:
+            mlflow.log_params(tracking.flat_params(dict(to_dict(cfg),
+                                                        **{f"plan_{k}": v for k, v in asdict(plan_).items()})))
+            mlflow.set_tags({"stage": "train", "output": str(output), "objective": cfg.objective})
         loop_config = {
             "train": to_dict(cfg), "plan": asdict(plan_), "fingerprint": fp, "output": str(output),
             "latent_shape": meta["latent_shape"][1:], "adapter_info": info,

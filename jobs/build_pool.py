@@ -17,45 +17,15 @@ Settings: `python jobs/build_pool.py --help`, or the README's configuration refe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from hgdpo import pool, tracking  # noqa: E402
-from hgdpo.config import describe, load_config, to_dict  # noqa: E402
+from hgdpo import pool  # noqa: E402
+from hgdpo.config import describe, load_config  # noqa: E402
 from hgdpo.errors import HgdpoError  # noqa: E402
 from hgdpo.pool_config import PoolConfig  # noqa: E402
-
-
-def record(cfg: PoolConfig, result, meta: dict) -> None:
-    """One MLflow run per pool job: config, throughput, score statistics, a picture of pairs."""
-    import mlflow
-    import numpy as np
-
-    from hgdpo.pictures import pairs_grid
-
-    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=f"pool:{Path(cfg.output).name}"):
-        mlflow.log_params(tracking.flat_params(to_dict(cfg)))
-        mlflow.set_tags({"stage": "pool", "output": cfg.output, **{f"version.{k}": v for k, v in meta["versions"].items()}})
-        metrics = {"prompts_total": result.total, "prompts_built": result.built, "seconds": result.seconds,
-                   "images_per_s": result.images_per_second}
-        if result.built:
-            gap = np.asarray(result.score_w) - np.asarray(result.score_l)
-            metrics.update(score_winner_mean=float(np.mean(result.score_w)),
-                           score_loser_mean=float(np.mean(result.score_l)),
-                           score_mean=float(np.mean(result.score_mean)),
-                           score_gap_mean=float(gap.mean()), score_gap_std=float(gap.std()),
-                           score_gap_min=float(gap.min()))
-        mlflow.log_metrics(metrics)
-        table = pool.read(cfg.output, columns=["prompt", "image_w", "image_l", "prompt_index"]).slice(0, cfg.log_pairs)
-        rows = [(r["prompt"], pool.png_image(r["image_w"]), pool.png_image(r["image_l"])) for r in table.to_pylist()]
-        with tempfile.TemporaryDirectory() as tmp:
-            pairs_grid(rows).save(Path(tmp) / "pairs.png")
-            (Path(tmp) / "pool.json").write_text(json.dumps(meta, indent=2))
-            mlflow.log_artifacts(tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
     args = parser.parse_intermixed_args(argv)
     try:
-        from hgdpo.pool_builder import build_pool
+        from hgdpo.pool_builder import build_pool, record
         from hgdpo.quiet import quiet_libraries
 
         quiet_libraries()

@@ -1,0 +1,152 @@
+"""The configuration of the evaluation job (``jobs/evaluate.py``): model A against baseline B by win rates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from hgdpo.config import doc
+from hgdpo.errors import ConfigError
+from hgdpo.pool_config import Sampler
+from hgdpo.sample_config import ALPHA_MAX
+
+SCORERS = ("judge", "pickscore", "clip", "aesthetic", "hpsv2", "imagereward")
+
+
+@dataclass
+class EvalConfig:
+    """Win rates of model A over baseline B on test prompts (paper §4, Tables 1-3, 5, 6).
+
+    A and B are each the base model, optionally with an adapter at weight alpha, optionally with
+    LAN; both make their images from the same seeds, and every scorer rates both.
+    """
+
+    SECTION = "evaluate"
+
+    prompts: str = doc("Test prompt file: .txt, .jsonl, .csv, .tsv (PartiPrompts) or .parquet.")
+    output: str = doc("Folder the report, the scores and the side-by-side picture are written to.")
+    prompt_format: Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet"] = doc(
+        "Format of the prompt file; `auto` goes by its suffix.", "auto")
+    prompt_column: str | None = doc("Column/field holding the prompt text (default: prompt, Prompt, caption, text).",
+                                    None)
+    id_column: str | None = doc("Column/field holding a stable prompt id (default: id or prompt_id, else derived).",
+                                None)
+    category: str | None = doc("Keep only prompts of this category (paper: PartiPrompts `People`, 177 prompts).", None)
+    max_prompts: int | None = doc("Use only the first this many prompts (after the category filter).", None)
+
+    model: str = doc("Base model of A and B: `embedded`, a hub id, a diffusers folder or a .safetensors file.",
+                     "embedded")
+    model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
+    allow_pickle: bool = doc("Allow pickle weight formats (models and scorers). Off: safetensors only.", False)
+    adapter: str | None = doc("A's adapter (an <output>/adapter folder of jobs/train.py); none: the base model.", None)
+    alpha: float = doc(f"Weight of A's adapter, 0..{ALPHA_MAX:g} (paper: 0.5).", 0.5)
+    lan: bool = doc("A samples with latent normalisation (eq. 7) against the base model. Needs an adapter.", False)
+    baseline_adapter: str | None = doc("B's adapter; none (default): B is the base model, the paper's target model.",
+                                       None)
+    baseline_alpha: float = doc(f"Weight of B's adapter, 0..{ALPHA_MAX:g}.", 0.5)
+    baseline_lan: bool = doc("B samples with LAN. Needs baseline_adapter.", False)
+
+    scorers: list[str] = doc(f"Scorers to compare A and B with, any of {', '.join(SCORERS)}. `judge` is the "
+                             "miniature world's program (embedded model only).", ["judge", "pickscore"])
+    pickscore_model: str = doc("PickScore model: `embedded`, a hub id (yuvalkirstain/PickScore_v1) or a folder.",
+                               "embedded")
+    pickscore_processor: str | None = doc("PickScore processor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K); "
+                                          "default: the model's.", None)
+    clip_model: str = doc("CLIP-score model: `embedded`, a hub id (openai/clip-vit-large-patch14) or a folder.",
+                          "embedded")
+    aesthetic_model: str | None = doc("LAION aesthetic MLP weights (.safetensors; .pth with allow_pickle).", None)
+    aesthetic_clip: str = doc("The CLIP ViT-L/14 the aesthetic MLP reads embeddings of: hub id or folder.",
+                              "openai/clip-vit-large-patch14")
+    hpsv2_model: str | None = doc("HPSv2 checkpoint (HPS_v2_compressed.pt needs allow_pickle; or .safetensors).", None)
+    hpsv2_architecture: str = doc("open_clip architecture of the HPSv2 checkpoint.", "ViT-H-14")
+    imagereward_model: str | None = doc("ImageReward checkpoint file (ImageReward.pt) or folder.", None)
+
+    images_per_prompt: int = doc("Seeds per prompt; A and B share them, and each seed is one comparison.", 1)
+    seed: int = doc("Run seed; image k of prompt p uses a seed derived from (seed, prompt id, k).", 0)
+    sampler: Sampler = doc("Scheduler used for sampling (paper: DPM-Solver multistep).", "dpm_multistep")
+    steps: int = doc("Sampler steps (paper: 50).", 50)
+    guidance_scale: float = doc("Classifier-free guidance scale (paper: 5.0).", 5.0)
+    width: int | None = doc("Image width in pixels; default: the model's native size.", None)
+    height: int | None = doc("Image height in pixels; default: the model's native size.", None)
+    negative_prompt: str = doc("Negative prompt used for classifier-free guidance.", "")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = doc(
+        "Model precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
+
+    bootstrap: int = doc("Bootstrap resamples (over prompts) of the win-rate intervals.", 2000)
+    confidence: float = doc("Confidence of the win-rate intervals.", 0.95)
+    picture_prompts: int = doc("Prompts shown in the side-by-side picture of A and B.", 8)
+    generator_actors: int = doc("Generator actors (each loads the model once and makes A's and B's images).", 1)
+    generator_gpus: float = doc("GPUs per generator actor (fractions allowed).", 0.0)
+    generator_cpus: float = doc("CPUs per generator actor.", 1.0)
+    scorer_actors: int = doc("Scorer actors (each loads every scorer once).", 1)
+    scorer_gpus: float = doc("GPUs per scorer actor (fractions allowed).", 0.0)
+    scorer_cpus: float = doc("CPUs per scorer actor.", 1.0)
+    mlflow_uri: str | None = doc("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).",
+                                 None)
+    mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-evaluate")
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        for name in ("prompts", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"{s}.{name}: required")
+        for name, adapter in (("alpha", self.adapter), ("baseline_alpha", self.baseline_adapter)):
+            if not 0 <= getattr(self, name) <= ALPHA_MAX:
+                raise ConfigError(f"{s}.{name}: must be between 0 and {ALPHA_MAX:g} (got {getattr(self, name)})")
+        for name, adapter in (("adapter", self.adapter), ("baseline_adapter", self.baseline_adapter)):
+            if adapter == "":
+                raise ConfigError(f"{s}.{name}: empty; give an adapter folder or leave it unset")
+        for name, adapter in (("lan", self.adapter), ("baseline_lan", self.baseline_adapter)):
+            if getattr(self, name) and adapter is None:
+                which = "adapter" if name == "lan" else "baseline_adapter"
+                raise ConfigError(f"{s}.{name}: needs {which} (LAN normalises an adapted model to its base model)")
+        if not self.scorers:
+            raise ConfigError(f"{s}.scorers: empty; name at least one of {', '.join(SCORERS)}")
+        for i, name in enumerate(self.scorers):
+            if name not in SCORERS:
+                raise ConfigError(f"{s}.scorers[{i}]: unknown scorer {name!r}; known: {', '.join(SCORERS)}")
+        if len(set(self.scorers)) != len(self.scorers):
+            raise ConfigError(f"{s}.scorers: a scorer is named twice ({self.scorers})")
+        for name, field in (("aesthetic", "aesthetic_model"), ("hpsv2", "hpsv2_model"),
+                            ("imagereward", "imagereward_model")):
+            if name in self.scorers and not getattr(self, field):
+                raise ConfigError(f"{s}.{field}: required by scorer {name!r} (a checkpoint file or folder)")
+        for name in ("images_per_prompt", "steps", "bootstrap", "generator_actors", "scorer_actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
+        if self.picture_prompts < 0:
+            raise ConfigError(f"{s}.picture_prompts: must be >= 0 (got {self.picture_prompts})")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"{s}.confidence: must be between 0 and 1 (got {self.confidence})")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ConfigError(f"{s}.{name}: must be a positive multiple of 8 (got {value})")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"{s}.max_prompts: must be at least 1 (got {self.max_prompts})")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"{s}.guidance_scale: must be >= 0 (got {self.guidance_scale})")
+        for name in ("generator_gpus", "scorer_gpus"):
+            value = getattr(self, name)
+            if value < 0 or (value > 1 and value != int(value)):
+                raise ConfigError(f"{s}.{name}: must be a fraction in [0, 1] or a whole number (got {value})")
+        for name in ("generator_cpus", "scorer_cpus"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{s}.{name}: must be positive (got {getattr(self, name)})")
+
+    def side(self, which: str) -> dict:
+        """Model A (``"a"``) or baseline B (``"b"``): base model, adapter, alpha (None: no adapter), LAN."""
+        adapter, alpha, lan = ((self.adapter, self.alpha, self.lan) if which == "a"
+                               else (self.baseline_adapter, self.baseline_alpha, self.baseline_lan))
+        return {"adapter": adapter, "alpha": alpha if adapter is not None else None, "lan": lan}
+
+    def scorer_sources(self, name: str) -> tuple[str | None, str | None]:
+        """(model, processor) of scorer ``name``, as ``hgdpo.scorers.ScorerSpec`` takes them."""
+        return {
+            "judge": (None, None),
+            "pickscore": (self.pickscore_model, self.pickscore_processor),
+            "clip": (self.clip_model, None),
+            "aesthetic": (self.aesthetic_model, self.aesthetic_clip),
+            "hpsv2": (self.hpsv2_model, self.hpsv2_architecture),
+            "imagereward": (self.imagereward_model, None),
+        }[name]

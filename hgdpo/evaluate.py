@@ -1,0 +1,354 @@
+"""Evaluation (paper §4): model A against baseline B on test prompts, by win rates and colour.
+
+The stream, on Ray Data: prompts -> ``GenerateAB`` actors (per prompt, A's and B's images from
+the same seeds; one pipeline serves both when they share a base model) -> ``ScoreAB`` actors
+(every scorer rates every image; mean H, S, V; PNGs) -> the driver, which holds only scores,
+colours and PNG bytes. Then: win rates with bootstrap intervals (``hgdpo.winrates``), the colour
+table (Table 2), a side-by-side picture, all written to the output folder and to MLflow, and a
+table on stdout.
+
+Output folder: ``scores.parquet`` (one row per prompt and seed: seeds, scores, colours, both
+PNGs), ``side_by_side.png``, ``table.md`` and last ``report.json``; each is written under a
+temporary name and renamed, so a folder with ``report.json`` is complete. A rerun with the same
+settings prints the stored table and does nothing else; other settings are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hgdpo import lan, models, prompts as prompt_io, tracking
+from hgdpo.config import from_dict, to_dict
+from hgdpo.errors import HgdpoError
+from hgdpo.eval_config import EvalConfig
+from hgdpo.winrates import WinRate, mean_hsv, percent_change, win_rate
+
+REPORT = "report.json"
+SIDES = ("a", "b")
+
+
+def _threads(cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def scorer_specs(cfg: EvalConfig) -> list:
+    from hgdpo.scorers import ScorerSpec
+
+    return [ScorerSpec(name, *cfg.scorer_sources(name)) for name in cfg.scorers]
+
+
+class GenerateAB:
+    """Ray Data actor: loads the base model (and adapters) once; per prompt, A's and B's images."""
+
+    def __init__(self, config: dict):
+        from hgdpo.quiet import quiet_libraries
+        from hgdpo.sampling import native_size, resolve_device_dtype, set_sampler
+
+        self.cfg = cfg = from_dict(EvalConfig, config)
+        quiet_libraries()
+        _threads(cfg.generator_cpus)
+        device, dtype = resolve_device_dtype(cfg.dtype)
+        self.pipes = {}  # adapter path (None: the base model alone) -> pipeline
+        for side in SIDES:
+            adapter = cfg.side(side)["adapter"]
+            if adapter in self.pipes:
+                continue
+            reuse = next(iter(self.pipes.values()), None) if adapter is None else None
+            if reuse is not None:  # a base-model side runs on any pipeline with its adapter bypassed
+                self.pipes[None] = reuse
+                continue
+            pipe = models.load_pipeline(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle,
+                                        dtype=dtype, device=device)
+            set_sampler(pipe, cfg.sampler)
+            if adapter is not None:
+                lan.load_adapter(pipe, adapter, cfg.model, allow_pickle=cfg.allow_pickle)
+            self.pipes[adapter] = pipe
+            if None not in self.pipes:
+                self.pipes[None] = pipe
+        native_w, native_h = native_size(next(iter(self.pipes.values())))
+        self.width, self.height = cfg.width or native_w, cfg.height or native_h
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from hgdpo.sampling import image_seeds
+
+        cfg, out = self.cfg, defaultdict(list)
+        for pid, text in zip(batch["prompt_id"], batch["prompt"]):
+            seeds = image_seeds(cfg.seed, str(pid), cfg.images_per_prompt)
+            out["seeds"].append(np.asarray(seeds, dtype=np.int64))
+            for side in SIDES:
+                s = cfg.side(side)
+                _, images = lan.sample(self.pipes[s["adapter"]], str(text), seeds, steps=cfg.steps,
+                                       guidance_scale=cfg.guidance_scale, width=self.width, height=self.height,
+                                       negative_prompt=cfg.negative_prompt, alpha=s["alpha"], lan=s["lan"])
+                out[f"images_{side}"].append(images)
+        return {**{k: batch[k] for k in ("prompt_id", "prompt_index", "prompt")},
+                **{k: np.stack(v) for k, v in out.items()}}
+
+
+class ScoreAB:
+    """Ray Data actor: loads every scorer once; scores, colours and PNGs of A's and B's images."""
+
+    def __init__(self, config: dict):
+        from hgdpo.quiet import quiet_libraries
+        from hgdpo.sampling import resolve_device_dtype
+        from hgdpo.scorers import load_scorer
+
+        self.cfg = cfg = from_dict(EvalConfig, config)
+        quiet_libraries()
+        _threads(cfg.scorer_cpus)
+        device, _ = resolve_device_dtype(cfg.dtype)
+        self.scorers = [load_scorer(spec, allow_pickle=cfg.allow_pickle, device=device) for spec in scorer_specs(cfg)]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from hgdpo.pool import png_bytes
+
+        out = defaultdict(list)
+        for i, text in enumerate(batch["prompt"]):
+            for side in SIDES:
+                images = batch[f"images_{side}"][i]  # (K, H, W, 3)
+                captions = [str(text)] * len(images)
+                for name, scorer in zip(self.cfg.scorers, self.scorers):
+                    out[f"score_{side}_{name}"].append(np.asarray(scorer(captions, images), dtype=np.float64))
+                out[f"hsv_{side}"].append(mean_hsv(images))
+                out[f"png_{side}"].append(np.array([png_bytes(im) for im in images], dtype=object))
+        result = {k: batch[k] for k in ("prompt_id", "prompt_index", "prompt", "seeds")}
+        for key, values in out.items():
+            result[key] = np.stack(values) if not key.startswith("png_") else np.array(values + [None], dtype=object)[:-1]
+        return result
+
+
+@dataclass
+class EvalResult:
+    output: str
+    prompts: int
+    comparisons: int
+    seconds: float
+    win_rates: dict[str, WinRate] = field(default_factory=dict)
+    mean_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # scorer -> side -> mean
+    hsv: dict[str, list[float]] = field(default_factory=dict)  # side -> mean (H, S, V)
+    hsv_change: list[float] = field(default_factory=list)  # A against B, percent
+    skipped: bool = False  # the output already held this evaluation
+
+    def metrics(self) -> dict[str, float]:
+        """Flat figures, as MLflow metrics and Ray Tune results name them."""
+        out = {"prompts": float(self.prompts), "comparisons": float(self.comparisons)}
+        for name, wr in self.win_rates.items():
+            out.update({f"win_rate_{name}": wr.rate, f"win_rate_{name}_low": wr.low,
+                        f"win_rate_{name}_high": wr.high})
+            for side in SIDES:
+                out[f"mean_{side}_{name}"] = self.mean_scores[name][side]
+        for side in SIDES:
+            for channel, value in zip("hsv", self.hsv.get(side, [])):
+                out[f"{channel}_{side}"] = value
+        for channel, value in zip("hsv", self.hsv_change):
+            out[f"{channel}_change_pct"] = value
+        return out
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["metrics"] = self.metrics()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "EvalResult":
+        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        data["win_rates"] = {k: WinRate(**v) for k, v in data["win_rates"].items()}
+        return cls(**data)
+
+
+def describe_side(cfg: EvalConfig, side: str) -> str:
+    s = cfg.side(side)
+    if s["adapter"] is None:
+        return f"base model {cfg.model!r}"
+    return f"adapter {s['adapter']} (alpha {s['alpha']:g}{', LAN' if s['lan'] else ''})"
+
+
+def table(cfg: EvalConfig, result: EvalResult) -> str:
+    """The readable report: win rates per scorer, then the colour table (paper Tables 1 and 2)."""
+    pct = int(round(100 * cfg.confidence))
+    lines = [f"A: {describe_side(cfg, 'a')}", f"B: {describe_side(cfg, 'b')}",
+             f"{result.prompts} prompts x {cfg.images_per_prompt} seed(s) = {result.comparisons} comparisons", "",
+             f"| scorer | A wins | {pct}% interval | A mean | B mean | wins / ties / losses |",
+             "|---|---|---|---|---|---|"]
+    for name, wr in result.win_rates.items():
+        m = result.mean_scores[name]
+        lines.append(f"| {name} | {100 * wr.rate:.1f}% | [{100 * wr.low:.1f}, {100 * wr.high:.1f}] | "
+                     f"{m['a']:.4g} | {m['b']:.4g} | {wr.wins} / {wr.ties} / {wr.losses} |")
+    lines += ["", "| colour | H | S | V |", "|---|---|---|---|"]
+    for side in SIDES:
+        h, s, v = result.hsv[side]
+        lines.append(f"| {side.upper()} | {h:.4f} | {s:.4f} | {v:.4f} |")
+    h, s, v = result.hsv_change
+    lines.append(f"| A vs B | {h:+.2f}% | {s:+.2f}% | {v:+.2f}% |")
+    return "\n".join(lines)
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def prepare(cfg: EvalConfig) -> list[prompt_io.Prompt]:
+    """Every check before any work: prompts, model, adapters, scorers (and the judge's prompts)."""
+    from hgdpo.scorers import check_prompts, check_scorer
+
+    items = prompt_io.read_prompts(cfg.prompts, fmt=cfg.prompt_format, prompt_column=cfg.prompt_column,
+                                   id_column=cfg.id_column, category=cfg.category, max_prompts=cfg.max_prompts)
+    models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
+    for name in ("adapter", "baseline_adapter"):
+        if getattr(cfg, name) is not None:
+            try:
+                lan.check_adapter(getattr(cfg, name), cfg.model, allow_pickle=cfg.allow_pickle)
+            except HgdpoError as err:
+                raise HgdpoError(f"{name}: {err}") from None
+    for spec in scorer_specs(cfg):
+        check_scorer(spec, allow_pickle=cfg.allow_pickle)
+        check_prompts(spec, [p.text for p in items])
+    return items
+
+
+def _settled(cfg: EvalConfig) -> EvalResult | None:
+    """The stored result when ``cfg.output`` already holds this evaluation; refuse other settings."""
+    path = Path(cfg.output) / REPORT
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        stored, result = data["config"], EvalResult.from_json(data["result"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise HgdpoError(f"output: {path} is not an evaluation report ({err}); use another output") from None
+    if stored != to_dict(cfg):
+        changed = sorted(k for k in set(stored) | set(to_dict(cfg)) if stored.get(k) != to_dict(cfg).get(k))
+        raise HgdpoError(f"output: {cfg.output} holds an evaluation with other settings ({', '.join(changed[:5])}); "
+                         f"use another output")
+    result.skipped = True
+    return result
+
+
+def generate_and_score(cfg: EvalConfig, items: list[prompt_io.Prompt], log=print):
+    """Run the Ray Data stream; yield each prompt's finished row (driver side) as it arrives."""
+    import ray
+
+    from hgdpo.raycluster import ensure_ray
+
+    ensure_ray()
+    config = to_dict(cfg)
+    ds = ray.data.from_items([{"prompt_id": p.id, "prompt_index": p.index, "prompt": p.text} for p in items],
+                             override_num_blocks=min(len(items), max(8, 4 * cfg.generator_actors)))
+    ds = ds.map_batches(GenerateAB, fn_constructor_kwargs={"config": config}, batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.generator_actors),
+                        num_gpus=cfg.generator_gpus, num_cpus=cfg.generator_cpus, batch_format="numpy")
+    ds = ds.map_batches(ScoreAB, fn_constructor_kwargs={"config": config}, batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.scorer_actors),
+                        num_gpus=cfg.scorer_gpus, num_cpus=cfg.scorer_cpus, batch_format="numpy")
+    start, last, done = time.perf_counter(), 0.0, 0
+    for row in ds.iter_rows():
+        done += 1
+        now = time.perf_counter()
+        if now - last > 5 or done == len(items):
+            last = now
+            log(f"evaluate: {done}/{len(items)} prompts done ({100 * done / len(items):.0f}%), "
+                f"{2 * done * cfg.images_per_prompt / (now - start):.2f} images/s")
+        yield row
+
+
+def summarize(cfg: EvalConfig, rows: list[dict]) -> EvalResult:
+    """Win rates per scorer, mean scores, and colours from the rows of every (prompt, seed)."""
+    groups = np.concatenate([[r["prompt_id"]] * len(r["seeds"]) for r in rows])
+    result = EvalResult(cfg.output, len(rows), len(groups), 0.0)
+    for name in cfg.scorers:
+        a = np.concatenate([r[f"score_a_{name}"] for r in rows])
+        b = np.concatenate([r[f"score_b_{name}"] for r in rows])
+        result.win_rates[name] = win_rate(a, b, groups, resamples=cfg.bootstrap, confidence=cfg.confidence,
+                                          seed=cfg.seed)
+        result.mean_scores[name] = {"a": float(a.mean()), "b": float(b.mean())}
+    for side in SIDES:
+        result.hsv[side] = np.concatenate([r[f"hsv_{side}"] for r in rows]).mean(axis=0).tolist()
+    result.hsv_change = percent_change(result.hsv["a"], result.hsv["b"]).tolist()
+    return result
+
+
+def write_scores(path: Path, cfg: EvalConfig, rows: list[dict]) -> None:
+    """One parquet row per (prompt, seed): ids, seed, every score, colours, both PNGs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = defaultdict(list)
+    for r in rows:
+        for k, seed in enumerate(r["seeds"]):
+            columns["prompt_id"].append(str(r["prompt_id"]))
+            columns["prompt_index"].append(int(r["prompt_index"]))
+            columns["prompt"].append(str(r["prompt"]))
+            columns["k"].append(k)
+            columns["seed"].append(int(seed))
+            for side in SIDES:
+                for name in cfg.scorers:
+                    columns[f"score_{side}_{name}"].append(float(r[f"score_{side}_{name}"][k]))
+                for channel, value in zip("hsv", r[f"hsv_{side}"][k]):
+                    columns[f"{channel}_{side}"].append(float(value))
+                columns[f"image_{side}"].append(bytes(r[f"png_{side}"][k]))
+    _write_atomically(path, lambda tmp: pq.write_table(pa.table(dict(columns)), tmp))
+
+
+def side_by_side(cfg: EvalConfig, rows: list[dict]):
+    """A PIL picture: the first prompts, A's and B's first image side by side."""
+    from hgdpo.pictures import pairs_grid
+    from hgdpo.pool import png_image
+
+    shown = rows[:cfg.picture_prompts]
+    return pairs_grid([(str(r["prompt"]), png_image(r["png_a"][0]), png_image(r["png_b"][0])) for r in shown],
+                      labels=("A", "B"))
+
+
+def record(cfg: EvalConfig, result: EvalResult, output: Path, run_id: str | None = None) -> None:
+    """The evaluation's MLflow run (or ``run_id``, a sweep trial's): settings, figures, files."""
+    import mlflow
+
+    name = f"evaluate:{output.name}"
+    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=name, run_id=run_id):
+        if run_id is None:
+            mlflow.log_params(tracking.flat_params(to_dict(cfg)))
+            mlflow.set_tags({"stage": "evaluate", "output": str(output)})
+        mlflow.log_metrics(result.metrics())
+        for file in ("report.json", "table.md", "side_by_side.png"):
+            if (output / file).is_file():
+                mlflow.log_artifact(str(output / file), artifact_path="evaluation")
+
+
+def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, record_mlflow: bool = True
+             ) -> EvalResult:
+    """Evaluate A against B as ``cfg`` says; write the output folder; record the run in MLflow."""
+    settled = _settled(cfg)
+    if settled is not None:
+        log(f"evaluate: {cfg.output} already holds this evaluation; nothing to do")
+        return settled
+    items = prepare(cfg)
+    output = Path(cfg.output)
+    log(f"evaluate: {len(items)} prompts x {cfg.images_per_prompt} seed(s); A = {describe_side(cfg, 'a')}, "
+        f"B = {describe_side(cfg, 'b')}; scorers {', '.join(cfg.scorers)}")
+    start = time.perf_counter()
+    rows = sorted(generate_and_score(cfg, items, log), key=lambda r: int(r["prompt_index"]))
+    result = summarize(cfg, rows)
+    result.seconds = time.perf_counter() - start
+
+    output.mkdir(parents=True, exist_ok=True)
+    write_scores(output / "scores.parquet", cfg, rows)
+    if cfg.picture_prompts:
+        _write_atomically(output / "side_by_side.png", lambda tmp: side_by_side(cfg, rows).save(tmp, format="PNG"))
+    text = table(cfg, result)
+    _write_atomically(output / "table.md", lambda tmp: tmp.write_text(text + "\n"))
+    report = {"config": to_dict(cfg), "versions": tracking.versions(), "result": result.to_json()}
+    _write_atomically(output / REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    if record_mlflow:
+        record(cfg, result, output, run_id=mlflow_run_id)
+    return result

@@ -1,0 +1,140 @@
+"""The whole method in one job: build a pool, train HG-DPO on it, evaluate it against the base model.
+
+``RunConfig`` names the run's folder, the train and test prompts, and the settings of each
+stage as a section (``pool:``, ``train:``, ``evaluate:``) that is passed to the stage's own
+config, so every stage setting works here with the same name, type and check. The run wires the
+stages together: ``<output>/pool`` is trained on, ``<output>/train/adapter`` is evaluated against
+the base model into ``<output>/evaluate``. Every stage is idempotent, so rerunning an interrupted
+run finishes it (an interrupted pool is resumed, training resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hgdpo.config import doc, from_dict
+from hgdpo.errors import ConfigError
+from hgdpo.eval_config import EvalConfig
+from hgdpo.pool_config import PoolConfig
+from hgdpo.train_config import TrainConfig
+
+# Settings the run sets itself in each stage (they wire the stages together).
+WIRED = {"pool": ("prompts", "output"), "train": ("pool", "output", "model", "model_config"),
+         "evaluate": ("prompts", "output", "adapter", "model", "model_config")}
+
+
+@dataclass
+class RunConfig:
+    """Pool -> HG-DPO training -> evaluation against the base model, as one job."""
+
+    SECTION = "run"
+
+    output: str = doc("Folder of the run: pool/, train/ and evaluate/ are written inside it.")
+    train_prompts: str = doc("Prompt file the pool is built from (any format the pool job reads).")
+    test_prompts: str = doc("Held-out prompt file the adapter is evaluated on.")
+    model: str = doc("The model to improve: `embedded`, a diffusers folder, a .safetensors file or a hub id.",
+                     "embedded")
+    model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
+    pool: dict = doc("Settings of the pool stage (see the pool configuration), e.g. images_per_prompt.", {})
+    train: dict = doc("Settings of the training stage (see the train configuration), e.g. max_steps.", {})
+    evaluate: dict = doc("Settings of the evaluation stage (see the evaluate configuration), e.g. scorers.", {})
+    mlflow_uri: str | None = doc("MLflow tracking URI of every stage (default: $MLFLOW_TRACKING_URI, else "
+                                 "sqlite ./mlflow.db).", None)
+
+    def __post_init__(self) -> None:
+        for name in ("output", "train_prompts", "test_prompts"):
+            if not getattr(self, name):
+                raise ConfigError(f"run.{name}: required")
+        for section, wired in WIRED.items():
+            settings = getattr(self, section)
+            if not isinstance(settings, dict):
+                raise ConfigError(f"run.{section}: expected a mapping of {section} settings")
+            for key in wired:
+                if key in settings:
+                    raise ConfigError(f"run.{section}.{key}: set by the run itself (see run.output, "
+                                      f"run.train_prompts, run.test_prompts, run.model); remove it")
+        self.stages()  # every stage's own checks, now
+
+    def stages(self) -> tuple[PoolConfig, TrainConfig, EvalConfig]:
+        """The three stage configs, wired together and checked by their own rules."""
+        out = Path(self.output)
+        model = {"model": self.model, "model_config": self.model_config}
+        mlflow = {"mlflow_uri": self.mlflow_uri} if self.mlflow_uri else {}
+        try:
+            pool_cfg = from_dict(PoolConfig, {**mlflow, **self.pool, **model, "prompts": self.train_prompts,
+                                              "output": str(out / "pool")})
+            train_cfg = from_dict(TrainConfig, {**mlflow, **self.train, **model, "pool": str(out / "pool"),
+                                                "output": str(out / "train")})
+            eval_cfg = from_dict(EvalConfig, {**mlflow, **self.evaluate, **model, "prompts": self.test_prompts,
+                                              "output": str(out / "evaluate"),
+                                              "adapter": str(out / "train" / "adapter")})
+        except ConfigError as err:  # "pool.steps: ..." -> "run.pool.steps: ..."
+            raise ConfigError(f"run.{err}") from None
+        return pool_cfg, train_cfg, eval_cfg
+
+
+def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"pool.steps": 10, "output": "x"}`` -> ``{"pool": {"steps": 10}, "output": "x"}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, dot, name = key.partition(".")
+        if dot:
+            if section not in WIRED:
+                raise ConfigError(f"override {key}: unknown section {section!r}; known: {', '.join(WIRED)}")
+            out.setdefault(section, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` on top; sections are merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        if key in WIRED and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class RunResult:
+    pool_seconds: float
+    train_seconds: float
+    evaluate_seconds: float
+    evaluation: Any  # hgdpo.evaluate.EvalResult
+
+    @property
+    def seconds(self) -> float:
+        return self.pool_seconds + self.train_seconds + self.evaluate_seconds
+
+
+def run(cfg: RunConfig, log=print) -> RunResult:
+    """Pool, then training, then evaluation; the prompts, model and scorers are checked first."""
+    from hgdpo import pool as pool_io
+    from hgdpo.evaluate import evaluate, prepare as prepare_evaluation
+    from hgdpo.pool_builder import build_pool, prepare as prepare_pool, record
+    from hgdpo.trainer import train
+
+    pool_cfg, train_cfg, eval_cfg = cfg.stages()
+    prepare_pool(pool_cfg)  # prompts, model, scorer
+    prepare_evaluation(dataclasses.replace(eval_cfg, adapter=None, lan=False))  # test prompts, scorers
+
+    start = time.perf_counter()
+    built = build_pool(pool_cfg, log)
+    if not built.skipped:
+        record(pool_cfg, built, pool_io.read_meta(pool_cfg.output))
+    pool_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    train(train_cfg, log)
+    train_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = evaluate(eval_cfg, log=log)
+    return RunResult(pool_s, train_s, time.perf_counter() - start, result)
