@@ -34,12 +34,6 @@ REPORT = "report.json"
 SIDES = ("a", "b")
 
 
-def _threads(cpus: float) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(cpus)))
-
-
 def scorer_specs(cfg: EvalConfig) -> list:
     from hgdpo.scorers import ScorerSpec
 
@@ -51,11 +45,11 @@ class GenerateAB:
 
     def __init__(self, config: dict):
         from hgdpo.quiet import quiet_libraries
-        from hgdpo.sampling import native_size, resolve_device_dtype, set_sampler
+        from hgdpo.sampling import native_size, resolve_device_dtype, set_sampler, set_threads
 
         self.cfg = cfg = from_dict(EvalConfig, config)
         quiet_libraries()
-        _threads(cfg.generator_cpus)
+        set_threads(cfg.generator_cpus)
         device, dtype = resolve_device_dtype(cfg.dtype)
         self.pipes = {}  # adapter path (None: the base model alone) -> pipeline
         for side in SIDES:
@@ -99,12 +93,12 @@ class ScoreAB:
 
     def __init__(self, config: dict):
         from hgdpo.quiet import quiet_libraries
-        from hgdpo.sampling import resolve_device_dtype
+        from hgdpo.sampling import resolve_device_dtype, set_threads
         from hgdpo.scorers import load_scorer
 
         self.cfg = cfg = from_dict(EvalConfig, config)
         quiet_libraries()
-        _threads(cfg.scorer_cpus)
+        set_threads(cfg.scorer_cpus)
         device, _ = resolve_device_dtype(cfg.dtype)
         self.scorers = [load_scorer(spec, allow_pickle=cfg.allow_pickle, device=device) for spec in scorer_specs(cfg)]
 

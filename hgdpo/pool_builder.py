@@ -28,22 +28,16 @@ from hgdpo.errors import HgdpoError
 from hgdpo.pool_config import PoolConfig
 
 
-def _threads(cpus: float) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(cpus)))
-
-
 class GenerateImages:
     """Ray Data actor: loads the model once, then makes each prompt's N images as one batch."""
 
     def __init__(self, config: dict):
         from hgdpo.quiet import quiet_libraries
-        from hgdpo.sampling import native_size, resolve_device_dtype, set_sampler
+        from hgdpo.sampling import native_size, resolve_device_dtype, set_sampler, set_threads
 
         self.cfg = cfg = from_dict(PoolConfig, config)
         quiet_libraries()
-        _threads(cfg.generator_cpus)
+        set_threads(cfg.generator_cpus)
         device, dtype = resolve_device_dtype(cfg.dtype)
         self.pipe = models.load_pipeline(cfg.model, model_config=cfg.model_config,
                                          allow_pickle=cfg.allow_pickle, dtype=dtype, device=device)
@@ -72,11 +66,11 @@ class ScoreAndRank:
 
     def __init__(self, config: dict):
         from hgdpo.quiet import quiet_libraries
-        from hgdpo.sampling import resolve_device_dtype
+        from hgdpo.sampling import resolve_device_dtype, set_threads
 
         self.cfg = cfg = from_dict(PoolConfig, config)
         quiet_libraries()
-        _threads(cfg.scorer_cpus)
+        set_threads(cfg.scorer_cpus)
         device, dtype = resolve_device_dtype(cfg.dtype)
         self.processor, self.model = models.load_scorer(cfg.scorer_model, cfg.scorer_processor,
                                                         allow_pickle=cfg.allow_pickle, dtype=dtype, device=device)

@@ -9,6 +9,7 @@ and never runs the VAE encoder.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -38,6 +39,14 @@ def set_sampler(pipe, name: str) -> None:
 
     cls = getattr(diffusers, SCHEDULERS[name])
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def set_threads(cpus: float) -> int:
+    """Torch threads for an actor holding ``cpus`` of Ray's CPUs: the share rounded up (0.5 -> 1, 1.5 -> 2),
+    so a fractional share still uses the core it mostly has. Returns the thread count."""
+    threads = max(1, math.ceil(cpus - 1e-9))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_device_dtype(dtype: str) -> tuple[str, torch.dtype]:
