@@ -137,7 +137,7 @@ def load_pipeline(name: str, *, model_config: str | None = None, allow_pickle: b
             pipe = StableDiffusionPipeline.from_single_file(source.location, config=config, **common)
         else:
             pipe = StableDiffusionPipeline.from_pretrained(
-                source.location, use_safetensors=not allow_pickle, **common)
+                source.location, use_safetensors=None if allow_pickle else True, **common)
     except OSError as err:
         if source.kind == "folder" and "safetensors" in str(err):
             raise HgdpoError(f"model: {source.location} has no safetensors weights; convert them, "
@@ -172,7 +172,7 @@ def load_scorer(model: str, processor: str | None = None, *, allow_pickle: bool 
     except Exception as err:
         raise _hub_error("scorer_processor", proc_loc, err) from None
     try:
-        clip = CLIPModel.from_pretrained(model_loc, dtype=dtype or torch.float32, use_safetensors=not allow_pickle)
+        clip = CLIPModel.from_pretrained(model_loc, dtype=dtype or torch.float32, use_safetensors=None if allow_pickle else True)
     except Exception as err:
         raise _hub_error("scorer_model", model_loc, err) from None
     return proc, clip.eval().to(device)

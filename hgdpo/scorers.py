@@ -266,11 +266,6 @@ def _load_clip(scorer: str, model_loc: str, proc_loc: str, allow_pickle: bool, d
     """``(processor, CLIPModel)`` through ``hgdpo.models.load_scorer``."""
     from hgdpo import models
 
-    # models.load_scorer turns allow_pickle into use_safetensors=False, which makes transformers refuse
-    # a safetensors-only folder; a folder with safetensors weights never needs the pickle opt-in.
-    folder = Path(model_loc)
-    if folder.is_dir() and any(folder.glob("*.safetensors")):
-        allow_pickle = False
     try:
         return models.load_scorer(model_loc, proc_loc, allow_pickle=allow_pickle, device=device)
     except HgdpoError as err:
