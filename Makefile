@@ -1,7 +1,7 @@
 # The two commands of the README. Each installs what it needs into .venv first (once):
 # the pinned torch before anything else (a bare `torch` requirement can pull a multi-GB build),
 # then the project with its test extras.
-#   make demo   run the main job on the embedded default model (no GPU, no model hub)
+#   make demo   the whole method (pool, HG-DPO, evaluation) on the embedded default (no GPU, no model hub)
 #   make test   run the test suite
 
 VENV ?= .venv
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) jobs/build_pool.py --config examples/pool.yaml
+	$(PY) jobs/run.py --config examples/run.yaml
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: $(VENV)/.installed

@@ -113,10 +113,16 @@ class ScoreAB:
                 for name, scorer in zip(self.cfg.scorers, self.scorers):
                     out[f"score_{side}_{name}"].append(np.asarray(scorer(captions, images), dtype=np.float64))
                 out[f"hsv_{side}"].append(mean_hsv(images))
-                out[f"png_{side}"].append(np.array([png_bytes(im) for im in images], dtype=object))
+                out[f"png_{side}"].append([png_bytes(im) for im in images])
         result = {k: batch[k] for k in ("prompt_id", "prompt_index", "prompt", "seeds")}
         for key, values in out.items():
-            result[key] = np.stack(values) if not key.startswith("png_") else np.array(values + [None], dtype=object)[:-1]
+            if key.startswith("png_"):  # one list of K PNGs per prompt: an Arrow list<binary> column
+                column = np.empty(len(values), dtype=object)
+                for i, pngs in enumerate(values):
+                    column[i] = pngs
+                result[key] = column
+            else:
+                result[key] = np.stack(values)
         return result
 
 

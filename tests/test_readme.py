@@ -6,12 +6,16 @@ from pathlib import Path
 import pytest
 
 from hgdpo.config import load_config, markdown_table
+from hgdpo.eval_config import EvalConfig
 from hgdpo.pool_config import PoolConfig
+from hgdpo.run import RunConfig
 from hgdpo.sample_config import SampleConfig
+from hgdpo.sweep_config import SweepConfig
 from hgdpo.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"PoolConfig": PoolConfig, "TrainConfig": TrainConfig, "SampleConfig": SampleConfig}
+CONFIGS = {"PoolConfig": PoolConfig, "TrainConfig": TrainConfig, "SampleConfig": SampleConfig,
+           "SweepConfig": SweepConfig, "EvalConfig": EvalConfig, "RunConfig": RunConfig}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -36,6 +40,17 @@ def test_example_configs_load():
     assert train.pool == cfg.output and train.objective == "hgdpo"
     sample = load_config(SampleConfig, REPO / "examples" / "sample.yaml")
     assert sample.adapter == f"{train.output}/adapter" and sample.lan
+
+
+def test_the_demo_runs_the_whole_method_and_the_evaluate_example_reads_its_adapter():
+    assert "jobs/run.py --config examples/run.yaml" in (REPO / "Makefile").read_text()
+    run = load_config(RunConfig, REPO / "examples" / "run.yaml")
+    pool_cfg, train_cfg, eval_cfg = run.stages()
+    assert (REPO / run.train_prompts).is_file() and (REPO / run.test_prompts).is_file()
+    assert train_cfg.pool == pool_cfg.output and eval_cfg.adapter == f"{train_cfg.output}/adapter"
+    assert "judge" in eval_cfg.scorers and eval_cfg.model == "embedded"
+    evaluation = load_config(EvalConfig, REPO / "examples" / "evaluate.yaml")
+    assert evaluation.adapter == eval_cfg.adapter and evaluation.prompts == run.test_prompts
 
 
 def test_readme_picture_exists():
