@@ -167,3 +167,15 @@ def test_bad_input_is_refused_before_any_work(work, tmp_path, capsys, case, mess
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_partiprompts_people_with_the_real_model_scorers(ray_local, tmp_path, parti_prompts):
+    """The paper's test set (PartiPrompts, category People) through the same job, CLIP score and PickScore."""
+    code = evaluate_job.main([f"prompts={parti_prompts}", "category=People", "max_prompts=2",
+                              f"output={tmp_path / 'parti'}", "scorers=[pickscore,clip]", "images_per_prompt=1",
+                              "steps=2", "bootstrap=50", "picture_prompts=1", "--no-mlflow"])
+    assert code == 0
+    rows = pq.read_table(tmp_path / "parti" / "scores.parquet").to_pylist()
+    assert len(rows) == 2 and all(0 <= r["score_a_clip"] <= 100 for r in rows)
+    report = json.loads((tmp_path / "parti" / "report.json").read_text())["result"]
+    assert report["win_rates"]["clip"]["ties"] == 2  # A and B are the same model here
