@@ -1,0 +1,446 @@
+"""Sweeps: the paper's ablations as Ray Tune trials of (train -> evaluate against the base model).
+
+``sweep(cfg)`` (the driver) expands the sweep into trials (``hgdpo.sweep_config``) and checks
+every one before any work: its train and evaluate configs, the pool (pool size, loser rank and
+dataset size against the pool's N and prompts), the model, the test prompts and the scorers.
+Then it opens the sweep's MLflow parent run and one nested run per trial (params under the
+common names: pool_size, loser_rank, dataset_size, beta, lambda_stat, objective, lan, alpha, ...),
+and runs the unfinished trials on Ray Tune: each is a function trainable holding no CPU, which
+runs ``hgdpo.trainer.train`` (a TorchTrainer inside) and ``hgdpo.evaluate.evaluate`` (Ray Data
+actors), both logging into the trial's MLflow run, and reports the win rates.
+
+Resume: every trial folder holds ``trial.json`` (its settings and MLflow run) and, once done,
+``result.json``. A rerun of the same sweep runs only the trials without a result, and reuses the
+parent and trial runs it finds in MLflow, so nothing is retrained and no run is duplicated; an
+interrupted trial resumes from its last training checkpoint (train and evaluate are idempotent).
+A trial folder written with other settings is refused.
+
+Concurrency: a trial's peak is its training (the workers; Ray Data's 1-CPU tasks before them) or
+its evaluation (generator + scorer actors), whichever is larger. By default only as many trials
+run at once as fit in the cluster at their peaks: evaluation actor pools are not reserved as a
+gang, so two trials that each got half of what they need would wait on each other for ever.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hgdpo import tracking
+from hgdpo.config import from_dict, to_dict
+from hgdpo.errors import HgdpoError
+from hgdpo.eval_config import EvalConfig
+from hgdpo.sweep_config import EVAL_PARAMETERS, TRAIN_PARAMETERS, SweepConfig, Trial, value_text
+from hgdpo.train_config import TrainConfig
+
+TRIAL_FILE = "trial.json"  # written before any work: the trial's settings and MLflow run
+RESULT_FILE = "result.json"  # written when the trial is done: its parameters and metrics
+ERROR_FILE = "error.txt"  # the message of the trial's last failure
+SWEEP_FILE = "sweep.json"  # the sweep's resolved config, versions and MLflow parent run
+# The Tune function trainable only waits on the workers and actors it starts, so it takes no CPU:
+# even 0.01 CPU would keep a trial whose training needs every CPU of the cluster from ever
+# starting its workers. Tune refuses an empty request; a nominal bit of memory satisfies it.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20}
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def trial_params(trial: Trial, plan) -> dict[str, Any]:
+    """The trial's parameters under their common names, resolved (pool_size None -> the pool's N)."""
+    t, e = trial.train, trial.evaluate
+    return {"objective": t.objective, "pool_size": plan.pool_size, "loser_rank": plan.loser_rank,
+            "dataset_size": plan.dataset_size, "beta": t.beta, "lambda_stat": t.lambda_stat,
+            "learning_rate": t.learning_rate, "max_steps": t.max_steps, "lora_rank": t.lora_rank,
+            "lan": e.lan, "alpha": e.alpha}
+
+
+def trial_peak(trial: Trial) -> tuple[float, float]:
+    """(CPUs, GPUs) a trial holds at its peak: its training or its evaluation (the trial itself: none)."""
+    t, e = trial.train, trial.evaluate
+    train_cpu = max(t.workers * t.cpus_per_worker, 1.0)  # the pairs are selected by 1-CPU Ray Data tasks first
+    eval_cpu = e.generator_actors * e.generator_cpus + e.scorer_actors * e.scorer_cpus
+    train_gpu = t.workers * t.gpus_per_worker
+    eval_gpu = e.generator_actors * e.generator_gpus + e.scorer_actors * e.scorer_gpus
+    return max(train_cpu, eval_cpu), max(train_gpu, eval_gpu)
+
+
+def fitting_trials(trials: list[Trial], cpus: float, gpus: float) -> int:
+    """How many of ``trials`` can run at once, each at its peak, on ``cpus`` and ``gpus`` (at least 1)."""
+    cpu = max(trial_peak(t)[0] for t in trials)
+    gpu = max(trial_peak(t)[1] for t in trials)
+    k = math.floor(cpus / cpu + 1e-9)
+    if gpu > 0:
+        k = min(k, math.floor(gpus / gpu + 1e-9))
+    return max(1, min(k, len(trials)))
+
+
+@dataclass
+class Prepared:
+    """A checked sweep: its trials, their resolved parameters, and where it writes."""
+
+    cfg: SweepConfig
+    trials: list[Trial]
+    params: dict[str, dict[str, Any]]  # trial name -> parameters under the common names
+    output: Path
+    mlflow_uri: str
+
+
+def prepare(cfg: SweepConfig) -> Prepared:
+    """Every check before any work: trials, pool, model, prompts, scorers, earlier trial folders."""
+    import dataclasses
+
+    from hgdpo import evaluate as evaluation, pool, trainer
+
+    trials = cfg.expand()
+    try:
+        pool.read_meta(trials[0].train.pool)
+    except HgdpoError as err:
+        raise HgdpoError(f"sweep.{err}") from None  # "pool: x is not a pool" -> "sweep.pool: ..."
+    params = {}
+    for trial in trials:
+        try:
+            _, plan, _ = trainer.prepare(trial.train)
+        except HgdpoError as err:
+            raise HgdpoError(f"sweep trial {trial.name!r}: {err}") from None
+        params[trial.name] = trial_params(trial, plan)
+    checked = set()
+    for trial in trials:  # the test prompts and scorers; the adapter does not exist yet
+        base = dataclasses.replace(trial.evaluate, adapter=None, lan=False, output="-")
+        key = json.dumps(to_dict(base), sort_keys=True)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            evaluation.prepare(base)
+        except HgdpoError as err:
+            raise HgdpoError(f"sweep trial {trial.name!r}: evaluate: {err}") from None
+    for trial in trials:
+        path = trial.folder / TRIAL_FILE
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            ours = {"train": to_dict(trial.train), "evaluate": to_dict(trial.evaluate)}
+            changed = sorted(f"{stage}.{k}" for stage in ours for k in set(ours[stage]) | set(stored[stage])
+                             if ours[stage].get(k) != stored[stage].get(k))
+            if changed:
+                raise HgdpoError(f"sweep.output: trial {trial.name!r} in {trial.folder} was run with other settings "
+                                 f"({', '.join(changed[:5])}); use another output")
+    output = trials[0].folder.parents[1]
+    return Prepared(cfg, trials, params, output, trials[0].train.mlflow_uri)
+
+
+# --- MLflow: one parent run per sweep, one nested run per trial ---------------------------------
+
+def _client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in tracking.flat_params(params).items()]
+    for start in range(0, len(items), 100):  # the store takes at most 100 params per batch
+        client.log_batch(run_id, params=items[start: start + 100])
+
+
+def parent_run(prep: Prepared) -> str:
+    """The sweep's parent run: the one this output already has, else a new one."""
+    cfg, uri = prep.cfg, prep.mlflow_uri
+    client = _client(uri)
+    exp = tracking.experiment_id(cfg.mlflow_experiment, uri)
+    found = [r for r in client.search_runs([exp], filter_string=f"tags.sweep = '{cfg.name}' and tags.stage = 'sweep'")
+             if r.data.tags.get("sweep_output") == str(prep.output)]
+    swept = sorted({k for t in prep.trials for k in t.values}, key=list(TRAIN_PARAMETERS + EVAL_PARAMETERS).index)
+    if found:
+        run_id = min(found, key=lambda r: r.info.start_time).info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(exp, run_name=cfg.name, tags={
+            "stage": "sweep", "sweep": cfg.name, "sweep_output": str(prep.output)}).info.run_id
+        _log_params(client, run_id, {"name": cfg.name, "pool": prep.trials[0].train.pool, "output": str(prep.output),
+                                     "model": cfg.model, "parameters": json.dumps(cfg.parameters),
+                                     "trials": json.dumps(cfg.trials)})
+    client.set_tag(run_id, "swept", ",".join(swept))
+    client.set_tag(run_id, "trials", str(len(prep.trials)))
+    return run_id
+
+
+def trial_runs(prep: Prepared, parent_id: str) -> dict[str, str]:
+    """Trial name -> its nested MLflow run: the one under ``parent_id``, else a new one (params logged once)."""
+    uri = prep.mlflow_uri
+    client = _client(uri)
+    exp = client.get_run(parent_id).info.experiment_id
+    existing: dict[str, Any] = {}
+    for r in client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000):
+        name = r.data.tags.get("trial")
+        if name and (name not in existing or r.info.start_time < existing[name].info.start_time):
+            existing[name] = r
+    out = {}
+    for trial in prep.trials:
+        if trial.name in existing:
+            out[trial.name] = existing[trial.name].info.run_id
+            continue
+        run_id = client.create_run(exp, run_name=trial.name, tags={
+            PARENT_TAG: parent_id, "stage": "sweep-trial", "sweep": prep.cfg.name, "trial": trial.name,
+            "trial_index": str(trial.index), "trial_values": json.dumps(trial.values),
+            "output": str(trial.folder)}).info.run_id
+        params = {"trial": trial.name, **prep.params[trial.name],
+                  **{f"train.{k}": v for k, v in to_dict(trial.train).items()},
+                  **{f"evaluate.{k}": v for k, v in to_dict(trial.evaluate).items()}}
+        _log_params(client, run_id, params)
+        client.update_run(run_id, status="SCHEDULED")
+        out[trial.name] = run_id
+    return out
+
+
+# --- The Tune trial ------------------------------------------------------------------------------
+
+def run_trial(config: dict, payloads: dict) -> None:
+    """One Tune trial (a function trainable): train, evaluate A (adapter) vs B (base), report.
+
+    ``config``: ``{"trial": name}``; ``payloads``: name -> plain data (the two stage configs,
+    the trial folder, the MLflow run), put in the object store by ``tune.with_parameters``.
+    """
+    import mlflow
+    import ray.data
+    from ray import tune
+
+    from hgdpo.evaluate import evaluate
+    from hgdpo.quiet import quiet_libraries
+    from hgdpo.trainer import train
+
+    payload = payloads[config["trial"]]
+    train_cfg = from_dict(TrainConfig, payload["train"])
+    eval_cfg = from_dict(EvalConfig, payload["evaluate"])
+    quiet_libraries()
+    name, folder, run_id = payload["name"], Path(payload["folder"]), payload["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=train_cfg.mlflow_uri)
+
+    def log(message: str) -> None:
+        print(f"[{name}] {message}", flush=True)
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one trial's bars would garble the others'
+    (folder / ERROR_FILE).unlink(missing_ok=True)
+    log(f"trial {payload['index'] + 1}: training into {train_cfg.output}")
+    try:
+        train(train_cfg, log=log, mlflow_run_id=run_id)
+        result = evaluate(eval_cfg, log=log, mlflow_run_id=run_id)
+        metrics = result.metrics()
+        if result.skipped:  # evaluated before an interruption: make sure the trial run has the figures
+            client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+                                              for k, v in metrics.items()])
+        _atomic_json(folder / RESULT_FILE, {"name": name, "params": payload["params"], "metrics": metrics,
+                                            "run_id": run_id, "adapter": str(Path(train_cfg.output) / "adapter"),
+                                            "evaluation": eval_cfg.output})
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as err:
+        (folder / ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n")
+        client.set_terminated(run_id, "FAILED")
+        raise
+    log("done: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("win_rate_")
+                              and not k.endswith(("_low", "_high"))))
+    tune.report(metrics)
+
+
+# --- The driver ----------------------------------------------------------------------------------
+
+@dataclass
+class TrialResult:
+    name: str
+    params: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "FINISHED"  # FINISHED, FAILED, UNFINISHED (stopped from outside)
+    skipped: bool = False  # finished by an earlier run of the sweep
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    name: str
+    output: str
+    parent_run_id: str
+    trials: list[TrialResult]
+    swept: list[str]
+    scorers: list[str]
+    concurrency: int = 0
+
+    def table(self) -> str:
+        rows = [{"trial": t.name, "params": t.params, "metrics": t.metrics, "status": t.status} for t in self.trials]
+        return format_table(rows, self.swept, self.scorers)
+
+
+def sweep(cfg: SweepConfig, log=print) -> SweepResult:
+    """Run the sweep's unfinished trials on Ray Tune; every trial's result, and the MLflow runs."""
+    import ray
+    from ray import tune
+
+    from hgdpo.raycluster import ensure_ray
+
+    prep = prepare(cfg)
+    prep.output.mkdir(parents=True, exist_ok=True)
+    parent_id = parent_run(prep)
+    runs = trial_runs(prep, parent_id)
+    _atomic_json(prep.output / SWEEP_FILE, {"config": to_dict(cfg), "mlflow_uri": prep.mlflow_uri,
+                                            "parent_run_id": parent_id, "versions": tracking.versions(),
+                                            "trials": [t.name for t in prep.trials]})
+    payloads = {}
+    for trial in prep.trials:
+        trial.folder.mkdir(parents=True, exist_ok=True)
+        payload = {"name": trial.name, "index": trial.index, "values": trial.values, "folder": str(trial.folder),
+                   "train": to_dict(trial.train), "evaluate": to_dict(trial.evaluate), "run_id": runs[trial.name],
+                   "params": prep.params[trial.name]}
+        _atomic_json(trial.folder / TRIAL_FILE, payload)
+        payloads[trial.name] = payload
+    pending = [t for t in prep.trials if not (t.folder / RESULT_FILE).is_file()]
+    for trial in prep.trials:
+        if trial not in pending:
+            log(f"sweep: trial {trial.name} finished earlier; not rerun")
+
+    concurrency = 0
+    if pending:
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # Train reports cost ~0.1 s, not ~2 s
+        ensure_ray()
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        fits = fitting_trials(pending, cpus, gpus)
+        concurrency = min(cfg.max_concurrent_trials or fits, len(pending))
+        peak_cpu, peak_gpu = (max(trial_peak(t)[i] for t in pending) for i in (0, 1))
+        if peak_cpu > cpus or peak_gpu > gpus:
+            log(f"sweep: warning: a trial needs {peak_cpu:g} CPUs and {peak_gpu:g} GPUs at its peak, the cluster "
+                f"has {cpus:g} and {gpus:g}; it waits until the cluster grows")
+        elif concurrency > fits:
+            log(f"sweep: warning: max_concurrent_trials={concurrency}, but only {fits} trial(s) fit at their peak "
+                f"({peak_cpu:g} CPUs, {peak_gpu:g} GPUs each, of {cpus:g}, {gpus:g}): trials may wait on each "
+                f"other's actors")
+        log(f"sweep: {len(pending)} of {len(prep.trials)} trials to run, {concurrency} at a time "
+            f"(each at most {peak_cpu:g} CPUs, {peak_gpu:g} GPUs; cluster {cpus:g}, {gpus:g})")
+        by_name = {t.name: t for t in pending}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), TRIAL_RESOURCES)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([t.name for t in pending])},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=concurrency,
+                trial_name_creator=lambda tr: tr.config["trial"],
+                trial_dirname_creator=lambda tr: f"{by_name[tr.config['trial']].index:03d}-{tr.trial_id}"),
+            # One Tune experiment per invocation (Tune's own records; ours are the trial folders).
+            run_config=tune.RunConfig(name=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                                      storage_path=str(prep.output / "tune"), verbose=0))
+        tuner.fit()
+
+    results = []
+    for trial in prep.trials:
+        done = trial.folder / RESULT_FILE
+        if done.is_file():
+            stored = json.loads(done.read_text())
+            results.append(TrialResult(trial.name, stored["params"], stored["metrics"], skipped=trial not in pending))
+        elif (trial.folder / ERROR_FILE).is_file():
+            message = (trial.folder / ERROR_FILE).read_text().strip()
+            results.append(TrialResult(trial.name, prep.params[trial.name], status="FAILED", error=message))
+        else:  # stopped from outside (Ctrl-C, a lost node) before it ended
+            results.append(TrialResult(trial.name, prep.params[trial.name], status="UNFINISHED"))
+    swept = sorted({k for t in prep.trials for k in t.values}, key=list(TRAIN_PARAMETERS + EVAL_PARAMETERS).index)
+    out = SweepResult(cfg.name, str(prep.output), parent_id, results, swept, list(prep.trials[0].evaluate.scorers),
+                      concurrency)
+    client = _client(prep.mlflow_uri)
+    failed = [t for t in results if t.status == "FAILED"]
+    unfinished = [t for t in results if t.status == "UNFINISHED"]
+    for trial in unfinished:
+        client.set_terminated(runs[trial.name], "KILLED")
+    text = out.table()
+    _write_text(prep.output / "table.md", text + "\n")
+    client.log_text(parent_id, text + "\n", "sweep/table.md")
+    client.set_terminated(parent_id, "FAILED" if failed else "KILLED" if unfinished else "FINISHED")
+    problems = []
+    if failed:
+        listed = "; ".join(f"{t.name}: {t.error}" for t in failed)
+        problems.append(f"{len(failed)} of {len(results)} trials failed ({listed})")
+    if unfinished:
+        problems.append(f"{len(unfinished)} of {len(results)} trials were stopped before they ended "
+                        f"({', '.join(t.name for t in unfinished)})")
+    if problems:
+        raise HgdpoError(f"sweep: {'; '.join(problems)}; rerun the same command to run them again (after fixing "
+                         f"the cause of a failure)")
+    return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- The paper-style table -----------------------------------------------------------------------
+
+def _number(value: str) -> str:
+    """A parameter value as shown: ``2500.0`` -> ``2500``, ``True`` -> ``true``."""
+    try:
+        return value_text(float(value)) if value not in ("True", "False") else value.lower()
+    except ValueError:
+        return value
+
+
+def format_table(rows: list[dict], swept: list[str], scorers: list[str]) -> str:
+    """One row per trial: swept parameters, win rate per scorer with its interval, H/S/V change.
+
+    ``rows``: ``{"trial", "params" (name -> value), "metrics" (as ``EvalResult.metrics``), "status"}``.
+    """
+    head = ["trial", *swept, *(f"{s} win rate [interval]" for s in scorers), "H change", "S change", "V change"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        m, cells = row["metrics"], [row["trial"]]
+        cells += [_number(str(row["params"].get(k, ""))) for k in swept]
+        for s in scorers:
+            if f"win_rate_{s}" in m:
+                cells.append(f"{100 * m[f'win_rate_{s}']:.1f}% [{100 * m[f'win_rate_{s}_low']:.1f}, "
+                             f"{100 * m[f'win_rate_{s}_high']:.1f}]")
+            else:
+                cells.append(row.get("status") or "-")
+        cells += [f"{m[f'{c}_change_pct']:+.2f}%" if f"{c}_change_pct" in m else "-" for c in "hsv"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_from_mlflow(name: str, uri: str | None = None, experiment: str = "hgdpo-sweep") -> str:
+    """The table of sweep ``name`` as MLflow holds it (its latest parent run of that name)."""
+    import ast
+
+    uri = tracking.tracking_uri(uri)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise HgdpoError(f"table: no experiment {experiment!r} at {uri}")
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.sweep = '{name}' and tags.stage = 'sweep'",
+                                 order_by=["attributes.start_time DESC"])
+    if not parents:
+        raise HgdpoError(f"table: no sweep named {name!r} in experiment {experiment!r} at {uri}")
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id], max_results=10000,
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    children.sort(key=lambda r: int(r.data.tags.get("trial_index", 0)))
+    swept = [k for k in parent.data.tags.get("swept", "").split(",") if k]
+    scorers: list[str] = []
+    for child in children:
+        raw = child.data.params.get("evaluate.scorers")
+        for s in (ast.literal_eval(raw) if raw else []):
+            if s not in scorers:
+                scorers.append(s)
+    rows = [{"trial": c.data.tags.get("trial", c.info.run_name), "params": c.data.params, "metrics": c.data.metrics,
+             "status": c.info.status} for c in children]
+    output = parent.data.tags.get("sweep_output", "")
+    head = (f"sweep {name}: {len(children)} trials, {parent.info.status.lower()} ({output}); "
+            f"A = the trial's adapter, B = the base model")
+    if len(parents) > 1:
+        head += f"\n(the latest of {len(parents)} sweeps named {name!r}; the others wrote elsewhere)"
+    return head + "\n\n" + format_table(rows, swept, scorers)

@@ -1,0 +1,375 @@
+"""Sweeps on Ray Tune: trials end to end, resume after a kill, MLflow parent/nested runs over REST, bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hgdpo.config import read_yaml
+from hgdpo.errors import ConfigError
+from hgdpo.sweep import fitting_trials, trial_peak
+from hgdpo.sweep_config import SweepConfig
+from hgdpo.world.prompts import write_prompts
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+import build_pool  # noqa: E402
+import sweep as sweep_job  # noqa: E402
+
+PROMPTS = ["a red circle on the left", "a blue square at the top", "a green triangle on the right",
+           "a yellow circle at the bottom", "a purple square in the center", "a black triangle on the left",
+           "a red square above a blue circle", "a green circle left of a yellow square"]
+# Two steps of 4 pairs; 4 test prompts x 1 seed at 4 sampler steps; each stage at most 1 CPU, so
+# two trials fit side by side on the session's 2 CPUs.
+TRAIN = {"max_steps": 2, "global_batch": 4, "micro_batch": 2, "data_shards": 2, "learning_rate": 1.0e-3,
+         "lora_rank": 4, "metrics_every": 1, "cpus_per_worker": 0.5}
+EVAL = {"scorers": ["judge", "pickscore"], "steps": 4, "images_per_prompt": 1, "bootstrap": 200,
+        "picture_prompts": 2, "generator_cpus": 0.5, "scorer_cpus": 0.5}
+TRIALS = ["pool_size=2", "pool_size=4"]
+
+
+@pytest.fixture(scope="module")
+def work(ray_local, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("sweep")
+    (tmp / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    assert build_pool.main([f"prompts={tmp / 'prompts.txt'}", f"output={tmp / 'pool'}", "images_per_prompt=4",
+                            "steps=4", "rows_per_file=4", "--no-mlflow"]) == 0
+    write_prompts(tmp / "test.txt", 4, split="test", seed=5)
+    return tmp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    """``mlflow server`` on 127.0.0.1 with a sqlite store, as the README starts it; its URL."""
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    log = open(work / "mlflow-server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}"],
+                            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (work / "mlflow-server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def rest(url: str, path: str, body: dict | None = None, **query) -> dict:
+    """One MLflow REST call: GET with ``query``, or POST ``body``."""
+    address = f"{url}/api/2.0/mlflow/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(address, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def search(url: str, experiment: str, filter_string: str) -> list[dict]:
+    exp = rest(url, "experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
+    return rest(url, "runs/search", {"experiment_ids": [exp], "filter": filter_string, "max_results": 1000}
+                ).get("runs", [])
+
+
+def tags(run: dict) -> dict:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def params(run: dict) -> dict:
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+def metrics(run: dict) -> dict:
+    return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+
+
+def sweep_file(work: Path, file: str, **settings) -> Path:
+    data = {"name": "tiny", "pool": str(work / "pool"), "output": str(work / "out"),
+            "parameters": {"pool_size": [2, 4]}, "train": dict(TRAIN), "evaluate": {"prompts": str(work / "test.txt"),
+                                                                                     **EVAL}}
+    data.update(settings)
+    path = work / file
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_main(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = sweep_job.main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def resumed(work, server) -> dict:
+    """The tiny sweep killed (as a job) once its first trial is done, then rerun by the same command."""
+    config = sweep_file(work, "tiny.yaml", max_concurrent_trials=1, mlflow_uri=server)
+    trials = work / "out" / "trials"
+    with open(work / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", str(config)], cwd=work,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        try:
+            while time.time() < deadline and proc.poll() is None and not (trials / TRIALS[0] / "result.json").exists():
+                time.sleep(0.1)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert (trials / TRIALS[0] / "result.json").exists(), (work / "killed.log").read_text()[-3000:]
+    assert not (trials / TRIALS[1] / "result.json").exists()
+    adapter = trials / TRIALS[0] / "train" / "adapter" / "pytorch_lora_weights.safetensors"
+    before = {"adapter": adapter.stat().st_mtime_ns, "result": (trials / TRIALS[0] / "result.json").read_text()}
+    code, out, err = run_main("--config", str(config))
+    assert code == 0, err
+    return {"config": config, "out": out, "before": before, "adapter": adapter, "trials": trials, "url": server}
+
+
+def test_each_trial_trains_evaluates_and_reports_the_evaluation(resumed):
+    for name, n in zip(TRIALS, (2, 4)):
+        folder = resumed["trials"] / name
+        result = json.loads((folder / "result.json").read_text())
+        report = json.loads((folder / "eval" / "report.json").read_text())
+        assert result["metrics"] == report["result"]["metrics"]
+        assert {"win_rate_judge", "win_rate_judge_low", "win_rate_pickscore_high", "h_change_pct"} <= set(
+            result["metrics"])
+        assert result["params"]["pool_size"] == n and result["params"]["loser_rank"] == n
+        assert report["config"]["adapter"] == str(folder / "train" / "adapter")
+        assert report["config"]["baseline_adapter"] is None and report["result"]["prompts"] == 4
+        info = json.loads((folder / "train" / "adapter" / "hgdpo_adapter.json").read_text())
+        assert info["plan"]["pool_size"] == n and info["config"]["max_steps"] == 2
+    table = (resumed["trials"].parent / "table.md").read_text()
+    assert "| pool_size=2 | 2 | " in table and "| pool_size=4 | 4 | " in table and "judge win rate" in table
+
+
+def test_rerun_after_a_kill_finishes_the_rest_and_does_not_retrain_finished_trials(resumed):
+    assert f"trial {TRIALS[0]} finished earlier; not rerun" in resumed["out"]
+    assert "1 of 2 trials to run" in resumed["out"]
+    assert resumed["adapter"].stat().st_mtime_ns == resumed["before"]["adapter"]
+    assert (resumed["trials"] / TRIALS[0] / "result.json").read_text() == resumed["before"]["result"]
+    assert "sweep tiny: 1 trial(s) run, 1 finished earlier" in resumed["out"]
+
+
+def test_mlflow_has_one_parent_run_and_one_nested_run_per_trial(resumed):
+    url = resumed["url"]
+    parents = search(url, "hgdpo-sweep", "tags.stage = 'sweep'")
+    assert len(parents) == 1 and parents[0]["info"]["status"] == "FINISHED"
+    parent = parents[0]["info"]["run_id"]
+    assert tags(parents[0])["sweep"] == "tiny" and tags(parents[0])["swept"] == "pool_size"
+    children = search(url, "hgdpo-sweep", f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(tags(c)["trial"] for c in children) == TRIALS  # no duplicate from the rerun
+    for child in children:
+        name = tags(child)["trial"]
+        n = name.split("=")[1]
+        assert child["info"]["status"] == "FINISHED" and child["info"]["run_name"] == name
+        p = params(child)
+        assert {k: p[k] for k in ("pool_size", "loser_rank", "dataset_size", "beta", "lambda_stat", "objective",
+                                  "lan", "alpha")} == {
+            "pool_size": n, "loser_rank": n, "dataset_size": "8", "beta": "2500.0", "lambda_stat": "10000.0",
+            "objective": "hgdpo", "lan": "False", "alpha": "0.5"}
+        result = json.loads((resumed["trials"] / name / "result.json").read_text())
+        m = metrics(child)
+        assert m["win_rate_judge"] == pytest.approx(result["metrics"]["win_rate_judge"])
+        assert m["win_rate_pickscore_low"] == pytest.approx(result["metrics"]["win_rate_pickscore_low"])
+        assert "loss" in m and "dpo" in m  # the trial's training logged into the same run
+    first = next(c for c in children if tags(c)["trial"] == TRIALS[0])
+    history = rest(url, "metrics/get-history", run_id=first["info"]["run_id"], metric_key="loss")["metrics"]
+    assert sorted(h["step"] for h in history) == [1, 2]  # trained once, not again by the rerun
+
+
+def test_rerun_of_a_finished_sweep_runs_nothing(resumed):
+    code, out, err = run_main("--config", str(resumed["config"]))
+    assert code == 0, err
+    assert "sweep tiny: 0 trial(s) run, 2 finished earlier" in out
+    assert resumed["adapter"].stat().st_mtime_ns == resumed["before"]["adapter"]
+    parent = search(resumed["url"], "hgdpo-sweep", "tags.stage = 'sweep'")
+    assert len(parent) == 1
+    children = search(resumed["url"], "hgdpo-sweep", f"tags.`mlflow.parentRunId` = '{parent[0]['info']['run_id']}'")
+    assert len(children) == 2
+
+
+def test_table_command_prints_the_sweep_from_mlflow(resumed):
+    proc = subprocess.run([sys.executable, "-m", "hgdpo", "table", "--sweep", "tiny", "--mlflow-uri", resumed["url"]],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "| trial | pool_size | judge win rate [interval] | pickscore win rate [interval] | H change | S change " \
+           "| V change |" in lines
+    rows = [line for line in lines if line.startswith("| pool_size=")]
+    assert [r.split(" | ")[1] for r in rows] == ["2", "4"]
+    result = json.loads((resumed["trials"] / TRIALS[1] / "result.json").read_text())["metrics"]
+    assert f"{100 * result['win_rate_judge']:.1f}% [{100 * result['win_rate_judge_low']:.1f}, " in rows[1]
+    assert rows[1].endswith(f"{result['v_change_pct']:+.2f}% |")
+    missing = subprocess.run([sys.executable, "-m", "hgdpo", "table", "--sweep", "nope", "--mlflow-uri",
+                              resumed["url"]], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
+
+
+def test_a_trial_folder_written_with_other_settings_is_refused(resumed):
+    code, _, err = run_main("--config", str(resumed["config"]), "train.max_steps=3")
+    assert code == 2 and "was run with other settings (train.max_steps)" in err, err
+
+
+def test_a_failing_trial_is_reported_and_marked_failed_and_a_rerun_tries_it_again(resumed, work, tmp_path):
+    """A trial whose training refuses its output (an adapter of another config there) fails alone."""
+    import shutil
+
+    import mlflow
+
+    output = tmp_path / "out"
+    shutil.copytree(resumed["trials"] / TRIALS[1] / "train" / "adapter",
+                    output / "trials" / TRIALS[0] / "train" / "adapter")  # trained with pool_size=4
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = sweep_file(work, "failing.yaml", name="failing", output=str(output), mlflow_uri=uri,
+                        parameters={"pool_size": [2]})
+    code, _, err = run_main("--config", str(config))
+    assert code == 2, err
+    assert "sweep: 1 of 1 trials failed (pool_size=2: HgdpoError: output: " in err
+    assert "holds an adapter trained with another config" in err and "rerun the same command" in err
+    assert not (output / "trials" / TRIALS[0] / "result.json").exists()
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("hgdpo-sweep").experiment_id
+    runs = {r.data.tags["stage"]: r for r in client.search_runs([exp])}
+    assert runs["sweep"].info.status == "FAILED" and runs["sweep-trial"].info.status == "FAILED"
+    assert "pool_size=2 | 2 | FAILED | FAILED | - | - | - |" in (output / "table.md").read_text()
+    code, _, err = run_main("--config", str(config))  # not fixed: tried again, fails again, same runs
+    assert code == 2 and "1 of 1 trials failed" in err
+    assert len(client.search_runs([exp])) == 2
+
+
+@pytest.mark.parametrize("case, settings, message", [
+    ("unknown", {"parameters": {"pool_sizes": [2]}}, "sweep.parameters.pool_sizes: unknown parameter (did you mean "
+                                                     "'pool_size'?)"),
+    ("empty", {"parameters": {"beta": []}}, "sweep.parameters.beta: empty list of values"),
+    ("not_a_list", {"parameters": {"beta": 2500}}, "sweep.parameters.beta: must be a list of values"),
+    ("trial_unknown", {"parameters": {}, "trials": [{"objective": "dpo", "gamma": 1}]},
+     "sweep.trials[0].gamma: unknown parameter"),
+    ("config_refuses", {"parameters": {"beta": [2500, -1]}}, "sweep trial 'beta=-1': train.beta: must be positive"),
+    ("eval_refuses", {"parameters": {"alpha": [0.5, 9]}}, "sweep trial 'alpha=9': evaluate.alpha: must be between"),
+    ("pool_size_above_n", {"parameters": {"pool_size": [2, 5]}},
+     "sweep trial 'pool_size=5': train.pool_size: 5 is larger than the pool's N=4"),
+    ("loser_rank_above_n", {"parameters": {"loser_rank": [2, 5]}},
+     "sweep trial 'loser_rank=5': train.loser_rank: must be between 2 and pool_size=4 (got 5)"),
+    ("dataset_size", {"parameters": {"dataset_size": [4, 9]}},
+     "sweep trial 'dataset_size=9': train.dataset_size: 9 prompts asked, but the pool has 8"),
+    ("missing_pool", {"pool": "MISSING"}, "sweep.pool: "),
+    ("wired", {"train": {**TRAIN, "output": "x"}}, "sweep.train.output: set by the sweep itself"),
+    ("duplicate", {"parameters": {"pool_size": [2, 2]}}, "are both named 'pool_size=2'"),
+    ("no_test_prompts", {"evaluate": {**EVAL}}, "evaluate.prompts: required"),
+])
+def test_bad_input_is_refused_before_any_work(work, tmp_path, case, settings, message):
+    if settings.get("pool") == "MISSING":
+        settings = {**settings, "pool": str(tmp_path / "no-pool")}
+    config = sweep_file(work, f"bad-{case}.yaml", output=str(tmp_path / "out"),
+                        mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **settings)
+    code, _, err = run_main("--config", str(config))
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# --- The sweep files: each loads and expands into trials the demo pool can train --------------------
+
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+def test_there_is_a_sweep_file_per_paper_ablation():
+    assert {p.stem for p in SWEEPS} >= {"pool_size", "loser_rank", "dataset_size", "beta_sml", "lan_vs_sml"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_file_expands_into_valid_trials_for_the_demo_pool(path, monkeypatch):
+    from hgdpo.pairs import plan
+
+    monkeypatch.chdir(REPO)  # the files' paths are relative to the checkout, like the examples'
+
+    run = read_yaml(REPO / "examples" / "run.yaml")  # the demo writes the pool the sweeps read
+    cfg = sweep_job.load(str(path), [])
+    assert cfg.pool == f"{run['output']}/pool" and cfg.name == path.stem.replace("_", "-")
+    head = path.read_text().split("\nname:")[0]
+    assert f"python jobs/sweep.py --config sweeps/{path.name}" in head and f"hgdpo table --sweep {cfg.name}" in head
+    trials = cfg.expand()
+    assert len(trials) >= 2 and len({t.name for t in trials}) == len(trials)
+    meta = {"images_per_prompt": run["pool"]["images_per_prompt"], "num_prompts": run["pool"]["max_prompts"],
+            "config": {"keep": "all"}, "fingerprint": {"loser_rank": run["pool"]["images_per_prompt"]}}
+    for trial in trials:
+        t = trial.train
+        plan(meta, pool_size=t.pool_size, loser_rank=t.loser_rank, dataset_size=t.dataset_size,
+             data_shards=t.data_shards, global_batch=t.global_batch, seed=t.seed)
+        assert Path(trial.evaluate.prompts).is_file() and trial.evaluate.adapter.endswith(f"{trial.name}/train/adapter")
+    assert fitting_trials(trials, 2, 0) == 1  # the files' settings take both cores at each trial's peak
+
+
+def test_the_paper_values_are_swept():
+    values = {p.stem: [t.values for t in sweep_job.load(str(p), []).expand()] for p in SWEEPS}
+    assert [v["pool_size"] for v in values["pool_size"]] == [2, 5, 10, 20]
+    assert [v["loser_rank"] for v in values["loser_rank"]] == [2, 5, 10, 20]
+    assert {(v["beta"], v["lambda_stat"]) for v in values["beta_sml"]} == {
+        (b, s) for b in (2500, 10000, 50000) for s in (10000, 0)}
+    lan = {t.name: (t.train.objective, t.evaluate.lan) for t in sweep_job.load(str(REPO / "sweeps" / "lan_vs_sml.yaml"),
+                                                                                []).expand()}
+    assert lan["dpo+lan"] == ("dpo", True) and lan["hgdpo-sml"] == ("hgdpo", False)
+
+
+# --- Trial names and concurrency ---------------------------------------------------------------------
+
+def _cfg(**settings) -> SweepConfig:
+    from hgdpo.config import from_dict
+
+    data = {"name": "t", "pool": "p", "output": "/tmp/o", "evaluate": {"prompts": "x.txt"}}
+    data.update(settings)
+    return from_dict(SweepConfig, data)
+
+
+def test_listed_trials_are_crossed_with_the_grid_and_named_by_their_values():
+    cfg = _cfg(trials=[{"name": "dpo", "objective": "dpo"}, {"objective": "hgdpo", "lan": False}],
+               parameters={"beta": [2500, 1.0e4]})
+    assert [t.name for t in cfg.expand()] == ["dpo,beta=2500", "dpo,beta=10000", "objective=hgdpo,lan=false,beta=2500",
+                                              "objective=hgdpo,lan=false,beta=10000"]
+    trial = cfg.expand()[1]
+    assert (trial.train.objective, trial.train.beta) == ("dpo", 10000.0)
+    assert trial.train.output == "/tmp/o/trials/dpo,beta=10000/train"
+    assert trial.evaluate.adapter == "/tmp/o/trials/dpo,beta=10000/train/adapter"
+    with pytest.raises(ConfigError, match="nothing to sweep"):
+        _cfg()
+
+
+def test_concurrency_defaults_to_the_trials_that_fit_at_their_peak():
+    small = _cfg(parameters={"beta": [1, 2, 3]}, train={"cpus_per_worker": 0.5},
+                 evaluate={"prompts": "x.txt", "generator_cpus": 0.5, "scorer_cpus": 0.5}).expand()
+    assert trial_peak(small[0]) == (1.0, 0.0)
+    assert fitting_trials(small, 2, 0) == 2 and fitting_trials(small, 8, 0) == 3 and fitting_trials(small, 0.5, 0) == 1
+    wide = _cfg(parameters={"beta": [1, 2]}, train={"workers": 2, "data_shards": 2, "global_batch": 16},
+                evaluate={"prompts": "x.txt", "generator_actors": 2, "generator_cpus": 0.75,
+                          "scorer_cpus": 0.5}).expand()
+    assert trial_peak(wide[0]) == (2.0, 0.0) and fitting_trials(wide, 2, 0) == 1 and fitting_trials(wide, 4, 0) == 2
+    gpu = _cfg(parameters={"beta": [1, 2, 3, 4]}, train={"gpus_per_worker": 1},
+               evaluate={"prompts": "x.txt", "generator_gpus": 0.5, "scorer_gpus": 0.5}).expand()
+    assert trial_peak(gpu[0]) == (2.0, 1.0) and fitting_trials(gpu, 16, 2) == 2
