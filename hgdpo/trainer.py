@@ -157,6 +157,19 @@ def _load_checkpoint(directory: Path, unet, optimizer, scheduler, fp: str) -> in
     return int(state["step"])
 
 
+def _quiet_reports() -> None:
+    """Ray Train 2.60 logs every ``ray.train.report`` call in full at INFO, from a logger named by its
+    source file; the job prints its own metrics line instead."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the shard iterator's bar, per worker
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(os.path.join("execution", "context.py")):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict) -> None:
     """One Ray Train worker. ``config``: plain data (the config, the pair plan, provenance)."""
     import ray.train
@@ -169,6 +182,7 @@ def train_loop(config: dict) -> None:
     cfg = from_dict(TrainConfig, config["train"])
     plan_ = PairPlan(**config["plan"])
     quiet_libraries()
+    _quiet_reports()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -261,6 +275,10 @@ def train_loop(config: dict) -> None:
                 stamp = int(time.time() * 1000)
                 mlflow_client.log_batch(config["mlflow_run_id"], metrics=[
                     Metric(k, float(v), stamp, done) for k, v in metrics.items() if k != "step"])
+            if rank == 0:
+                print(f"train: step {done}/{cfg.max_steps} loss {metrics.get('loss', float('nan')):.4f} (dpo {metrics.get('dpo', 0):.4f}, "
+                      f"stat {metrics.get('stat', 0):.3g}) accuracy {metrics.get('accuracy', 0):.3f} "
+                      f"lr {metrics['lr']:.3g} {metrics['pairs_per_s']:.1f} pairs/s", flush=True)
             sums, counted, tick = {}, 0, time.perf_counter()
             if is_ckpt:
                 with tempfile.TemporaryDirectory() as tmp:
