@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -419,7 +418,7 @@ def run_job(args, prompts_file: Path, out_dir: Path, actors: int, gen_cpus: floa
     out = measures(result.built, cfg.images_per_prompt, start, end, part_times(out_dir))
     prepared = next((t for t, m in log if " to build " in m), start)  # the driver's checks are done then
     out.update(prepare_s=prepared - start, generator_actors=actors, generator_cpus=gen_cpus, scorer_cpus=scorer_cpus,
-               generator_torch_threads=generator_threads or max(1, math.ceil(gen_cpus - 1e-9)),
+               generator_torch_threads=generator_threads or max(1, int(gen_cpus + 1e-9)),
                scorer_torch_threads=max(1, int(scorer_cpus)))
     if profile_log is not None:
         out["profile"] = timeline(profile_log, start)
@@ -682,8 +681,8 @@ def main(argv: list[str] | None = None) -> int:
                     what_if_block_per_prompt=args.block_per_prompt,
                     what_if_ray_system_config=args.ray_system_config and json.loads(args.ray_system_config),
                     jobs={k: {"generator_actors": a, "generator_cpus": g, "scorer_actors": 1, "scorer_cpus": s,
-                              "generator_torch_threads": args.generator_threads or max(1, math.ceil(g - 1e-9)),
-                              "scorer_torch_threads": max(1, math.ceil(s - 1e-9))} for k, (a, g, s) in jobs.items()})
+                              "generator_torch_threads": args.generator_threads or max(1, int(g + 1e-9)),
+                              "scorer_torch_threads": max(1, int(s + 1e-9))} for k, (a, g, s) in jobs.items()})
     print(f"bench_pool: {json.dumps(settings)}", flush=True)
     import ray
 
