@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -275,10 +276,12 @@ def train_loop(config: dict) -> None:
                 stamp = int(time.time() * 1000)
                 mlflow_client.log_batch(config["mlflow_run_id"], metrics=[
                     Metric(k, float(v), stamp, done) for k, v in metrics.items() if k != "step"])
-            if rank == 0:
-                print(f"train: step {done}/{cfg.max_steps} loss {metrics.get('loss', float('nan')):.4f} (dpo {metrics.get('dpo', 0):.4f}, "
-                      f"stat {metrics.get('stat', 0):.3g}) accuracy {metrics.get('accuracy', 0):.3f} "
-                      f"lr {metrics['lr']:.3g} {metrics['pairs_per_s']:.1f} pairs/s", flush=True)
+            if rank == 0:  # written, not printed: Ray Train's print patch would show the line twice
+                sys.stdout.write(f"train: step {done}/{cfg.max_steps} loss {metrics.get('loss', float('nan')):.4f} "
+                                 f"(dpo {metrics.get('dpo', 0):.4f}, stat {metrics.get('stat', 0):.3g}) accuracy "
+                                 f"{metrics.get('accuracy', 0):.3f} lr {metrics['lr']:.3g} "
+                                 f"{metrics['pairs_per_s']:.1f} pairs/s\n")
+                sys.stdout.flush()
             sums, counted, tick = {}, 0, time.perf_counter()
             if is_ckpt:
                 with tempfile.TemporaryDirectory() as tmp:
