@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import uuid
 from dataclasses import dataclass
@@ -40,8 +41,9 @@ COMPLETE = "_COMPLETE.json"
 PART_PREFIX = "part-"
 
 
-def open_dir(uri: str) -> tuple[pafs.FileSystem, str]:
+def open_dir(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it for a local path or a URI (s3://, gs://, ...)."""
+    uri = os.fspath(uri)
     if "://" not in uri:
         uri = str(Path(uri).expanduser().resolve())
     fs, path = pafs.FileSystem.from_uri(uri)
