@@ -194,3 +194,31 @@ def markdown_table(cls: type) -> str:
         tp = _type_name(typing.get_type_hints(cls)[f.name]).replace("|", "\\|")
         rows.append(f"| `{f.name}` | {tp} | `{default!r}` | {f.metadata.get('doc', '')} |")
     return "\n".join(rows)
+
+
+def check_sampling(cfg: Any) -> None:
+    """Checks shared by every config that samples images: steps, size, guidance, prompt limit."""
+    s = cfg.SECTION
+    if cfg.steps < 1:
+        raise ConfigError(f"{s}.steps: must be at least 1 (got {cfg.steps})")
+    for name in ("width", "height"):
+        value = getattr(cfg, name)
+        if value is not None and (value < 8 or value % 8):
+            raise ConfigError(f"{s}.{name}: must be a positive multiple of 8 (got {value})")
+    if cfg.max_prompts is not None and cfg.max_prompts < 1:
+        raise ConfigError(f"{s}.max_prompts: must be at least 1 (got {cfg.max_prompts})")
+    if cfg.guidance_scale < 0:
+        raise ConfigError(f"{s}.guidance_scale: must be >= 0 (got {cfg.guidance_scale})")
+
+
+def check_actors(cfg: Any, *roles: str) -> None:
+    """``<role>_actors`` at least 1, ``<role>_gpus`` a fraction or a whole number, ``<role>_cpus`` positive."""
+    s = cfg.SECTION
+    for role in roles:
+        actors, gpus, cpus = (getattr(cfg, f"{role}_{k}") for k in ("actors", "gpus", "cpus"))
+        if actors < 1:
+            raise ConfigError(f"{s}.{role}_actors: must be at least 1 (got {actors})")
+        if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
+            raise ConfigError(f"{s}.{role}_gpus: must be a fraction in [0, 1] or a whole number (got {gpus})")
+        if cpus <= 0:
+            raise ConfigError(f"{s}.{role}_cpus: must be positive (got {cpus})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hgdpo.config import doc
+from hgdpo.config import check_actors, check_sampling, doc
 from hgdpo.errors import ConfigError
 from hgdpo.pool_config import Sampler
 from hgdpo.sample_config import ALPHA_MAX
@@ -111,28 +111,15 @@ class EvalConfig:
                             ("imagereward", "imagereward_model")):
             if name in self.scorers and not getattr(self, field):
                 raise ConfigError(f"{s}.{field}: required by scorer {name!r} (a checkpoint file or folder)")
-        for name in ("images_per_prompt", "steps", "bootstrap", "generator_actors", "scorer_actors"):
+        for name in ("images_per_prompt", "bootstrap"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
         if self.picture_prompts < 0:
             raise ConfigError(f"{s}.picture_prompts: must be >= 0 (got {self.picture_prompts})")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"{s}.confidence: must be between 0 and 1 (got {self.confidence})")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ConfigError(f"{s}.{name}: must be a positive multiple of 8 (got {value})")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"{s}.max_prompts: must be at least 1 (got {self.max_prompts})")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"{s}.guidance_scale: must be >= 0 (got {self.guidance_scale})")
-        for name in ("generator_gpus", "scorer_gpus"):
-            value = getattr(self, name)
-            if value < 0 or (value > 1 and value != int(value)):
-                raise ConfigError(f"{s}.{name}: must be a fraction in [0, 1] or a whole number (got {value})")
-        for name in ("generator_cpus", "scorer_cpus"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{s}.{name}: must be positive (got {getattr(self, name)})")
+        check_sampling(self)
+        check_actors(self, "generator", "scorer")
 
     def side(self, which: str) -> dict:
         """Model A (``"a"``) or baseline B (``"b"``): base model, adapter, alpha (None: no adapter), LAN."""

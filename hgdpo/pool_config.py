@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from hgdpo.config import doc
+from hgdpo.config import check_actors, check_sampling, doc
 from hgdpo.errors import ConfigError
 
 Sampler = Literal["dpm_multistep", "ddim", "euler", "euler_ancestral", "ddpm", "pndm"]
@@ -91,24 +91,10 @@ class PoolConfig:
             raise ConfigError(
                 f"{s}.loser_rank: must be between 2 and images_per_prompt={self.images_per_prompt} "
                 f"(got {self.loser_rank})")
-        for name in ("steps", "generator_actors", "scorer_actors", "rows_per_file"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ConfigError(f"{s}.{name}: must be a positive multiple of 8 (got {value})")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"{s}.max_prompts: must be at least 1 (got {self.max_prompts})")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"{s}.guidance_scale: must be >= 0 (got {self.guidance_scale})")
-        for name in ("generator_gpus", "scorer_gpus"):
-            value = getattr(self, name)
-            if value < 0 or (value > 1 and value != int(value)):
-                raise ConfigError(f"{s}.{name}: must be a fraction in [0, 1] or a whole number (got {value})")
-        for name in ("generator_cpus", "scorer_cpus"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{s}.{name}: must be positive (got {getattr(self, name)})")
+        if self.rows_per_file < 1:
+            raise ConfigError(f"{s}.rows_per_file: must be at least 1 (got {self.rows_per_file})")
+        check_sampling(self)
+        check_actors(self, "generator", "scorer")
 
     def resolved_loser_rank(self) -> int:
         """Rank (1 = best) of the stored loser: the configured one, or N (the argmin)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hgdpo.config import doc
+from hgdpo.config import check_sampling, doc
 from hgdpo.errors import ConfigError
 from hgdpo.pool_config import Sampler
 
@@ -72,17 +72,9 @@ class SampleConfig:
         if self.lan and self.adapter is None:
             raise ConfigError(f"{s}.lan: needs an adapter (LAN normalises the adapted model to the base model); "
                               f"set adapter or lan=false")
-        for name in ("images_per_prompt", "steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ConfigError(f"{s}.{name}: must be a positive multiple of 8 (got {value})")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"{s}.max_prompts: must be at least 1 (got {self.max_prompts})")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"{s}.guidance_scale: must be >= 0 (got {self.guidance_scale})")
+        if self.images_per_prompt < 1:
+            raise ConfigError(f"{s}.images_per_prompt: must be at least 1 (got {self.images_per_prompt})")
+        check_sampling(self)
 
     def adapter_weight(self) -> float | None:
         """The LoRA weight to sample with: alpha with an adapter, None (the base model) without."""
