@@ -6,8 +6,9 @@ jobs/build_pool.py on GPU workers with a pool config that hgdpo still accepts an
 agree with pyproject.toml; the local-head script is valid bash; the working directory that
 `ray job submit --working-dir .` uploads stays under the dashboard's limit and leaves .venv out.
 
-``test_pool_job_on_a_ray_head`` (marker ``cluster``) starts a head with ``ray start --head``,
-submits ``jobs/build_pool.py`` with ``ray job submit`` and reads the pool it wrote. The head is
+``test_pool_and_train_jobs_on_a_ray_head`` (marker ``cluster``) starts a head with ``ray start --head``,
+submits ``jobs/build_pool.py`` and then ``jobs/train.py`` with ``ray job submit``, and reads the pool
+and the adapter they wrote. The head is
 stopped on its own: never with ``ray stop``, which stops every Ray process of the user on the
 machine (the session's ``ray.init()`` from conftest, other people's runs). It runs as
 ``ray start --block`` in a new process group; SIGTERM makes it stop every process it started,
@@ -363,8 +364,9 @@ def stop_head(proc: subprocess.Popen, markers: list[str]) -> None:
 
 
 @pytest.mark.cluster
-def test_pool_job_on_a_ray_head(tmp_path):
-    """`ray start --head` + `ray job submit --working-dir <repo>` builds the pool it is asked for."""
+def test_pool_and_train_jobs_on_a_ray_head(tmp_path):
+    """`ray start --head` + `ray job submit --working-dir <repo>` builds the pool it is asked for, then
+    trains an adapter on it through the same head."""
     from hgdpo import pool
     from hgdpo.prompts import read_prompts
     from hgdpo.sampling import image_seeds
@@ -376,7 +378,7 @@ def test_pool_job_on_a_ray_head(tmp_path):
     # Ray puts unix sockets under its temp dir (limit ~107 characters): keep the path short.
     ray_tmp = tempfile.mkdtemp(prefix="hgr", dir="/tmp")
     output = tmp_path / "pool"
-    head_log, submit_log = tmp_path / "head.log", tmp_path / "submit.log"
+    head_log, submit_log, train_log = tmp_path / "head.log", tmp_path / "submit.log", tmp_path / "train.log"
     head_env = clean_env(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
                          RAY_USAGE_STATS_ENABLED="0")
     started = time.monotonic()
@@ -405,7 +407,22 @@ def test_pool_job_on_a_ray_head(tmp_path):
         text = submit_log.read_text(errors="replace")
         assert result.returncode == 0, f"ray job submit failed ({result.returncode}):\n{text[-5000:]}"
         assert "succeeded" in text and "pool: complete, 3 prompts" in text, text[-5000:]
-        print(f"head up in {head_up:.1f}s, job done {time.monotonic() - started:.1f}s after start")
+        # The trainer on the pool the first job wrote, through the same head: 2 workers x 1 CPU.
+        command = [
+            str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+            "--working-dir", str(REPO),
+            "--", "python", "jobs/train.py", "--config", "examples/train.yaml", f"pool={output}",
+            f"output={tmp_path / 'train'}", "max_steps=4", "global_batch=2", "micro_batch=1", "data_shards=2",
+            "workers=2", "checkpoint_every=2", "metrics_every=2", "learning_rate=1e-3",
+            f"mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+        with open(train_log, "wb") as log:
+            result = subprocess.run(command, env=clean_env(RAY_AUTH_MODE="disabled"), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600, cwd=tmp_path)
+        text = train_log.read_text(errors="replace")
+        assert result.returncode == 0, f"ray job submit of the trainer failed ({result.returncode}):\n{text[-5000:]}"
+        assert "succeeded" in text and "train: step 4/4" in text and "adapter written" in text, text[-5000:]
+        print(f"head up in {head_up:.1f}s, jobs done {time.monotonic() - started:.1f}s after start")
     finally:
         stop_head(proc, markers=[ray_tmp, str(tmp_path)])
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -425,3 +442,31 @@ def test_pool_job_on_a_ray_head(tmp_path):
         assert np.argmax(row["scores"]) == row["winner"]
         assert row["image_w"][:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "mlflow.db").is_file(), "the job did not record its MLflow run"
+    _check_trained_adapter(tmp_path)
+
+
+def _check_trained_adapter(tmp_path: Path) -> None:
+    """The submitted trainer's adapter: diffusers LoRA format, trained (B moved from zero), loadable
+    into a plain pipeline, with its metrics in MLflow."""
+    import mlflow
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from hgdpo import embedded
+    from hgdpo.lora import ADAPTER_FILE, INFO_FILE
+
+    adapter = tmp_path / "train" / "adapter"
+    assert (adapter / INFO_FILE).is_file()
+    weights = load_file(str(adapter / ADAPTER_FILE))
+    ups = [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]
+    assert ups and any(float(v.abs().max()) > 0 for v in ups), "the LoRA up-projections never left zero"
+    pipe = StableDiffusionPipeline.from_pretrained(embedded.pipeline_dir(), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.load_lora_weights(str(adapter))
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hgdpo-train")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+    assert torch.isfinite(torch.tensor(run.data.metrics["loss"]))
