@@ -27,6 +27,9 @@ from hgdpo.errors import ConfigError
 
 C = TypeVar("C")
 
+ALLOW_LOCAL_DOC = ("Keep a local MLflow store (sqlite file or folder) even on a Ray cluster of several nodes, "
+                   "where only this node reaches it. Off: such a job is refused.")
+
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
     """A dataclass field with its documentation (shown by ``--help`` and in the README)."""
@@ -222,3 +225,17 @@ def check_actors(cfg: Any, *roles: str) -> None:
             raise ConfigError(f"{s}.{role}_gpus: must be a fraction in [0, 1] or a whole number (got {gpus})")
         if cpus <= 0:
             raise ConfigError(f"{s}.{role}_cpus: must be positive (got {cpus})")
+
+
+def check_locations(cfg: Any, *names: str) -> None:
+    """Storage locations (outputs, pools, adapters) must not carry credentials (``hgdpo.storage.check_uri``)."""
+    from hgdpo.errors import HgdpoError
+    from hgdpo.storage import check_uri
+
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, str):
+            try:
+                check_uri(value, f"{cfg.SECTION}.{name}")
+            except HgdpoError as err:
+                raise ConfigError(str(err)) from None

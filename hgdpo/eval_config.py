@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hgdpo.config import check_actors, check_sampling, doc
+from hgdpo.config import ALLOW_LOCAL_DOC, check_actors, check_locations, check_sampling, doc
 from hgdpo.errors import ConfigError
 from hgdpo.pool_config import Sampler
 from hgdpo.sample_config import ALPHA_MAX
@@ -24,7 +24,8 @@ class EvalConfig:
     SECTION = "evaluate"
 
     prompts: str = doc("Test prompt file: .txt, .jsonl, .csv, .tsv (PartiPrompts) or .parquet.")
-    output: str = doc("Folder the report, the scores and the side-by-side picture are written to.")
+    output: str = doc("Folder or storage URI (s3://...) the report, the scores and the side-by-side picture are "
+                      "written to.")
     prompt_format: Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet"] = doc(
         "Format of the prompt file; `auto` goes by its suffix.", "auto")
     prompt_column: str | None = doc("Column/field holding the prompt text (default: prompt, Prompt, caption, text).",
@@ -38,7 +39,8 @@ class EvalConfig:
                      "embedded")
     model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
     allow_pickle: bool = doc("Allow pickle weight formats (models and scorers). Off: safetensors only.", False)
-    adapter: str | None = doc("A's adapter (an <output>/adapter folder of jobs/train.py); none: the base model.", None)
+    adapter: str | None = doc("A's adapter (the <output>/adapter folder or URI of jobs/train.py); none: the base "
+                                        "model.", None)
     alpha: float = doc(f"Weight of A's adapter, 0..{ALPHA_MAX:g} (paper: 0.5).", 0.5)
     lan: bool = doc("A samples with latent normalisation (eq. 7) against the base model. Needs an adapter.", False)
     baseline_adapter: str | None = doc("B's adapter; none (default): B is the base model, the paper's target model.",
@@ -84,6 +86,7 @@ class EvalConfig:
     mlflow_uri: str | None = doc("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).",
                                  None)
     mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-evaluate")
+    mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -120,6 +123,7 @@ class EvalConfig:
             raise ConfigError(f"{s}.confidence: must be between 0 and 1 (got {self.confidence})")
         check_sampling(self)
         check_actors(self, "generator", "scorer")
+        check_locations(self, "output", "adapter", "baseline_adapter")
 
     def side(self, which: str) -> dict:
         """Model A (``"a"``) or baseline B (``"b"``): base model, adapter, alpha (None: no adapter), LAN."""

@@ -8,15 +8,15 @@ table (Table 2), a side-by-side picture, all written to the output folder and to
 table on stdout.
 
 Output folder: ``scores.parquet`` (one row per prompt and seed: seeds, scores, colours, both
-PNGs), ``side_by_side.png``, ``table.md`` and last ``report.json``; each is written under a
-temporary name and renamed, so a folder with ``report.json`` is complete. A rerun with the same
+PNGs), ``side_by_side.png``, ``table.md`` and last ``report.json``; each is written atomically
+(``hgdpo.storage``: a local folder or a URI), so a folder with ``report.json`` is complete. A rerun with the same
 settings prints the stored table and does nothing else; other settings are refused.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hgdpo import lan, models, prompts as prompt_io, tracking
+from hgdpo import lan, models, prompts as prompt_io, storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.eval_config import EvalConfig
@@ -192,16 +192,16 @@ def table(cfg: EvalConfig, result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def prepare(cfg: EvalConfig) -> list[prompt_io.Prompt]:
-    """Every check before any work: prompts, model, adapters, scorers (and the judge's prompts)."""
+    """Every check before any work: storage, MLflow store, prompts, model, adapters, scorers (and the
+    judge's prompts)."""
     from hgdpo.scorers import check_prompts, check_scorer
 
+    storage.check_writable(cfg.output, "evaluate.output")
+    for name in ("adapter", "baseline_adapter"):
+        if getattr(cfg, name) is not None:
+            storage.check_reachable(getattr(cfg, name), f"evaluate.{name}")
+    tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "evaluate.mlflow_uri")
     items = prompt_io.read_prompts(cfg.prompts, fmt=cfg.prompt_format, prompt_column=cfg.prompt_column,
                                    id_column=cfg.id_column, category=cfg.category, max_prompts=cfg.max_prompts)
     models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
@@ -219,13 +219,14 @@ def prepare(cfg: EvalConfig) -> list[prompt_io.Prompt]:
 
 def _settled(cfg: EvalConfig) -> EvalResult | None:
     """The stored result when ``cfg.output`` already holds this evaluation; refuse other settings."""
-    path = Path(cfg.output) / REPORT
-    if not path.is_file():
-        return None
+    path = storage.join(cfg.output, REPORT)
+    with storage.errors("evaluate.output", cfg.output):
+        if not storage.is_file(path):
+            return None
+        data = storage.read_json(path, "evaluation report")
     try:
-        data = json.loads(path.read_text())
         stored, result = data["config"], EvalResult.from_json(data["result"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise HgdpoError(f"output: {path} is not an evaluation report ({err}); use another output") from None
     if stored != to_dict(cfg):
         changed = sorted(k for k in set(stored) | set(to_dict(cfg)) if stored.get(k) != to_dict(cfg).get(k))
@@ -278,10 +279,9 @@ def summarize(cfg: EvalConfig, rows: list[dict]) -> EvalResult:
     return result
 
 
-def write_scores(path: Path, cfg: EvalConfig, rows: list[dict]) -> None:
+def write_scores(path: str, cfg: EvalConfig, rows: list[dict]) -> None:
     """One parquet row per (prompt, seed): ids, seed, every score, colours, both PNGs."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     columns = defaultdict(list)
     for r in rows:
@@ -297,7 +297,7 @@ def write_scores(path: Path, cfg: EvalConfig, rows: list[dict]) -> None:
                 for channel, value in zip("hsv", r[f"hsv_{side}"][k]):
                     columns[f"{channel}_{side}"].append(float(value))
                 columns[f"image_{side}"].append(bytes(r[f"png_{side}"][k]))
-    _write_atomically(path, lambda tmp: pq.write_table(pa.table(dict(columns)), tmp))
+    storage.write_parquet(path, pa.table(dict(columns)))
 
 
 def side_by_side(cfg: EvalConfig, rows: list[dict]):
@@ -310,19 +310,24 @@ def side_by_side(cfg: EvalConfig, rows: list[dict]):
                       labels=("A", "B"))
 
 
-def record(cfg: EvalConfig, result: EvalResult, output: Path, run_id: str | None = None) -> None:
-    """The evaluation's MLflow run (or ``run_id``, a sweep trial's): settings, figures, files."""
+def record(cfg: EvalConfig, result: EvalResult, files: dict[str, bytes], run_id: str | None = None) -> None:
+    """The evaluation's MLflow run (or ``run_id``, a sweep trial's): settings, figures, and ``files``
+    (name -> content: the report, the table, the picture), sent to the tracking server, not read back
+    from the output (which may be on another store)."""
+    import tempfile
+
     import mlflow
 
-    name = f"evaluate:{output.name}"
+    name = f"evaluate:{storage.name(cfg.output)}"
     with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=name, run_id=run_id):
         if run_id is None:
             mlflow.log_params(tracking.flat_params(to_dict(cfg)))
-            mlflow.set_tags({"stage": "evaluate", "output": str(output)})
+            mlflow.set_tags({"stage": "evaluate", "output": storage.absolute(cfg.output)})
         mlflow.log_metrics(result.metrics())
-        for file in ("report.json", "table.md", "side_by_side.png"):
-            if (output / file).is_file():
-                mlflow.log_artifact(str(output / file), artifact_path="evaluation")
+        with tempfile.TemporaryDirectory() as tmp:
+            for file, content in files.items():
+                Path(tmp, file).write_bytes(content)
+            mlflow.log_artifacts(tmp, artifact_path="evaluation")
 
 
 def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, record_mlflow: bool = True
@@ -333,7 +338,7 @@ def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, re
         log(f"evaluate: {cfg.output} already holds this evaluation; nothing to do")
         return settled
     items = prepare(cfg)
-    output = Path(cfg.output)
+    output = cfg.output
     log(f"evaluate: {len(items)} prompts x {cfg.images_per_prompt} seed(s); A = {describe_side(cfg, 'a')}, "
         f"B = {describe_side(cfg, 'b')}; scorers {', '.join(cfg.scorers)}")
     start = time.perf_counter()
@@ -341,14 +346,17 @@ def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, re
     result = summarize(cfg, rows)
     result.seconds = time.perf_counter() - start
 
-    output.mkdir(parents=True, exist_ok=True)
-    write_scores(output / "scores.parquet", cfg, rows)
+    files = {"table.md": (table(cfg, result) + "\n").encode()}
     if cfg.picture_prompts:
-        _write_atomically(output / "side_by_side.png", lambda tmp: side_by_side(cfg, rows).save(tmp, format="PNG"))
-    text = table(cfg, result)
-    _write_atomically(output / "table.md", lambda tmp: tmp.write_text(text + "\n"))
+        picture = io.BytesIO()
+        side_by_side(cfg, rows).save(picture, format="PNG")
+        files["side_by_side.png"] = picture.getvalue()
     report = {"config": to_dict(cfg), "versions": tracking.versions(), "result": result.to_json()}
-    _write_atomically(output / REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    files[REPORT] = json.dumps(report, indent=2).encode()  # last: a folder with a report is complete
+    storage.makedirs(output)
+    write_scores(storage.join(output, "scores.parquet"), cfg, rows)
+    for file, content in files.items():
+        storage.write_bytes(storage.join(output, file), content)
     if record_mlflow:
-        record(cfg, result, output, run_id=mlflow_run_id)
+        record(cfg, result, files, run_id=mlflow_run_id)
     return result

@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hgdpo import models
+from hgdpo import models, storage
 from hgdpo.errors import HgdpoError
 from hgdpo.lora import ADAPTER_FILE, INFO_FILE
 from hgdpo.sampling import decode
@@ -34,21 +35,24 @@ ADAPTER_NAME = "hgdpo"
 
 
 def check_adapter(adapter: str | Path, model: str, *, allow_pickle: bool = False) -> dict:
-    """Refuse what is not an hgdpo adapter of base ``model``; return its ``hgdpo_adapter.json``."""
-    path = Path(adapter).expanduser()
-    if not path.exists():
-        raise HgdpoError(f"adapter: {path} does not exist")
-    missing = [name for name in (ADAPTER_FILE, INFO_FILE) if not (path / name).is_file()]
-    if missing:
-        raise HgdpoError(f"adapter: {path} is not an adapter (no {' or '.join(missing)}); "
-                         f"expected the <output>/adapter folder written by jobs/train.py")
-    try:
-        info = json.loads((path / INFO_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise HgdpoError(f"adapter: {path / INFO_FILE} is not valid JSON: {err}") from None
+    """Refuse what is not an hgdpo adapter of base ``model`` (a local folder or a storage URI); return its
+    ``hgdpo_adapter.json``."""
+    path = os.fspath(adapter) if storage.is_uri(adapter) else str(Path(adapter).expanduser())
+    with storage.errors("adapter", path):
+        if not storage.exists(path):
+            raise HgdpoError(f"adapter: {path} does not exist")
+        missing = [name for name in (ADAPTER_FILE, INFO_FILE) if not storage.is_file(storage.join(path, name))]
+        if missing:
+            raise HgdpoError(f"adapter: {path} is not an adapter (no {' or '.join(missing)}); "
+                             f"expected the <output>/adapter folder written by jobs/train.py")
+        info_path = storage.join(path, INFO_FILE)
+        try:
+            info = json.loads(storage.read_bytes(info_path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise HgdpoError(f"adapter: {info_path} is not valid JSON: {err}") from None
     base = info.get("base_model") if isinstance(info, dict) else None
     if not isinstance(base, dict) or not base.get("fingerprint"):
-        raise HgdpoError(f"adapter: {path / INFO_FILE} does not name its base model (base_model.fingerprint)")
+        raise HgdpoError(f"adapter: {info_path} does not name its base model (base_model.fingerprint)")
     ours = models.fingerprint(models.resolve_model(model, allow_pickle=allow_pickle))
     if base["fingerprint"] != ours:
         raise HgdpoError(f"adapter: {path} was trained on base model {base.get('name')!r} (fingerprint "
@@ -61,8 +65,10 @@ def load_adapter(pipe, adapter: str | Path, model: str, *, allow_pickle: bool = 
     info = check_adapter(adapter, model, allow_pickle=allow_pickle)
     if has_adapter(pipe):
         pipe.delete_adapters(ADAPTER_NAME)
+    location = os.fspath(adapter) if storage.is_uri(adapter) else str(Path(adapter).expanduser())
     try:
-        pipe.load_lora_weights(str(Path(adapter).expanduser()), adapter_name=ADAPTER_NAME)
+        with storage.local_copy(location) as local:  # diffusers reads local folders only
+            pipe.load_lora_weights(str(local), adapter_name=ADAPTER_NAME)
     except (ValueError, RuntimeError, KeyError) as err:
         raise HgdpoError(f"adapter: {adapter} could not be loaded into model {model!r}: {err}") from None
     return info

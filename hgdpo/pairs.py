@@ -94,9 +94,9 @@ def pairs_dataset(pool_uri: str, plan_: PairPlan):
     import pyarrow as pa
     import ray
 
-    from hgdpo import pool
+    from hgdpo import pool, storage
 
-    fs, root = pool.open_dir(pool_uri)
+    fs, root = storage.resolve(pool_uri)
     paths = [posixpath.join(root, name) for name in pool.state(pool_uri).complete["parts"]]
 
     def select(table: pa.Table) -> pa.Table:

@@ -5,8 +5,8 @@ A pool is a directory (local path or any pyarrow filesystem URI) holding
 * ``pool.json``: written first: format, resolved config, the fingerprint of everything that
   determines the content (data settings, prompt list, model and scorer weights), package
   versions, prompt count and latent shape;
-* ``part-*.parquet``: one row per prompt (columns below), each file written under a temporary
-  name and renamed when complete, so a file that exists is whole;
+* ``part-*.parquet``: one row per prompt (columns below), each written atomically
+  (``hgdpo.storage``), so a file that exists is whole;
 * ``_COMPLETE.json``: written last, once every prompt has a row: the manifest of parts and rows.
   Readers refuse a pool without it.
 
@@ -20,34 +20,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import posixpath
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
+from hgdpo import storage
 from hgdpo.errors import HgdpoError
 
 FORMAT = "hgdpo-pool/1"
 META = "pool.json"
 COMPLETE = "_COMPLETE.json"
 PART_PREFIX = "part-"
-
-
-def open_dir(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it for a local path or a URI (s3://, gs://, ...)."""
-    uri = os.fspath(uri)
-    if "://" not in uri:
-        uri = str(Path(uri).expanduser().resolve())
-    fs, path = pafs.FileSystem.from_uri(uri)
-    return fs, path.rstrip("/") or "/"
 
 
 def latents_type(shape: tuple[int, ...]) -> pa.DataType:
@@ -98,15 +84,11 @@ def latents_of(table: pa.Table) -> np.ndarray:
 
 
 def write_part(uri: str, table: pa.Table) -> str:
-    """Write rows as one part file, atomically (temporary name, then rename). Returns its name."""
-    fs, root = open_dir(uri)
+    """Write rows as one part file, atomically (``hgdpo.storage.write``). Returns its name."""
     ids = "\n".join(table.column("prompt_id").to_pylist())
     first = min(table.column("prompt_index").to_pylist())
     name = f"{PART_PREFIX}{first:09d}-{hashlib.sha1(ids.encode()).hexdigest()[:10]}.parquet"
-    tmp = posixpath.join(root, f".tmp-{uuid.uuid4().hex}-{name}")
-    with fs.open_output_stream(tmp) as out:
-        pq.write_table(table, out, compression="zstd")
-    fs.move(tmp, posixpath.join(root, name))
+    storage.write_parquet(storage.join(uri, name), table, compression="zstd")
     return name
 
 
@@ -119,67 +101,42 @@ class PoolState:
     complete: dict | None
 
 
-def _read_json(fs: pafs.FileSystem, path: str) -> dict | None:
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        raw = f.read()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise HgdpoError(f"{path}: corrupt pool metadata ({err})") from None
+def _read_json(uri: str, name: str) -> dict | None:
+    path = storage.join(uri, name)
+    return storage.read_json(path, "pool metadata") if storage.is_file(path) else None
 
 
-def _write_json(fs: pafs.FileSystem, path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open_output_stream(tmp) as out:
-        out.write(json.dumps(data, indent=2, sort_keys=True).encode())
-    fs.move(tmp, path)
-
-
-def state(uri: str) -> PoolState:
-    fs, root = open_dir(uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        return PoolState(None, [], None)
-    if info.type != pafs.FileType.Directory:
+def state(uri: str | os.PathLike) -> PoolState:
+    uri = os.fspath(uri)
+    if storage.is_file(uri):
         raise HgdpoError(f"output: {uri} exists and is not a directory")
-    entries = fs.get_file_info(pafs.FileSelector(root))
-    names = sorted(posixpath.basename(e.path) for e in entries)
-    meta = _read_json(fs, posixpath.join(root, META))
+    names = storage.listdir(uri)
+    meta = _read_json(uri, META)
     if meta is None and names:
         raise HgdpoError(f"{uri} is not empty and holds no pool ({META} missing)")
     if meta is not None and meta.get("format") != FORMAT:
         raise HgdpoError(f"{uri}/{META}: not a pool of format {FORMAT} (found {meta.get('format')!r})")
     parts = [n for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")]
-    return PoolState(meta, parts, _read_json(fs, posixpath.join(root, COMPLETE)))
+    return PoolState(meta, parts, _read_json(uri, COMPLETE))
 
 
 def init(uri: str, meta: dict) -> None:
     """Create the pool directory and write its metadata (first thing a new pool gets)."""
-    fs, root = open_dir(uri)
-    fs.create_dir(root, recursive=True)
-    _write_json(fs, posixpath.join(root, META), meta)
+    storage.makedirs(uri)
+    storage.write_json(storage.join(uri, META), meta)
 
 
 def remove_temporaries(uri: str) -> int:
     """Delete half-written files left by a job that died; returns how many."""
-    fs, root = open_dir(uri)
-    stale = [e.path for e in fs.get_file_info(pafs.FileSelector(root)) if posixpath.basename(e.path).startswith(".tmp-")]
-    for path in stale:
-        fs.delete_file(path)
-    return len(stale)
+    return storage.remove_temporaries(uri)
 
 
 def done_prompt_ids(uri: str, parts: list[str]) -> set[str]:
     """Ids of the prompts that already have a row (reads only the ``prompt_id`` column)."""
-    fs, root = open_dir(uri)
     done: set[str] = set()
     for name in parts:
-        path = posixpath.join(root, name)
         try:
-            ids = pq.read_table(path, columns=["prompt_id"], filesystem=fs).column("prompt_id").to_pylist()
+            ids = storage.read_parquet(storage.join(uri, name), columns=["prompt_id"]).column("prompt_id").to_pylist()
         except Exception as err:
             raise HgdpoError(f"{uri}/{name}: corrupt pool part ({err}); delete it and rerun to regenerate its rows") from None
         dup = done.intersection(ids)
@@ -190,8 +147,7 @@ def done_prompt_ids(uri: str, parts: list[str]) -> set[str]:
 
 
 def mark_complete(uri: str, parts: list[str], rows: int) -> None:
-    fs, root = open_dir(uri)
-    _write_json(fs, posixpath.join(root, COMPLETE), {"parts": parts, "rows": rows})
+    storage.write_json(storage.join(uri, COMPLETE), {"parts": parts, "rows": rows})
 
 
 def read_meta(uri: str) -> dict:
@@ -211,10 +167,8 @@ def read_meta(uri: str) -> dict:
 def read(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read a finished pool, rows in prompt order."""
     read_meta(uri)
-    fs, root = open_dir(uri)
     st = state(uri)
-    tables = [pq.read_table(posixpath.join(root, name), columns=columns, filesystem=fs)
-              for name in st.complete["parts"]]
+    tables = [storage.read_parquet(storage.join(os.fspath(uri), name), columns=columns) for name in st.complete["parts"]]
     table = pa.concat_tables(tables)
     if "prompt_index" in table.column_names:
         table = table.sort_by("prompt_index")

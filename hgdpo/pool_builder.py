@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hgdpo import models, pool, prompts as prompt_io, tracking
+from hgdpo import models, pool, prompts as prompt_io, storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.pool_config import PoolConfig
+from hgdpo.raycluster import ensure_ray, warn_if_not_shared
 
 
 class GenerateImages:
@@ -158,7 +159,10 @@ def _fingerprint_mismatch(old: dict, new: dict) -> list[str]:
 
 
 def prepare(cfg: PoolConfig, log=print) -> tuple[list[prompt_io.Prompt], dict]:
-    """Everything checked before any work: prompts, model, scorer, sizes. Returns prompts and meta."""
+    """Everything checked before any work: output, MLflow store, prompts, model, scorer, sizes.
+    Returns prompts and meta."""
+    storage.check_writable(cfg.output, "pool.output")
+    tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "pool.mlflow_uri")
     items = prompt_io.read_prompts(cfg.prompts, fmt=cfg.prompt_format, prompt_column=cfg.prompt_column,
                                    id_column=cfg.id_column, category=cfg.category, max_prompts=cfg.max_prompts)
     source = models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
@@ -196,9 +200,8 @@ def build_pool(cfg: PoolConfig, log=print) -> PoolResult:
     """Build (or finish) the pool described by ``cfg``; log progress; return what was done."""
     import ray
 
-    from hgdpo.raycluster import ensure_ray
-
     items, meta = prepare(cfg, log)
+    warn_if_not_shared(cfg.output, "pool.output", log)
     st = pool.state(cfg.output)
     if st.meta is not None:
         diff = _fingerprint_mismatch(st.meta.get("fingerprint", {}), meta["fingerprint"])
@@ -235,7 +238,7 @@ def build_pool(cfg: PoolConfig, log=print) -> PoolResult:
         ds = ds.map_batches(ScoreAndRank, fn_constructor_kwargs={"config": config}, batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=cfg.scorer_actors),
                             num_gpus=cfg.scorer_gpus, num_cpus=cfg.scorer_cpus, batch_format="numpy")
-        ds = ds.map_batches(write_rows, fn_kwargs={"output": cfg.output, "latent_shape": meta["latent_shape"]},
+        ds = ds.map_batches(write_rows, fn_kwargs={"output": storage.absolute(cfg.output), "latent_shape": meta["latent_shape"]},
                             batch_size=cfg.rows_per_file, num_cpus=0, batch_format="numpy")
         last = 0.0
         for row in ds.iter_rows():
@@ -267,7 +270,7 @@ def record(cfg: PoolConfig, result, meta: dict) -> None:
 
     from hgdpo.pictures import pairs_grid
 
-    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=f"pool:{Path(cfg.output).name}"):
+    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=f"pool:{storage.name(cfg.output)}"):
         mlflow.log_params(tracking.flat_params(to_dict(cfg)))
         mlflow.set_tags({"stage": "pool", "output": cfg.output, **{f"version.{k}": v for k, v in meta["versions"].items()}})
         metrics = {"prompts_total": result.total, "prompts_built": result.built, "seconds": result.seconds,

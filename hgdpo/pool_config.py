@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from hgdpo.config import check_actors, check_sampling, doc
+from hgdpo.config import ALLOW_LOCAL_DOC, check_actors, check_locations, check_sampling, doc
 from hgdpo.errors import ConfigError
 
 Sampler = Literal["dpm_multistep", "ddim", "euler", "euler_ancestral", "ddpm", "pndm"]
@@ -27,7 +27,7 @@ class PoolConfig:
     SECTION = "pool"
 
     prompts: str = doc("Prompt file: .txt (one per line), .jsonl, .csv, .tsv (PartiPrompts) or .parquet.")
-    output: str = doc("Directory (or pyarrow filesystem URI) the pool is written to.")
+    output: str = doc("Folder or storage URI (s3://..., gs://...) the pool is written to.")
     prompt_format: Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet"] = doc(
         "Format of the prompt file; `auto` goes by its suffix.", "auto")
     prompt_column: str | None = doc(
@@ -77,6 +77,7 @@ class PoolConfig:
     mlflow_uri: str | None = doc(
         "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).", None)
     mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-pool")
+    mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)
     log_pairs: int = doc("Winner/loser pairs shown in the MLflow picture.", 4)
 
     def __post_init__(self) -> None:
@@ -95,6 +96,7 @@ class PoolConfig:
             raise ConfigError(f"{s}.rows_per_file: must be at least 1 (got {self.rows_per_file})")
         check_sampling(self)
         check_actors(self, "generator", "scorer")
+        check_locations(self, "output")
 
     def resolved_loser_rank(self) -> int:
         """Rank (1 = best) of the stored loser: the configured one, or N (the argmin)."""

@@ -20,3 +20,26 @@ def ensure_ray(address: str | None = None) -> None:
     else:
         ray.init(include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("HGDPO_")}})
+
+
+def node_count() -> int:
+    """Alive nodes of the Ray cluster this job runs on: connects when the job was submitted to one
+    (``$RAY_ADDRESS``) or Ray is already up; a job that would start Ray itself runs on one node."""
+    import ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        return 1
+    ensure_ray()
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def warn_if_not_shared(location: str, setting: str, log=print) -> None:
+    """A local path on a cluster of several nodes works only on a disk every node mounts at that path."""
+    from hgdpo.storage import is_uri
+
+    if is_uri(location):
+        return
+    nodes = node_count()
+    if nodes > 1:
+        log(f"warning: {setting}={location} is a local path and the Ray cluster has {nodes} nodes: every node "
+            f"must see it at that path (a shared mount), or use object storage (s3://bucket/prefix)")

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from hgdpo.config import doc, from_dict
+from hgdpo.config import ALLOW_LOCAL_DOC, check_locations, doc, from_dict
 from hgdpo.errors import ConfigError
 from hgdpo.eval_config import EvalConfig
 from hgdpo.pool_config import PoolConfig
+from hgdpo.storage import join
 from hgdpo.train_config import TrainConfig
 
 # Settings the run sets itself in each stage (they wire the stages together).
@@ -33,7 +33,7 @@ class RunConfig:
 
     SECTION = "run"
 
-    output: str = doc("Folder of the run: pool/, train/ and evaluate/ are written inside it.")
+    output: str = doc("Folder or storage URI of the run: pool/, train/ and evaluate/ are written inside it.")
     train_prompts: str = doc("Prompt file the pool is built from (any format the pool job reads).")
     test_prompts: str = doc("Held-out prompt file the adapter is evaluated on.")
     model: str = doc("The model to improve: `embedded`, a diffusers folder, a .safetensors file or a hub id.",
@@ -44,11 +44,13 @@ class RunConfig:
     evaluate: dict = doc("Settings of the evaluation stage (see the evaluate configuration), e.g. scorers.", {})
     mlflow_uri: str | None = doc("MLflow tracking URI of every stage (default: $MLFLOW_TRACKING_URI, else "
                                  "sqlite ./mlflow.db).", None)
+    mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)
 
     def __post_init__(self) -> None:
         for name in ("output", "train_prompts", "test_prompts"):
             if not getattr(self, name):
                 raise ConfigError(f"run.{name}: required")
+        check_locations(self, "output")
         for section, wired in WIRED.items():
             settings = getattr(self, section)
             if not isinstance(settings, dict):
@@ -61,17 +63,18 @@ class RunConfig:
 
     def stages(self) -> tuple[PoolConfig, TrainConfig, EvalConfig]:
         """The three stage configs, wired together and checked by their own rules."""
-        out = Path(self.output)
+        out = self.output
         model = {"model": self.model, "model_config": self.model_config}
         mlflow = {"mlflow_uri": self.mlflow_uri} if self.mlflow_uri else {}
+        if self.mlflow_allow_local:
+            mlflow["mlflow_allow_local"] = True
         try:
             pool_cfg = from_dict(PoolConfig, {**mlflow, **self.pool, **model, "prompts": self.train_prompts,
-                                              "output": str(out / "pool")})
-            train_cfg = from_dict(TrainConfig, {**mlflow, **self.train, **model, "pool": str(out / "pool"),
-                                                "output": str(out / "train")})
+                                              "output": join(out, "pool")})
+            train_cfg = from_dict(TrainConfig, {**mlflow, **self.train, **model, "pool": join(out, "pool"),
+                                                "output": join(out, "train")})
             eval_cfg = from_dict(EvalConfig, {**mlflow, **self.evaluate, **model, "prompts": self.test_prompts,
-                                              "output": str(out / "evaluate"),
-                                              "adapter": str(out / "train" / "adapter")})
+                                              "output": join(out, "evaluate"), "adapter": join(out, "train", "adapter")})
         except ConfigError as err:  # "pool.steps: ..." -> "run.pool.steps: ..."
             raise ConfigError(f"run.{err}") from None
         return pool_cfg, train_cfg, eval_cfg
@@ -115,12 +118,15 @@ class RunResult:
 
 
 def run(cfg: RunConfig, log=print) -> RunResult:
-    """Pool, then training, then evaluation; the prompts, model and scorers are checked first."""
-    from hgdpo import pool as pool_io
+    """Pool, then training, then evaluation; the storage, MLflow store, prompts, model and scorers are
+    checked first."""
+    from hgdpo import pool as pool_io, storage, tracking
     from hgdpo.evaluate import evaluate, prepare as prepare_evaluation
     from hgdpo.pool_builder import build_pool, prepare as prepare_pool, record
     from hgdpo.trainer import train
 
+    storage.check_writable(cfg.output, "run.output")
+    tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "run.mlflow_uri")
     pool_cfg, train_cfg, eval_cfg = cfg.stages()
     prepare_pool(pool_cfg)  # prompts, model, scorer
     prepare_evaluation(dataclasses.replace(eval_cfg, adapter=None, lan=False))  # test prompts, scorers

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hgdpo.config import check_sampling, doc
+from hgdpo.config import check_locations, check_sampling, doc
 from hgdpo.errors import ConfigError
 from hgdpo.pool_config import Sampler
 
@@ -19,7 +19,7 @@ class SampleConfig:
     SECTION = "sample"
 
     prompts: str = doc("Prompt file: .txt (one per line), .jsonl, .csv, .tsv (PartiPrompts) or .parquet.")
-    output: str = doc("Local folder the PNGs and samples.json are written to.")
+    output: str = doc("Folder (or storage URI) the PNGs and samples.json are written to.")
     prompt_format: Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet"] = doc(
         "Format of the prompt file; `auto` goes by its suffix.", "auto")
     prompt_column: str | None = doc(
@@ -75,6 +75,7 @@ class SampleConfig:
         if self.images_per_prompt < 1:
             raise ConfigError(f"{s}.images_per_prompt: must be at least 1 (got {self.images_per_prompt})")
         check_sampling(self)
+        check_locations(self, "output", "adapter")
 
     def adapter_weight(self) -> float | None:
         """The LoRA weight to sample with: alpha with an adapter, None (the base model) without."""

@@ -28,10 +28,9 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from hgdpo import tracking
+from hgdpo import storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.eval_config import EvalConfig
@@ -47,12 +46,6 @@ SWEEP_FILE = "sweep.json"  # the sweep's resolved config, versions and MLflow pa
 # starting its workers. Tune refuses an empty request; a nominal bit of memory satisfies it.
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20}
 PARENT_TAG = "mlflow.parentRunId"
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def trial_params(trial: Trial, plan) -> dict[str, Any]:
@@ -91,7 +84,7 @@ class Prepared:
     cfg: SweepConfig
     trials: list[Trial]
     params: dict[str, dict[str, Any]]  # trial name -> parameters under the common names
-    output: Path
+    output: str  # a local path or a URI
     mlflow_uri: str
 
 
@@ -102,6 +95,9 @@ def prepare(cfg: SweepConfig) -> Prepared:
     from hgdpo import evaluate as evaluation, pool, trainer
 
     trials = cfg.expand()
+    storage.check_writable(cfg.output, "sweep.output")
+    storage.check_reachable(cfg.pool, "sweep.pool")
+    tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "sweep.mlflow_uri")
     try:
         pool.read_meta(trials[0].train.pool)
     except HgdpoError as err:
@@ -125,17 +121,16 @@ def prepare(cfg: SweepConfig) -> Prepared:
         except HgdpoError as err:
             raise HgdpoError(f"sweep trial {trial.name!r}: evaluate: {err}") from None
     for trial in trials:
-        path = trial.folder / TRIAL_FILE
-        if path.is_file():
-            stored = json.loads(path.read_text())
+        path = storage.join(trial.folder, TRIAL_FILE)
+        if storage.is_file(path):
+            stored = storage.read_json(path, "trial state")
             ours = {"train": to_dict(trial.train), "evaluate": to_dict(trial.evaluate)}
             changed = sorted(f"{stage}.{k}" for stage in ours for k in set(ours[stage]) | set(stored[stage])
                              if ours[stage].get(k) != stored[stage].get(k))
             if changed:
                 raise HgdpoError(f"sweep.output: trial {trial.name!r} in {trial.folder} was run with other settings "
                                  f"({', '.join(changed[:5])}); use another output")
-    output = trials[0].folder.parents[1]
-    return Prepared(cfg, trials, params, output, trials[0].train.mlflow_uri)
+    return Prepared(cfg, trials, params, storage.absolute(cfg.output), trials[0].train.mlflow_uri)
 
 
 # --- MLflow: one parent run per sweep, one nested run per trial ---------------------------------
@@ -224,14 +219,14 @@ def run_trial(config: dict, payloads: dict) -> None:
     train_cfg = from_dict(TrainConfig, payload["train"])
     eval_cfg = from_dict(EvalConfig, payload["evaluate"])
     quiet_libraries()
-    name, folder, run_id = payload["name"], Path(payload["folder"]), payload["run_id"]
+    name, folder, run_id = payload["name"], payload["folder"], payload["run_id"]
     client = mlflow.MlflowClient(tracking_uri=train_cfg.mlflow_uri)
 
     def log(message: str) -> None:
         print(f"[{name}] {message}", flush=True)
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one trial's bars would garble the others'
-    (folder / ERROR_FILE).unlink(missing_ok=True)
+    storage.delete(storage.join(folder, ERROR_FILE))
     log(f"trial {payload['index'] + 1}: training into {train_cfg.output}")
     try:
         train(train_cfg, log=log, mlflow_run_id=run_id)
@@ -240,12 +235,12 @@ def run_trial(config: dict, payloads: dict) -> None:
         if result.skipped:  # evaluated before an interruption: make sure the trial run has the figures
             client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
                                               for k, v in metrics.items()])
-        _atomic_json(folder / RESULT_FILE, {"name": name, "params": payload["params"], "metrics": metrics,
-                                            "run_id": run_id, "adapter": str(Path(train_cfg.output) / "adapter"),
-                                            "evaluation": eval_cfg.output})
+        storage.write_json(storage.join(folder, RESULT_FILE), {
+            "name": name, "params": payload["params"], "metrics": metrics, "run_id": run_id,
+            "adapter": storage.join(train_cfg.output, "adapter"), "evaluation": eval_cfg.output})
         client.set_terminated(run_id, "FINISHED")
     except BaseException as err:
-        (folder / ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n")
+        storage.write_text(storage.join(folder, ERROR_FILE), f"{type(err).__name__}: {err}\n")
         client.set_terminated(run_id, "FAILED")
         raise
     log("done: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("win_rate_")
@@ -288,21 +283,21 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
     from hgdpo.raycluster import ensure_ray
 
     prep = prepare(cfg)
-    prep.output.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(prep.output)
     parent_id = parent_run(prep)
     runs = trial_runs(prep, parent_id)
-    _atomic_json(prep.output / SWEEP_FILE, {"config": to_dict(cfg), "mlflow_uri": prep.mlflow_uri,
-                                            "parent_run_id": parent_id, "versions": tracking.versions(),
-                                            "trials": [t.name for t in prep.trials]})
+    storage.write_json(storage.join(prep.output, SWEEP_FILE), {
+        "config": to_dict(cfg), "mlflow_uri": tracking.redact(prep.mlflow_uri), "parent_run_id": parent_id,
+        "versions": tracking.versions(), "trials": [t.name for t in prep.trials]})
     payloads = {}
     for trial in prep.trials:
-        trial.folder.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(trial.folder)
         payload = {"name": trial.name, "index": trial.index, "values": trial.values, "folder": str(trial.folder),
                    "train": to_dict(trial.train), "evaluate": to_dict(trial.evaluate), "run_id": runs[trial.name],
                    "params": prep.params[trial.name]}
-        _atomic_json(trial.folder / TRIAL_FILE, payload)
+        storage.write_json(storage.join(trial.folder, TRIAL_FILE), payload)
         payloads[trial.name] = payload
-    pending = [t for t in prep.trials if not (t.folder / RESULT_FILE).is_file()]
+    pending = [t for t in prep.trials if not storage.is_file(storage.join(t.folder, RESULT_FILE))]
     for trial in prep.trials:
         if trial not in pending:
             log(f"sweep: trial {trial.name} finished earlier; not rerun")
@@ -336,17 +331,17 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
                 trial_dirname_creator=lambda tr: f"{by_name[tr.config['trial']].index:03d}-{tr.trial_id}"),
             # One Tune experiment per invocation (Tune's own records; ours are the trial folders).
             run_config=tune.RunConfig(name=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                                      storage_path=str(prep.output / "tune"), verbose=0))
+                                      storage_path=storage.join(prep.output, "tune"), verbose=0))
         tuner.fit()
 
     results = []
     for trial in prep.trials:
-        done = trial.folder / RESULT_FILE
-        if done.is_file():
-            stored = json.loads(done.read_text())
+        done, failed = storage.join(trial.folder, RESULT_FILE), storage.join(trial.folder, ERROR_FILE)
+        if storage.is_file(done):
+            stored = storage.read_json(done, "trial result")
             results.append(TrialResult(trial.name, stored["params"], stored["metrics"], skipped=trial not in pending))
-        elif (trial.folder / ERROR_FILE).is_file():
-            message = (trial.folder / ERROR_FILE).read_text().strip()
+        elif storage.is_file(failed):
+            message = storage.read_text(failed).strip()
             results.append(TrialResult(trial.name, prep.params[trial.name], status="FAILED", error=message))
         else:  # stopped from outside (Ctrl-C, a lost node) before it ended
             results.append(TrialResult(trial.name, prep.params[trial.name], status="UNFINISHED"))
@@ -359,7 +354,7 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
     for trial in unfinished:
         client.set_terminated(runs[trial.name], "KILLED")
     text = out.table()
-    _write_text(prep.output / "table.md", text + "\n")
+    storage.write_text(storage.join(prep.output, "table.md"), text + "\n")
     client.log_text(parent_id, text + "\n", "sweep/table.md")
     client.set_terminated(parent_id, "FAILED" if failed else "KILLED" if unfinished else "FINISHED")
     problems = []
@@ -373,12 +368,6 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
         raise HgdpoError(f"sweep: {'; '.join(problems)}; rerun the same command to run them again (after fixing "
                          f"the cause of a failure)")
     return out
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --- The paper-style table -----------------------------------------------------------------------

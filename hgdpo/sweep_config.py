@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from hgdpo import tracking
-from hgdpo.config import doc, from_dict
+from hgdpo.config import ALLOW_LOCAL_DOC, check_locations, doc, from_dict
 from hgdpo.errors import ConfigError
 from hgdpo.eval_config import EvalConfig
+from hgdpo.storage import absolute as absolute_location, join, parent
 from hgdpo.train_config import TrainConfig
 
 # The parameters a trial may set, under the names the paper's tables use, and their stage.
@@ -29,8 +30,9 @@ EVAL_PARAMETERS = ("lan", "alpha")
 PARAMETERS = TRAIN_PARAMETERS + EVAL_PARAMETERS
 
 # Settings the sweep sets itself in each stage (they wire a trial together).
-WIRED = {"train": ("pool", "output", "model", "model_config", "mlflow_uri", "mlflow_experiment"),
-         "evaluate": ("output", "adapter", "model", "model_config", "mlflow_uri", "mlflow_experiment")}
+WIRED = {"train": ("pool", "output", "model", "model_config", "mlflow_uri", "mlflow_experiment", "mlflow_allow_local"),
+         "evaluate": ("output", "adapter", "model", "model_config", "mlflow_uri", "mlflow_experiment",
+                      "mlflow_allow_local")}
 # Evaluate settings naming files or models: made absolute, since Tune runs a trial in its own folder.
 EVAL_PATHS = ("prompts", "pickscore_model", "pickscore_processor", "clip_model", "aesthetic_model",
               "aesthetic_clip", "hpsv2_model", "imagereward_model", "baseline_adapter")
@@ -43,11 +45,6 @@ def absolute(value: str | None) -> str | None:
         return value
     path = Path(value).expanduser()
     return str(path.resolve()) if path.exists() else value
-
-
-def _local(value: str) -> str:
-    """An output location: absolute if local, unchanged if a URI."""
-    return value if "://" in value else str(Path(value).expanduser().resolve())
 
 
 def value_text(value: Any) -> str:
@@ -72,8 +69,9 @@ class Trial:
     evaluate: EvalConfig
 
     @property
-    def folder(self) -> Path:
-        return Path(self.train.output).parent
+    def folder(self) -> str:
+        """``<sweep output>/trials/<name>``: a local path or a URI."""
+        return parent(self.train.output)
 
 
 @dataclass
@@ -84,7 +82,8 @@ class SweepConfig:
 
     name: str = doc("Name of the sweep: its MLflow parent run, and what `hgdpo table --sweep` looks for.")
     pool: str = doc("The pool every trial trains on (of the largest N; no trial generates a pool).")
-    output: str = doc("Folder of the sweep: trials/<trial>/train and trials/<trial>/eval are written inside it.")
+    output: str = doc("Folder or storage URI of the sweep: trials/<trial>/train and trials/<trial>/eval are "
+                      "written inside it.")
     train: dict = doc("Base settings of every trial's training (see the train configuration).", {})
     evaluate: dict = doc("Base settings of every trial's evaluation (see the evaluate configuration); "
                          "`prompts` is required.", {})
@@ -99,12 +98,14 @@ class SweepConfig:
     mlflow_uri: str | None = doc("MLflow tracking URI of the sweep and its trials (default: $MLFLOW_TRACKING_URI, "
                                  "else sqlite ./mlflow.db).", None)
     mlflow_experiment: str = doc("MLflow experiment of the sweep's parent run and its trial runs.", "hgdpo-sweep")
+    mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)
 
     def __post_init__(self) -> None:
         s = self.SECTION
         for field in ("name", "pool", "output"):
             if not getattr(self, field):
                 raise ConfigError(f"{s}.{field}: required")
+        check_locations(self, "pool", "output")
         if not NAME.match(self.name):
             raise ConfigError(f"{s}.name: {self.name!r} must start with a letter or digit and hold only "
                               f"letters, digits and . _ + = , -")
@@ -160,9 +161,10 @@ class SweepConfig:
     def expand(self) -> list[Trial]:
         """Every trial with its train and evaluate configs (paths absolute, MLflow wired), checked."""
         s = self.SECTION
-        output = Path(_local(self.output))
+        output = absolute_location(self.output)
         model = {"model": absolute(self.model), "model_config": absolute(self.model_config)}
-        mlflow = {"mlflow_uri": tracking.tracking_uri(self.mlflow_uri), "mlflow_experiment": self.mlflow_experiment}
+        mlflow = {"mlflow_uri": tracking.tracking_uri(self.mlflow_uri), "mlflow_experiment": self.mlflow_experiment,
+                  "mlflow_allow_local": self.mlflow_allow_local}
         base_eval = {k: (absolute(v) if k in EVAL_PATHS and isinstance(v, str) else v)
                      for k, v in self.evaluate.items()}
         trials, seen = [], {}
@@ -172,14 +174,14 @@ class SweepConfig:
                 raise ConfigError(f"{s}: trials {seen[name]} and {index} are both named {name!r}; "
                                   f"give distinct values or names")
             seen[name] = index
-            folder = output / "trials" / name
+            folder = join(output, "trials", name)
             train = {**self.train, **{k: v for k, v in values.items() if k in TRAIN_PARAMETERS}}
             evaluate = {**base_eval, **{k: v for k, v in values.items() if k in EVAL_PARAMETERS}}
             try:
                 train_cfg = from_dict(TrainConfig, {**train, **model, **mlflow, "pool": absolute(self.pool),
-                                                    "output": str(folder / "train")})
-                eval_cfg = from_dict(EvalConfig, {**evaluate, **model, **mlflow, "output": str(folder / "eval"),
-                                                  "adapter": str(folder / "train" / "adapter")})
+                                                    "output": join(folder, "train")})
+                eval_cfg = from_dict(EvalConfig, {**evaluate, **model, **mlflow, "output": join(folder, "eval"),
+                                                  "adapter": join(folder, "train", "adapter")})
             except ConfigError as err:  # "train.beta: ..." -> "sweep trial 'beta=-1': train.beta: ..."
                 raise ConfigError(f"{s} trial {name!r}: {err}") from None
             trials.append(Trial(index, name, values, train_cfg, eval_cfg))

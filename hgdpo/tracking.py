@@ -8,6 +8,9 @@ import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from hgdpo.errors import HgdpoError
 
 PACKAGES = ("hgdpo", "torch", "diffusers", "transformers", "peft", "ray", "pyarrow", "mlflow",
             "safetensors", "open_clip_torch", "numpy")
@@ -31,6 +34,41 @@ def tracking_uri(configured: str | None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def is_local_store(uri: str) -> bool:
+    """A store on this machine's disk (a sqlite file, a folder), which other nodes cannot reach."""
+    scheme = urlsplit(uri).scheme.lower()
+    return scheme in ("", "file", "sqlite") or len(scheme) == 1  # "C:\\..." is a path
+
+
+def redact(uri: str) -> str:
+    """A URI as it may be shown or recorded: a password inside it replaced by ``***``."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+SERVER_HINT = ("start a tracking server on the head (`bash cluster/start_mlflow.sh`, see the README's cluster "
+               "section) and pass mlflow_uri=http://HEAD-ADDRESS:5000 or set MLFLOW_TRACKING_URI")
+
+
+def check_store(configured: str | None, allow_local: bool, setting: str = "mlflow_uri") -> None:
+    """Refuse a local store when the job runs on a Ray cluster of more than one node, unless allowed:
+    workers on other nodes (the trainer's rank 0 logs its metrics) would each write to their own disk."""
+    from hgdpo.raycluster import node_count
+
+    uri = tracking_uri(configured)
+    if allow_local or not is_local_store(uri):
+        return
+    nodes = node_count()
+    if nodes > 1:
+        raise HgdpoError(
+            f"{setting}: {redact(uri)} is a store on this node's disk, but the Ray cluster has {nodes} nodes and "
+            f"the others cannot reach it: {SERVER_HINT}. To keep the local store anyway, set "
+            f"mlflow_allow_local=true (metrics logged on other nodes then go to their own disks).")
 
 
 def artifact_root(uri: str) -> str | None:

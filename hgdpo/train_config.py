@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hgdpo.config import doc
+from hgdpo.config import ALLOW_LOCAL_DOC, check_locations, doc
 from hgdpo.errors import ConfigError
 
 # Settings that change the trained adapter: a checkpoint written under other values of these
@@ -24,7 +24,7 @@ class TrainConfig:
     SECTION = "train"
 
     pool: str = doc("The pool to train on (a folder or URI written by jobs/build_pool.py).")
-    output: str = doc("Folder for checkpoints and the final adapter.")
+    output: str = doc("Folder or storage URI (s3://...) for the checkpoints and the final adapter.")
     model: str = doc("Base model (must be the pool's): `embedded`, a diffusers folder, a .safetensors file "
                      "or a hub id.", "embedded")
     model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
@@ -67,12 +67,14 @@ class TrainConfig:
 
     mlflow_uri: str | None = doc("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).", None)
     mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-train")
+    mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)
 
     def __post_init__(self) -> None:
         s = self.SECTION
         for name in ("pool", "output"):
             if not getattr(self, name):
                 raise ConfigError(f"{s}.{name}: required")
+        check_locations(self, "pool", "output")
         positive = ("lora_rank", "max_steps", "global_batch", "micro_batch", "data_shards", "workers",
                     "checkpoint_every", "metrics_every")
         for name in positive:

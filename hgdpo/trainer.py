@@ -12,9 +12,11 @@ eq. 9). Gradients are accumulated to the global batch, clipped, and applied with
 Adam where bitsandbytes and CUDA are present).
 
 Checkpoints (adapter, optimizer, schedule, step) go through ``ray.train.report`` every
-``checkpoint_every`` steps; a worker failure restarts the group from the last one
-(``FailureConfig``), and rerunning the same command resumes from it too. A non-finite loss or
-gradient stops the run cleanly and keeps the last good checkpoint.
+``checkpoint_every`` steps into Ray Train's storage at ``<output>/checkpoints`` (a local folder or
+a URI: no file is left on a worker's disk); a worker failure restarts the group from the last one
+(``FailureConfig``), and rerunning the same command resumes from it too. The last checkpoint also
+holds the adapter, which the driver copies to ``<output>/adapter``. A non-finite loss or gradient
+stops the run cleanly (rank 0's return value tells the driver) and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hgdpo import losses, models, pool, tracking
+from hgdpo import losses, models, pool, storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.lora import INFO_FILE, add_lora, load_lora_state, lora_state, save_adapter
@@ -41,7 +43,7 @@ from hgdpo.train_config import TrainConfig
 
 RUN_NAME = "train"  # Ray Train run folder inside <output>/checkpoints
 ADAPTER_DIR = "adapter"
-NONFINITE = "NONFINITE.json"  # written by rank 0 when the loss or gradient stops being finite
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 
 
 def lr_factor(cfg: TrainConfig):
@@ -171,8 +173,9 @@ def _quiet_reports() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def train_loop(config: dict) -> None:
-    """One Ray Train worker. ``config``: plain data (the config, the pair plan, provenance)."""
+def train_loop(config: dict) -> dict | None:
+    """One Ray Train worker. ``config``: plain data (the config, the pair plan, provenance). Returns
+    ``{"nonfinite_step": k}`` when step k's loss or gradient is not finite (rank 0's value is the run's)."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -245,11 +248,10 @@ def train_loop(config: dict) -> None:
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        # Gradients are all-reduced, so every worker sees the same norm and stops together.
+        # Gradients are all-reduced, so every worker sees the same norm and stops together; rank 0's
+        # return value reaches the driver as Result.return_value (no file on any node's disk).
         if not torch.isfinite(grad_norm) or not all(math.isfinite(v) for v in sums.values()):
-            if rank == 0:  # Result.metrics carries only reports with checkpoints: tell the driver by file
-                (Path(config["output"]) / NONFINITE).write_text(json.dumps({"step": step + 1}))
-            return
+            return {"nonfinite_step": step + 1}
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -283,23 +285,18 @@ def train_loop(config: dict) -> None:
                                  f"{metrics['pairs_per_s']:.1f} pairs/s\n")
                 sys.stdout.flush()
             sums, counted, tick = {}, 0, time.perf_counter()
-            if is_ckpt:
+            if is_ckpt:  # Ray Train uploads it to the run's storage (local or a URI); the last holds the adapter
                 with tempfile.TemporaryDirectory() as tmp:
                     if rank == 0:
                         _save_checkpoint(Path(tmp), unet, optimizer, scheduler, done, config["fingerprint"])
+                        if done == cfg.max_steps:
+                            save_adapter(unet, Path(tmp) / ADAPTER_DIR, cfg.lora_rank, cfg.lora_alpha,
+                                         config["adapter_info"])
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
                                      checkpoint_dir_name=f"checkpoint_{done:08d}")
             else:
                 ray.train.report(metrics)
-    if rank == 0:
-        final = Path(config["output"]) / ADAPTER_DIR
-        tmp = final.with_name(f".{ADAPTER_DIR}-tmp-{os.getpid()}")
-        save_adapter(unet, tmp, cfg.lora_rank, cfg.lora_alpha, config["adapter_info"])
-        if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    return None
 
 
 class _null:
@@ -319,14 +316,31 @@ class TrainResult:
     skipped: bool = False
 
 
-def _checkpoints(output: str) -> list[Path]:
-    """Finished checkpoints of the run in ``output``, oldest first (a half-written one has no state)."""
-    found = (Path(output) / "checkpoints" / RUN_NAME).glob("checkpoint_[0-9]*")
-    return sorted(p for p in found if (p / "state.json").is_file())
+def _run_dir(output: str) -> str:
+    """Where Ray Train keeps the run's checkpoints: ``<output>/checkpoints/train`` (local or a URI)."""
+    return storage.join(output, "checkpoints", RUN_NAME)
+
+
+def _latest(output: str):
+    """The run's latest checkpoint as Ray Train registered it (whole: registered after its upload), or None."""
+    import ray.train
+
+    if not storage.exists(storage.join(_run_dir(output), CHECKPOINT_SNAPSHOT)):
+        return None
+    return ray.train.Result.from_path(_run_dir(output)).checkpoint
+
+
+def _checkpoint_state(checkpoint) -> dict:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/state.json") as f:
+        return json.loads(f.read())
 
 
 def prepare(cfg: TrainConfig) -> tuple[dict, PairPlan, str]:
-    """Every check before work: the pool, the base model, the ablation settings, the optimizer."""
+    """Every check before work: storage, MLflow store, the pool, the base model, the ablation settings,
+    the optimizer."""
+    storage.check_reachable(cfg.pool, "train.pool")
+    storage.check_writable(cfg.output, "train.output")
+    tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "train.mlflow_uri")
     meta = pool.read_meta(cfg.pool)
     source = models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
     base = meta.get("base_model", {})
@@ -341,6 +355,16 @@ def prepare(cfg: TrainConfig) -> tuple[dict, PairPlan, str]:
     return meta, plan_, fingerprint(cfg, meta)
 
 
+def _publish(checkpoint, adapter: str) -> None:
+    """Copy the final checkpoint's adapter to ``<output>/adapter`` (its info file last) and into the active
+    MLflow run."""
+    import mlflow
+
+    with checkpoint.as_directory() as local:
+        storage.copy_tree(str(Path(local) / ADAPTER_DIR), adapter, last=INFO_FILE)
+        mlflow.log_artifacts(str(Path(local) / ADAPTER_DIR), artifact_path="adapter")
+
+
 def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> TrainResult:
     """Train (or resume, or find finished) the adapter described by ``cfg``.
 
@@ -352,37 +376,41 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
     from hgdpo.raycluster import ensure_ray
 
     meta, plan_, fp = prepare(cfg)
-    output = Path(cfg.output).expanduser().resolve()
-    adapter = output / ADAPTER_DIR
-    if (adapter / INFO_FILE).is_file():
-        info = json.loads((adapter / INFO_FILE).read_text())
+    output = storage.absolute(cfg.output)
+    adapter = storage.join(output, ADAPTER_DIR)
+    if storage.is_file(storage.join(adapter, INFO_FILE)):
+        info = storage.read_json(storage.join(adapter, INFO_FILE), "adapter info")
         if info.get("fingerprint") != fp:
             raise HgdpoError(f"output: {output} holds an adapter trained with another config; use another output")
         log(f"train: {adapter} is already trained with this config; nothing to do")
-        return TrainResult(str(output), str(adapter), cfg.max_steps, {}, skipped=True)
-    existing = _checkpoints(str(output))
-    if existing:
-        state = json.loads((existing[-1] / "state.json").read_text())
+        return TrainResult(output, adapter, cfg.max_steps, {}, skipped=True)
+    latest = _latest(output)
+    if latest is not None:
+        state = _checkpoint_state(latest)
         if state.get("fingerprint") != fp:
-            raise HgdpoError(f"output: the checkpoint {existing[-1]} was written with another config "
-                             f"(pool, model or training settings differ); use another output")
-        log(f"train: resuming from {existing[-1].name} (step {state['step']})")
-    output.mkdir(parents=True, exist_ok=True)
+            raise HgdpoError(f"output: the checkpoint {storage.join(_run_dir(output), storage.name(latest.path))} was "
+                             f"written with another config (pool, model or training settings differ); use another output")
+        log(f"train: resuming from {storage.name(latest.path)} (step {state['step']})")
+    storage.makedirs(output)
 
     ensure_ray()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports cost ~0.1 s, not ~2 s
-    info = {"fingerprint": fp, "config": to_dict(cfg), "plan": asdict(plan_), "pool": str(cfg.pool),
+    info = {"fingerprint": fp, "config": to_dict(cfg), "plan": asdict(plan_), "pool": storage.absolute(cfg.pool),
             "base_model": meta["base_model"], "versions": tracking.versions()}
-    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=f"train:{output.name}",
+    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=f"train:{storage.name(output)}",
                       run_id=mlflow_run_id) as run:
         import mlflow
 
         if mlflow_run_id is None:
             mlflow.log_params(tracking.flat_params(dict(to_dict(cfg),
                                                         **{f"plan_{k}": v for k, v in asdict(plan_).items()})))
-            mlflow.set_tags({"stage": "train", "output": str(output), "objective": cfg.objective})
+            mlflow.set_tags({"stage": "train", "output": output, "objective": cfg.objective})
+        if latest is not None and _checkpoint_state(latest)["step"] >= cfg.max_steps:
+            _publish(latest, adapter)  # trained before an interruption that came before the adapter was copied
+            log(f"train: adapter written to {adapter}")
+            return TrainResult(output, adapter, cfg.max_steps, {})
         loop_config = {
-            "train": to_dict(cfg), "plan": asdict(plan_), "fingerprint": fp, "output": str(output),
+            "train": to_dict(cfg), "plan": asdict(plan_), "fingerprint": fp,
             "latent_shape": meta["latent_shape"][1:], "adapter_info": info,
             "mlflow_run_id": run.info.run_id, "mlflow_uri": tracking.tracking_uri(cfg.mlflow_uri),
         }
@@ -396,21 +424,22 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}),
+            # Checkpoints go to the output's storage (a URI on a cluster): never to a worker's disk.
             run_config=ray.train.RunConfig(
-                name=RUN_NAME, storage_path=str(output / "checkpoints"),
+                name=RUN_NAME, storage_path=storage.join(output, "checkpoints"),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-        (output / NONFINITE).unlink(missing_ok=True)
         result = trainer.fit()
         metrics = result.metrics or {}
-        if (output / NONFINITE).is_file():
-            step = json.loads((output / NONFINITE).read_text())["step"]
-            last = _checkpoints(str(output))
-            kept = f"; the last good checkpoint is {last[-1]}" if last else ""
-            raise HgdpoError(f"train: the loss or its gradient became NaN/infinite at step {step} (a corrupt pool "
-                             f"row, or learning_rate/beta too high){kept}")
-        if not (adapter / INFO_FILE).is_file():
-            raise HgdpoError(f"train: the run ended without writing {adapter}")
-        mlflow.log_artifacts(str(adapter), artifact_path="adapter")
+        stopped = result.return_value or {}
+        if stopped.get("nonfinite_step"):
+            kept = (f"; the last good checkpoint is {storage.join(_run_dir(output), storage.name(result.checkpoint.path))}"
+                    if result.checkpoint is not None else "")
+            raise HgdpoError(f"train: the loss or its gradient became NaN/infinite at step {stopped['nonfinite_step']} "
+                             f"(a corrupt pool row, or learning_rate/beta too high){kept}")
+        final = result.checkpoint
+        if final is None or _checkpoint_state(final)["step"] != cfg.max_steps:
+            raise HgdpoError(f"train: the run ended without its final checkpoint in {_run_dir(output)}")
+        _publish(final, adapter)
     log(f"train: adapter written to {adapter}")
-    return TrainResult(str(output), str(adapter), cfg.max_steps, metrics)
+    return TrainResult(output, adapter, cfg.max_steps, metrics)

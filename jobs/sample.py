@@ -21,8 +21,6 @@ Settings: `python jobs/sample.py --help`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import time
@@ -49,27 +47,18 @@ def file_stems(prompts) -> list[str]:
     return stems
 
 
-def replace_atomically(path: Path, write) -> None:
-    """``write(tmp)`` then rename onto ``path``, so ``path`` is never seen half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def run(cfg: SampleConfig) -> dict | None:
     """Sample every prompt; return the manifest, or None when ``cfg.output`` is already finished."""
     from PIL import Image
 
-    from hgdpo import lan, models, tracking
+    from hgdpo import lan, models, storage, tracking
     from hgdpo.prompts import read_prompts
     from hgdpo.sampling import image_seeds, native_size, resolve_device_dtype, set_sampler
 
-    output = Path(cfg.output)
-    if (output / MANIFEST).is_file():
-        try:
-            done = json.loads((output / MANIFEST).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise HgdpoError(f"output: {output / MANIFEST} is not valid JSON ({err}); use another output") from None
+    output = cfg.output
+    storage.check_writable(output, "sample.output")
+    if storage.is_file(storage.join(output, MANIFEST)):
+        done = storage.read_json(storage.join(output, MANIFEST), "samples manifest")
         if isinstance(done, dict) and done.get("config") == to_dict(cfg):
             return None
         raise HgdpoError(f"output: {output} holds samples made with other settings; use another output")
@@ -90,7 +79,7 @@ def run(cfg: SampleConfig) -> dict | None:
     native_w, native_h = native_size(pipe)
     width, height = cfg.width or native_w, cfg.height or native_h
 
-    output.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(output)
     files = []
     for prompt, stem in zip(prompts, stems):
         seeds = image_seeds(cfg.seed, prompt.id, cfg.images_per_prompt)
@@ -99,18 +88,18 @@ def run(cfg: SampleConfig) -> dict | None:
                                alpha=cfg.adapter_weight(), lan=cfg.lan)
         for k, (seed, image) in enumerate(zip(seeds, images)):
             name = f"{stem}_{k}.png"
-            replace_atomically(output / name, lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
+            storage.write_png(storage.join(output, name), Image.fromarray(image))
             files.append({"file": name, "prompt_id": prompt.id, "prompt": prompt.text, "k": k, "seed": seed})
 
     manifest = {
         "config": to_dict(cfg), "versions": tracking.versions(), "width": width, "height": height,
         "base_model": {"name": cfg.model, "fingerprint": models.fingerprint(source)},
         "adapter": None if adapter_info is None else {
-            "path": str(Path(cfg.adapter).expanduser().resolve()), "fingerprint": adapter_info.get("fingerprint"),
+            "path": storage.absolute(cfg.adapter), "fingerprint": adapter_info.get("fingerprint"),
             "alpha": cfg.alpha, "lan": cfg.lan},
         "files": files,
     }
-    replace_atomically(output / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    storage.write_json(storage.join(output, MANIFEST), manifest)  # last: a folder with it is finished
     return manifest
 
 

@@ -1,0 +1,322 @@
+"""One storage layer for every stage's files: local paths and object-store URIs alike.
+
+A *location* is a string: a local path (relative paths and ``~`` allowed) or a URI that pyarrow
+resolves to a filesystem (``s3://bucket/prefix``, ``gs://bucket/prefix``, ``hdfs://...``,
+``file:///...``). Pools, checkpoints, adapters, evaluations, samples and sweep state are all read
+and written here, so no stage assumes a disk shared between the nodes of a cluster.
+
+**A file that exists is whole.** Every write goes to ``.tmp-<random>-<name>`` in the same folder
+and is then moved onto its name. On a local disk the move is a rename (atomic on POSIX). On an
+object store it is a server-side copy (S3 ``CopyObject``, GCS rewrite), and the store creates the
+destination object whole or not at all; a partial upload (pyarrow completes a multipart upload even
+when the writer failed half-way) can only ever sit under a temporary name. Listings ignore
+temporary names; ``remove_temporaries`` deletes the ones a crash left behind. A folder-valued output
+(an adapter) is complete when its last file (named by the writer) exists.
+
+**Credentials** come from the standard environment of each process (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` for an
+S3-compatible store, an instance profile; ``GOOGLE_APPLICATION_CREDENTIALS``), never from a
+location: a URI holding a key (``s3://KEY:SECRET@bucket``, ``?secret_key=``) is refused, so no
+config, output or log line can carry one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import pyarrow.fs as pafs
+
+from hgdpo.errors import HgdpoError
+
+TMP_PREFIX = ".tmp-"
+CREDENTIAL_QUERY = ("access_key", "secret_key", "session_token")
+OBJECT_STORES = ("s3", "gcs")  # pyarrow type names of stores where folders need no creation
+CREDENTIAL_HINT = ("check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+                   "AWS_SESSION_TOKEN / AWS_PROFILE, or GOOGLE_APPLICATION_CREDENTIALS)")
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    return "://" in os.fspath(location)
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """A URI unchanged; a local path made absolute (what a job records, and what Ray workers get)."""
+    location = os.fspath(location)
+    return location if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """``location/part/...``; a URI stays a URI (``Path`` would fold ``s3://`` into ``s3:/``)."""
+    location = os.fspath(location)
+    if is_uri(location):
+        return posixpath.join(location.rstrip("/"), *parts)
+    return os.path.join(location, *parts)
+
+
+def name(location: str | os.PathLike) -> str:
+    return posixpath.basename(os.fspath(location).rstrip("/")) if is_uri(location) else Path(location).name
+
+
+def parent(location: str | os.PathLike) -> str:
+    location = os.fspath(location)
+    if is_uri(location):
+        return posixpath.dirname(location.rstrip("/"))
+    return str(Path(location).parent)
+
+
+def check_uri(location: str, setting: str) -> None:
+    """Refuse a location that carries credentials: they would be copied into configs, outputs and logs."""
+    if not is_uri(location):
+        return
+    parts = urlsplit(location)
+    query = parse_qs(parts.query)
+    if "@" in parts.netloc or any(key in query for key in CREDENTIAL_QUERY):
+        raise HgdpoError(f"{setting}: credentials inside the URI are refused (they would be written into "
+                         f"configs, outputs and logs); give them in the environment instead "
+                         f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or GOOGLE_APPLICATION_CREDENTIALS)")
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it of a location."""
+    location = absolute(location)
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+    except (OSError, ValueError) as err:
+        raise HgdpoError(f"{location}: not a local path or a storage URI pyarrow can open ({err})") from None
+    return fs, path.rstrip("/") or "/"
+
+
+def _info(location: str) -> pafs.FileInfo:
+    fs, path = resolve(location)
+    return fs.get_file_info(path)
+
+
+def exists(location: str) -> bool:
+    return _info(location).type != pafs.FileType.NotFound
+
+
+def is_file(location: str) -> bool:
+    return _info(location).type == pafs.FileType.File
+
+
+def is_dir(location: str) -> bool:
+    """On an object store, a prefix with objects under it (an empty one does not exist)."""
+    return _info(location).type == pafs.FileType.Directory
+
+
+def listdir(location: str, *, recursive: bool = False) -> list[str]:
+    """Names (relative paths when ``recursive``) of what is inside a folder, sorted, temporaries left out;
+    an empty list when it does not exist."""
+    fs, root = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=recursive))
+    names = []
+    for info in infos:
+        rel = info.path[len(root):].lstrip("/")
+        if recursive and info.type != pafs.FileType.File:
+            continue
+        if not any(part.startswith(TMP_PREFIX) for part in rel.split("/")):
+            names.append(rel)
+    return sorted(names)
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def read_json(location: str, what: str = "file") -> Any:
+    """Parsed JSON; a clear error naming the file when it is not JSON."""
+    try:
+        return json.loads(read_bytes(location))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HgdpoError(f"{location}: corrupt {what}, not valid JSON ({err})") from None
+
+
+def write(location: str, fill: Callable[[Any], None]) -> None:
+    """Write a file atomically: ``fill(stream)`` writes into a temporary file, which is then moved onto
+    ``location`` (see the module docstring). On any error the temporary file is removed."""
+    fs, path = resolve(location)
+    folder, base = posixpath.split(path)
+    if fs.type_name not in OBJECT_STORES:
+        fs.create_dir(folder, recursive=True)
+    tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{base}")
+    try:
+        with fs.open_output_stream(tmp) as out:
+            fill(out)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete_file(tmp)
+        raise
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    write(location, lambda out: out.write(data))
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode("utf-8"))
+
+
+def write_json(location: str, data: Any) -> None:
+    write_text(location, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def write_parquet(location: str, table, **kwargs) -> None:
+    import pyarrow.parquet as pq
+
+    write(location, lambda out: pq.write_table(table, out, **kwargs))
+
+
+def write_png(location: str, image) -> None:
+    """A PIL image as a PNG file."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_bytes(location, buf.getvalue())
+
+
+def read_parquet(location: str, columns: list[str] | None = None):
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(location)
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def makedirs(location: str) -> None:
+    """Create a folder (nothing to do on an object store, where prefixes need no creation)."""
+    fs, path = resolve(location)
+    if fs.type_name not in OBJECT_STORES:
+        fs.create_dir(path, recursive=True)
+
+
+def delete(location: str) -> None:
+    """Delete a file or a folder with everything in it; nothing when it does not exist."""
+    fs, path = resolve(location)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        fs.delete_file(path)
+    elif kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def remove_temporaries(location: str) -> int:
+    """Delete the half-written files a crashed writer left directly in a folder; returns how many."""
+    fs, root = resolve(location)
+    stale = [i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if posixpath.basename(i.path).startswith(TMP_PREFIX)]
+    for path in stale:
+        fs.delete_file(path)
+    return len(stale)
+
+
+def copy_tree(source: str, target: str, *, last: str | None = None) -> list[str]:
+    """Copy every file of folder ``source`` into folder ``target`` (any two filesystems), each file
+    atomically; the file ``last`` (a relative path) is copied after all others, so that its presence
+    marks a complete copy. Returns the relative paths copied."""
+    names = listdir(source, recursive=True)
+    if last is not None:
+        if last not in names:
+            raise HgdpoError(f"{source}: {last} is missing")
+        names = [n for n in names if n != last] + [last]
+    for rel in names:
+        write_bytes(join(target, *rel.split("/")), read_bytes(join(source, *rel.split("/"))))
+    return names
+
+
+@contextlib.contextmanager
+def local_copy(location: str) -> Iterator[Path]:
+    """A local folder holding the folder at ``location``: itself when local, else a temporary download
+    (removed afterwards). For libraries that read only local paths (diffusers' ``load_lora_weights``)."""
+    if not is_uri(location) or location.startswith("file://"):
+        yield Path(resolve(location)[1])
+        return
+    tmp = tempfile.mkdtemp(prefix="hgdpo-")
+    try:
+        copy_tree(location, tmp)
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def describe_error(err: Exception) -> str:
+    """What went wrong with a storage request, in words, with the setting to check."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    upper = text.upper()
+    if "NO_SUCH_BUCKET" in upper or ("BUCKET" in upper and ("NOT FOUND" in upper or "DOES NOT EXIST" in upper)):
+        return f"the bucket does not exist ({text})"
+    if any(s in upper for s in ("ACCESS_DENIED", "ACCESSDENIED", "FORBIDDEN", "INVALIDACCESSKEYID",
+                                "SIGNATURE", "HTTP STATUS 403", "CREDENTIALS")):
+        return f"access denied: {CREDENTIAL_HINT} ({text})"
+    if any(s in upper for s in ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "COULD NOT RESOLVE",
+                                "TIMED OUT", "CONNECTION REFUSED")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        where = f" (AWS_ENDPOINT_URL={endpoint})" if endpoint else ""
+        return f"cannot reach the store's endpoint{where} ({text})"
+    return f"{CREDENTIAL_HINT}, the endpoint and the bucket ({text})"
+
+
+@contextlib.contextmanager
+def errors(setting: str, location: str) -> Iterator[None]:
+    """Turn a failed storage request into an error naming the setting and the location."""
+    try:
+        yield
+    except HgdpoError:
+        raise
+    except (OSError, ValueError) as err:
+        raise HgdpoError(f"{setting}: {location}: {describe_error(err)}") from None
+
+
+def check_reachable(location: str, setting: str) -> None:
+    """Refuse a location whose store cannot be used (no such bucket, no access, no endpoint), before any
+    work; whether it holds what the job needs is the job's own check."""
+    check_uri(location, setting)
+    with errors(setting, location):
+        fs, path = resolve(location)
+        _check_bucket(fs, path)
+        fs.get_file_info(path)
+
+
+def check_writable(location: str, setting: str) -> None:
+    """Refuse an output location the job could not write to, before any work: the bucket must exist
+    and take a write (a probe object, deleted at once); a local folder must be creatable."""
+    check_uri(location, setting)
+    with errors(setting, location):
+        fs, path = resolve(location)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            raise HgdpoError(f"{setting}: {location} is a file, not a folder")
+        if fs.type_name in OBJECT_STORES:
+            _check_bucket(fs, path)
+            probe = posixpath.join(path, f"{TMP_PREFIX}probe-{uuid.uuid4().hex}")
+            with fs.open_output_stream(probe) as out:
+                out.write(b"")
+            fs.delete_file(probe)
+        else:
+            existing = path
+            while fs.get_file_info(existing).type == pafs.FileType.NotFound and existing not in ("", "/"):
+                existing = posixpath.dirname(existing)
+            if fs.type_name == "local" and not os.access(existing, os.W_OK):
+                raise HgdpoError(f"{setting}: {location}: cannot write in {existing} (permission denied)")
+
+
+def _check_bucket(fs: pafs.FileSystem, path: str) -> None:
+    if fs.type_name not in OBJECT_STORES:
+        return
+    bucket = path.split("/", 1)[0]
+    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        raise OSError(f"bucket {bucket!r} does not exist")
