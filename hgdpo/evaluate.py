@@ -339,6 +339,7 @@ def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, re
         return settled
     items = prepare(cfg)
     output = cfg.output
+    storage.probe_write(output, "evaluate.output")
     log(f"evaluate: {len(items)} prompts x {cfg.images_per_prompt} seed(s); A = {describe_side(cfg, 'a')}, "
         f"B = {describe_side(cfg, 'b')}; scorers {', '.join(cfg.scorers)}")
     start = time.perf_counter()
@@ -353,7 +354,6 @@ def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, re
         files["side_by_side.png"] = picture.getvalue()
     report = {"config": to_dict(cfg), "versions": tracking.versions(), "result": result.to_json()}
     files[REPORT] = json.dumps(report, indent=2).encode()  # last: a folder with a report is complete
-    storage.makedirs(output)
     write_scores(storage.join(output, "scores.parquet"), cfg, rows)
     for file, content in files.items():
         storage.write_bytes(storage.join(output, file), content)

@@ -213,6 +213,7 @@ def build_pool(cfg: PoolConfig, log=print) -> PoolResult:
     if st.complete is not None:
         log(f"pool: {cfg.output} is already complete ({st.complete['rows']} prompts); nothing to do")
         return PoolResult(cfg.output, len(items), 0, 0.0, cfg.images_per_prompt, skipped=True)
+    storage.probe_write(cfg.output, "pool.output")
     if st.meta is None:
         pool.init(cfg.output, meta)
     else:

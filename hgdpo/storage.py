@@ -292,26 +292,34 @@ def check_reachable(location: str, setting: str) -> None:
 
 
 def check_writable(location: str, setting: str) -> None:
-    """Refuse an output location the job could not write to, before any work: the bucket must exist
-    and take a write (a probe object, deleted at once); a local folder must be creatable."""
+    """Refuse an output location the job could not write to, before any work and without writing: the
+    bucket must exist and answer (credentials, endpoint); a local folder must be creatable."""
     check_uri(location, setting)
     with errors(setting, location):
         fs, path = resolve(location)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
+        _check_bucket(fs, path)
+        if fs.get_file_info(path).type == pafs.FileType.File:
             raise HgdpoError(f"{setting}: {location} is a file, not a folder")
-        if fs.type_name in OBJECT_STORES:
-            _check_bucket(fs, path)
-            probe = posixpath.join(path, f"{TMP_PREFIX}probe-{uuid.uuid4().hex}")
-            with fs.open_output_stream(probe) as out:
-                out.write(b"")
-            fs.delete_file(probe)
-        else:
+        if fs.type_name == "local":
             existing = path
             while fs.get_file_info(existing).type == pafs.FileType.NotFound and existing not in ("", "/"):
                 existing = posixpath.dirname(existing)
-            if fs.type_name == "local" and not os.access(existing, os.W_OK):
+            if not os.access(existing, os.W_OK):
                 raise HgdpoError(f"{setting}: {location}: cannot write in {existing} (permission denied)")
+
+
+def probe_write(location: str, setting: str) -> None:
+    """Write and delete a probe file in an output folder: the first thing a stage does when its work
+    starts, so read-only credentials fail now, not when the first result is saved. (On an object
+    store, deleting the probe leaves an empty folder marker where there was nothing: the folder the
+    stage is about to fill.)"""
+    with errors(setting, location):
+        makedirs(location)
+        fs, path = resolve(location)
+        probe = posixpath.join(path, f"{TMP_PREFIX}probe-{uuid.uuid4().hex}")
+        with fs.open_output_stream(probe) as out:
+            out.write(b"")
+        fs.delete_file(probe)
 
 
 def _check_bucket(fs: pafs.FileSystem, path: str) -> None:

@@ -23,6 +23,7 @@ gang, so two trials that each got half of what they need would wait on each othe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -250,6 +251,22 @@ def run_trial(config: dict, payloads: dict) -> None:
 
 # --- The driver ----------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _credentials_stay_home():
+    """Ray Tune copies the driver's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN into
+    every trial actor's runtime env, and each node's runtime-env agent logs runtime envs in full: the
+    secret would be written to Ray's logs. Trials run where the nodes have credentials of their own (the
+    node's environment, an instance profile), so they need no copy: stop Tune from making one."""
+    from ray.tune.execution import class_cache
+
+    kept = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in kept if not v.startswith("AWS_")}
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = kept
+
+
 @dataclass
 class TrialResult:
     name: str
@@ -283,7 +300,7 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
     from hgdpo.raycluster import ensure_ray
 
     prep = prepare(cfg)
-    storage.makedirs(prep.output)
+    storage.probe_write(prep.output, "sweep.output")
     parent_id = parent_run(prep)
     runs = trial_runs(prep, parent_id)
     storage.write_json(storage.join(prep.output, SWEEP_FILE), {
@@ -332,7 +349,8 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
             # One Tune experiment per invocation (Tune's own records; ours are the trial folders).
             run_config=tune.RunConfig(name=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                                       storage_path=storage.join(prep.output, "tune"), verbose=0))
-        tuner.fit()
+        with _credentials_stay_home():
+            tuner.fit()
 
     results = []
     for trial in prep.trials:

@@ -391,7 +391,7 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
             raise HgdpoError(f"output: the checkpoint {storage.join(_run_dir(output), storage.name(latest.path))} was "
                              f"written with another config (pool, model or training settings differ); use another output")
         log(f"train: resuming from {storage.name(latest.path)} (step {state['step']})")
-    storage.makedirs(output)
+    storage.probe_write(output, "train.output")
 
     ensure_ray()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports cost ~0.1 s, not ~2 s

@@ -70,6 +70,7 @@ def run(cfg: SampleConfig) -> dict | None:
     adapter_info = (lan.check_adapter(cfg.adapter, cfg.model, allow_pickle=cfg.allow_pickle)
                     if cfg.adapter is not None else None)
 
+    storage.probe_write(output, "sample.output")
     device, dtype = resolve_device_dtype(cfg.dtype)
     pipe = models.load_pipeline(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle,
                                 dtype=dtype, device=device)
@@ -79,7 +80,6 @@ def run(cfg: SampleConfig) -> dict | None:
     native_w, native_h = native_size(pipe)
     width, height = cfg.width or native_w, cfg.height or native_h
 
-    storage.makedirs(output)
     files = []
     for prompt, stem in zip(prompts, stems):
         seeds = image_seeds(cfg.seed, prompt.id, cfg.images_per_prompt)

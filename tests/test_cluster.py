@@ -1,38 +1,23 @@
-"""The cluster path: the files in cluster/ stay valid, and a pool job submitted to a real head works.
+"""The files in cluster/ stay valid (the jobs themselves run on a real two-node cluster in
+``test_multinode.py``).
 
-Static checks (fast): every YAML in cluster/ parses; the cluster-launcher config passes Ray's
-own schema validation and installs torch before the project; the KubeRay RayJob runs
-jobs/build_pool.py on GPU workers with a pool config that hgdpo still accepts and pip pins that
-agree with pyproject.toml; the local-head script is valid bash; the working directory that
+Every YAML in cluster/ parses; the cluster-launcher config passes Ray's own schema validation,
+installs torch before the project, starts the tracking server on the head and gives every node its
+URI; the KubeRay RayJob runs jobs/build_pool.py on GPU workers with a pool config that hgdpo still
+accepts, pip pins that agree with pyproject.toml and the tracking URI in every pod; the scripts
+are valid bash and bind to a private address by default; the working directory that
 `ray job submit --working-dir .` uploads stays under the dashboard's limit and leaves .venv out.
-
-``test_pool_and_train_jobs_on_a_ray_head`` (marker ``cluster``) starts a head with ``ray start --head``,
-submits ``jobs/build_pool.py`` and then ``jobs/train.py`` with ``ray job submit``, and reads the pool
-and the adapter they wrote. The head is
-stopped on its own: never with ``ray stop``, which stops every Ray process of the user on the
-machine (the session's ``ray.init()`` from conftest, other people's runs). It runs as
-``ray start --block`` in a new process group; SIGTERM makes it stop every process it started,
-and whatever is left in its group, or names its temporary directories, is killed by pid.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -299,174 +284,43 @@ def test_working_dir_upload_excludes_the_virtualenv_and_fits(tmp_path):
         assert needed in names
 
 
-# --------------------------------------------------------------------- a real head (cluster)
+# ---------------------------------------------------------------------------- MLflow on a cluster
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+def test_mlflow_server_script_is_valid_bash_and_binds_a_private_address_by_default():
+    script = CLUSTER / "start_mlflow.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert os.access(script, os.X_OK), "start_mlflow.sh is not executable"
+    text = script.read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "0.0.0.0" not in code, "the tracking server must not listen on every interface by default"
+    assert 'HOST="${MLFLOW_HOST:-$(private_address)}"' in code and "--serve-artifacts" in code
+    # The default address, as the script computes it on this machine.
+    function = code[code.index("private_address() {"):code.index("\n}\n", code.index("private_address() {")) + 2]
+    address = subprocess.run(["bash", "-c", f"{function}\nprivate_address"], capture_output=True, text=True).stdout
+    assert address.strip() and address.strip() != "0.0.0.0"
 
 
-def clean_env(**extra: str) -> dict:
-    """This process's environment without Ray/hgdpo/MLflow settings (a session ray.init() sets
-    RAY_AUTH_MODE=token here, for instance), plus ``extra``; this interpreter's bin first on PATH
-    so that the job's `python` is the one hgdpo is installed in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HGDPO_", "MLFLOW_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
+@pytest.mark.parametrize("path,cfg", launcher_configs(), ids=[p.name for p, _ in launcher_configs()])
+def test_launcher_starts_the_tracking_server_and_gives_every_node_its_uri(path, cfg):
+    head = cfg["head_start_ray_commands"]
+    workers = " ".join(cfg["worker_start_ray_commands"])
+    assert any("cluster/start_mlflow.sh" in c for c in head), "the head does not start the tracking server"
+    assert [c for c in head if "ray start --head" in c and "MLFLOW_TRACKING_URI=http://" in c]
+    assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in workers and "ray start --address" in workers
+    mounted = [remote for remote, local in cfg["file_mounts"].items() if local.rstrip("/") in (".", "./")][0]
+    assert any(f"{mounted}/cluster/start_mlflow.sh" in c for c in head), "the script path is not the synced checkout's"
 
 
-def wait_for_head(proc, log: Path, dashboard: int, agent: int, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=2) as r:
-                if r.status == 200:
-                    with socket.create_connection(("127.0.0.1", agent), timeout=2):
-                        return  # the dashboard answers and the job agent listens
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the Ray head did not come up in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-
-
-def stop_head(proc: subprocess.Popen, markers: list[str]) -> None:
-    """Stop this head and nothing else: its `ray start --block` process, then leftovers by pid."""
-    import psutil
-
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # the --block process stops all it started, then exits
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    me = os.getpid()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if p.pid == me:
-            continue
-        try:
-            in_group = os.getpgid(p.pid) == proc.pid  # the group id stays ours while it has members
-            cmdline = " ".join(p.info["cmdline"] or [])
-            if in_group or any(m in cmdline for m in markers):
-                p.kill()
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            pass
-
-
-@pytest.mark.cluster
-def test_pool_and_train_jobs_on_a_ray_head(tmp_path):
-    """`ray start --head` + `ray job submit --working-dir <repo>` builds the pool it is asked for, then
-    trains an adapter on it through the same head."""
-    from hgdpo import pool
-    from hgdpo.prompts import read_prompts
-    from hgdpo.sampling import image_seeds
-
-    ray_bin = Path(sys.executable).parent / "ray"
-    if not ray_bin.exists():
-        pytest.skip(f"no ray executable beside {sys.executable}")
-    gcs, dashboard, agent, client = free_ports(4)
-    # Ray puts unix sockets under its temp dir (limit ~107 characters): keep the path short.
-    ray_tmp = tempfile.mkdtemp(prefix="hgr", dir="/tmp")
-    output = tmp_path / "pool"
-    head_log, submit_log, train_log = tmp_path / "head.log", tmp_path / "submit.log", tmp_path / "train.log"
-    head_env = clean_env(RAY_AUTH_MODE="disabled", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                         RAY_USAGE_STATS_ENABLED="0")
-    started = time.monotonic()
-    with open(head_log, "wb") as log:
-        proc = subprocess.Popen(
-            [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-             "--num-cpus=2", f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
-            env=head_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=tmp_path)
-    try:
-        wait_for_head(proc, head_log, dashboard, agent)
-        head_up = time.monotonic() - started
-        command = [
-            str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-            "--working-dir", str(REPO),
-            "--", "python", "jobs/build_pool.py", "--config", "examples/pool.yaml",
-            f"output={output}", "images_per_prompt=3", "steps=3", "max_prompts=3",
-            f"mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        ]
-        with open(submit_log, "wb") as log:
-            # Blocks until the job ends; its exit code is the job's outcome.
-            result = subprocess.run(command, env=clean_env(RAY_AUTH_MODE="disabled"), stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600, cwd=tmp_path)
-        text = submit_log.read_text(errors="replace")
-        assert result.returncode == 0, f"ray job submit failed ({result.returncode}):\n{text[-5000:]}"
-        assert "succeeded" in text and "pool: complete, 3 prompts" in text, text[-5000:]
-        # The trainer on the pool the first job wrote, through the same head: 2 workers x 1 CPU.
-        command = [
-            str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-            "--working-dir", str(REPO),
-            "--", "python", "jobs/train.py", "--config", "examples/train.yaml", f"pool={output}",
-            f"output={tmp_path / 'train'}", "max_steps=4", "global_batch=2", "micro_batch=1", "data_shards=2",
-            "workers=2", "checkpoint_every=2", "metrics_every=2", "learning_rate=1e-3",
-            f"mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        ]
-        with open(train_log, "wb") as log:
-            result = subprocess.run(command, env=clean_env(RAY_AUTH_MODE="disabled"), stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600, cwd=tmp_path)
-        text = train_log.read_text(errors="replace")
-        assert result.returncode == 0, f"ray job submit of the trainer failed ({result.returncode}):\n{text[-5000:]}"
-        assert "succeeded" in text and "train: step 4/4" in text and "adapter written" in text, text[-5000:]
-        print(f"head up in {head_up:.1f}s, jobs done {time.monotonic() - started:.1f}s after start")
-    finally:
-        stop_head(proc, markers=[ray_tmp, str(tmp_path)])
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-    assert (output / "pool.json").is_file() and (output / "_COMPLETE.json").is_file()
-    assert list(output.glob("part-*.parquet"))
-    table = pool.read(str(output))
-    assert table.num_rows == 3
-    assert table.column_names == [f.name for f in pool.schema((3, 4, 8, 8))]
-    prompts = read_prompts(REPO / "examples" / "prompts.txt", max_prompts=3)
-    assert table.column("prompt").to_pylist() == [p.text for p in prompts]
-    for row in table.select(["prompt_id", "seeds", "scores", "rank", "winner", "loser", "image_w"]).to_pylist():
-        assert len(row["seeds"]) == 3 and len(row["scores"]) == 3
-        assert row["seeds"] == image_seeds(0, row["prompt_id"], 3)
-        assert sorted(row["rank"]) == [0, 1, 2]
-        assert row["winner"] == row["rank"][0] and row["loser"] == row["rank"][-1]
-        assert np.argmax(row["scores"]) == row["winner"]
-        assert row["image_w"][:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "mlflow.db").is_file(), "the job did not record its MLflow run"
-    _check_trained_adapter(tmp_path)
-
-
-def _check_trained_adapter(tmp_path: Path) -> None:
-    """The submitted trainer's adapter: diffusers LoRA format, trained (B moved from zero), loadable
-    into a plain pipeline, with its metrics in MLflow."""
-    import mlflow
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import load_file
-
-    from hgdpo import embedded
-    from hgdpo.lora import ADAPTER_FILE, INFO_FILE
-
-    adapter = tmp_path / "train" / "adapter"
-    assert (adapter / INFO_FILE).is_file()
-    weights = load_file(str(adapter / ADAPTER_FILE))
-    ups = [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]
-    assert ups and any(float(v.abs().max()) > 0 for v in ups), "the LoRA up-projections never left zero"
-    pipe = StableDiffusionPipeline.from_pretrained(embedded.pipeline_dir(), safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.load_lora_weights(str(adapter))
-    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("hgdpo-train")
-    (run,) = client.search_runs([exp.experiment_id])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
-    assert torch.isfinite(torch.tensor(run.data.metrics["loss"]))
+def test_rayjob_gives_every_pod_the_tracking_uri():
+    path, job = rayjob()
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        for container in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("MLFLOW_TRACKING_URI", "").startswith("http"), container["name"]
+    (data,) = [m["data"] for m in config_maps(path).values()]
+    pool_cfg = yaml.safe_load(next(iter(data.values())))
+    assert not str(pool_cfg.get("mlflow_uri", "http")).startswith(("sqlite", "file")), "a local store on a cluster"

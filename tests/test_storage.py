@@ -133,7 +133,8 @@ def test_pickled_filesystems_carry_no_credentials(s3_env):
 def test_unusable_stores_are_refused_naming_the_setting(s3_env, monkeypatch, tmp_path):
     with pytest.raises(HgdpoError, match=r"^x\.output: s3://no-such-bucket-hg/run: the bucket does not exist"):
         storage.check_writable("s3://no-such-bucket-hg/run", "x.output")
-    storage.check_writable(f"s3://hgdpo-test/{tmp_path.name}", "x.output")  # the probe write leaves nothing
+    storage.check_writable(f"s3://hgdpo-test/{tmp_path.name}", "x.output")
+    storage.probe_write(f"s3://hgdpo-test/{tmp_path.name}", "x.output")  # the probe is deleted at once
     assert storage.listdir(f"s3://hgdpo-test/{tmp_path.name}") == []
     (tmp_path / "file").write_text("x")
     with pytest.raises(HgdpoError, match="is a file, not a folder"):

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from hgdpo.errors import ConfigError
 from hgdpo.sweep import fitting_trials, trial_peak
 from hgdpo.sweep_config import SweepConfig
 from hgdpo.world.prompts import write_prompts
+from servers import start_mlflow
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -51,38 +51,15 @@ def work(ray_local, tmp_path_factory) -> Path:
     return tmp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(work):
-    """``mlflow server`` on 127.0.0.1 with a sqlite store, as the README starts it; its URL."""
-    port = _free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log = open(work / "mlflow-server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}"],
-                            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """The tracking server as the cluster runs it (``cluster/start_mlflow.sh``) on 127.0.0.1 with a sqlite
+    store; its URL."""
+    proc, url = start_mlflow(work, backend=f"sqlite:///{work / 'mlflow.db'}", artifacts=str(work / "mlartifacts"))
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, (work / "mlflow-server.log").read_text()[-2000:]
-            time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
+        proc.stop()
 
 
 def rest(url: str, path: str, body: dict | None = None, **query) -> dict:

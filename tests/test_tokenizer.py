@@ -1,7 +1,5 @@
 import csv
 
-import pytest
-
 from hgdpo.tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 
 
