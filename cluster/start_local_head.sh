@@ -35,16 +35,8 @@ PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 AUTH_MODE="${RAY_AUTH_MODE:-token}"
 
-if [[ -n "${RAY_BIN:-}" ]]; then
-  RAY="$RAY_BIN"
-elif command -v ray >/dev/null 2>&1; then
-  RAY="$(command -v ray)"
-elif [[ -x .venv/bin/ray ]]; then
-  RAY="$(pwd)/.venv/bin/ray"
-else
-  echo "error: no \`ray\` found: activate the environment hgdpo is installed in, or set RAY_BIN" >&2
-  exit 1
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/find_executable.sh"
+RAY="$(find_executable ray RAY_BIN)"
 
 CORES="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)"
 NUM_CPUS="${RAY_NUM_CPUS:-$(( CORES < 2 ? 2 : CORES ))}"

@@ -36,16 +36,8 @@ HOME_DIR="${MLFLOW_HOME:-$HOME/mlflow}"
 BACKEND="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$HOME_DIR/mlflow.db}"
 ARTIFACTS="${MLFLOW_ARTIFACTS_DESTINATION:-$HOME_DIR/artifacts}"
 
-if [[ -n "${MLFLOW_BIN:-}" ]]; then
-  MLFLOW="$MLFLOW_BIN"
-elif command -v mlflow >/dev/null 2>&1; then
-  MLFLOW="$(command -v mlflow)"
-elif [[ -x .venv/bin/mlflow ]]; then
-  MLFLOW="$(pwd)/.venv/bin/mlflow"
-else
-  echo "error: no \`mlflow\` found: activate the environment hgdpo is installed in, or set MLFLOW_BIN" >&2
-  exit 1
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/find_executable.sh"
+MLFLOW="$(find_executable mlflow MLFLOW_BIN)"
 
 if [[ "$BACKEND" == sqlite:///* ]]; then
   mkdir -p "$(dirname "${BACKEND#sqlite:///}")"

@@ -28,6 +28,7 @@ from hgdpo import lan, models, prompts as prompt_io, storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.eval_config import EvalConfig
+from hgdpo.raycluster import warn_if_not_shared
 from hgdpo.winrates import WinRate, mean_hsv, percent_change, win_rate
 
 REPORT = "report.json"
@@ -192,16 +193,17 @@ def table(cfg: EvalConfig, result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def prepare(cfg: EvalConfig) -> list[prompt_io.Prompt]:
-    """Every check before any work: storage, MLflow store, prompts, model, adapters, scorers (and the
-    judge's prompts)."""
+def prepare(cfg: EvalConfig, mlflow: bool = True) -> list[prompt_io.Prompt]:
+    """Every check before any work: storage, MLflow store (unless no run is recorded), prompts, model,
+    adapters, scorers (and the judge's prompts)."""
     from hgdpo.scorers import check_prompts, check_scorer
 
     storage.check_writable(cfg.output, "evaluate.output")
     for name in ("adapter", "baseline_adapter"):
         if getattr(cfg, name) is not None:
             storage.check_reachable(getattr(cfg, name), f"evaluate.{name}")
-    tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "evaluate.mlflow_uri")
+    if mlflow:
+        tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "evaluate.mlflow_uri")
     items = prompt_io.read_prompts(cfg.prompts, fmt=cfg.prompt_format, prompt_column=cfg.prompt_column,
                                    id_column=cfg.id_column, category=cfg.category, max_prompts=cfg.max_prompts)
     models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
@@ -337,7 +339,10 @@ def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, re
     if settled is not None:
         log(f"evaluate: {cfg.output} already holds this evaluation; nothing to do")
         return settled
-    items = prepare(cfg)
+    items = prepare(cfg, mlflow=record_mlflow)
+    for name in ("adapter", "baseline_adapter"):  # read by generator actors, on any node
+        if getattr(cfg, name) is not None:
+            warn_if_not_shared(getattr(cfg, name), f"evaluate.{name}", log)
     output = cfg.output
     storage.probe_write(output, "evaluate.output")
     log(f"evaluate: {len(items)} prompts x {cfg.images_per_prompt} seed(s); A = {describe_side(cfg, 'a')}, "

@@ -158,11 +158,12 @@ def _fingerprint_mismatch(old: dict, new: dict) -> list[str]:
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
-def prepare(cfg: PoolConfig, log=print) -> tuple[list[prompt_io.Prompt], dict]:
-    """Everything checked before any work: output, MLflow store, prompts, model, scorer, sizes.
-    Returns prompts and meta."""
+def prepare(cfg: PoolConfig, log=print, mlflow: bool = True) -> tuple[list[prompt_io.Prompt], dict]:
+    """Everything checked before any work: output, MLflow store (unless the job records no run),
+    prompts, model, scorer, sizes. Returns prompts and meta."""
     storage.check_writable(cfg.output, "pool.output")
-    tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "pool.mlflow_uri")
+    if mlflow:
+        tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "pool.mlflow_uri")
     items = prompt_io.read_prompts(cfg.prompts, fmt=cfg.prompt_format, prompt_column=cfg.prompt_column,
                                    id_column=cfg.id_column, category=cfg.category, max_prompts=cfg.max_prompts)
     source = models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
@@ -196,11 +197,12 @@ def prepare(cfg: PoolConfig, log=print) -> tuple[list[prompt_io.Prompt], dict]:
     return items, meta
 
 
-def build_pool(cfg: PoolConfig, log=print) -> PoolResult:
-    """Build (or finish) the pool described by ``cfg``; log progress; return what was done."""
+def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True) -> PoolResult:
+    """Build (or finish) the pool described by ``cfg``; log progress; return what was done. ``mlflow``:
+    whether a run will be recorded (``record``), so the tracking store is checked first."""
     import ray
 
-    items, meta = prepare(cfg, log)
+    items, meta = prepare(cfg, log, mlflow)
     warn_if_not_shared(cfg.output, "pool.output", log)
     st = pool.state(cfg.output)
     if st.meta is not None:

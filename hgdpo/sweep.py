@@ -297,9 +297,10 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
     import ray
     from ray import tune
 
-    from hgdpo.raycluster import ensure_ray
+    from hgdpo.raycluster import ensure_ray, warn_if_not_shared
 
     prep = prepare(cfg)
+    warn_if_not_shared(prep.output, "sweep.output", log)  # trials run on any node
     storage.probe_write(prep.output, "sweep.output")
     parent_id = parent_run(prep)
     runs = trial_runs(prep, parent_id)

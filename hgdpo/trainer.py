@@ -373,7 +373,7 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from hgdpo.raycluster import ensure_ray
+    from hgdpo.raycluster import ensure_ray, warn_if_not_shared
 
     meta, plan_, fp = prepare(cfg)
     output = storage.absolute(cfg.output)
@@ -391,6 +391,8 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
             raise HgdpoError(f"output: the checkpoint {storage.join(_run_dir(output), storage.name(latest.path))} was "
                              f"written with another config (pool, model or training settings differ); use another output")
         log(f"train: resuming from {storage.name(latest.path)} (step {state['step']})")
+    for location, setting in ((cfg.pool, "train.pool"), (output, "train.output")):  # read and written by workers
+        warn_if_not_shared(location, setting, log)
     storage.probe_write(output, "train.output")
 
     ensure_ray()

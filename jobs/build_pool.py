@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_libraries()
         cfg = load_config(PoolConfig, args.config, args.overrides)
-        result = build_pool(cfg)
+        result = build_pool(cfg, mlflow=not args.no_mlflow)
         if not result.skipped and not args.no_mlflow:
             record(cfg, result, pool.read_meta(cfg.output))
     except HgdpoError as err:

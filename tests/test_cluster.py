@@ -255,12 +255,27 @@ def test_rayjob_pip_pins_agree_with_pyproject():
 # ----------------------------------------------------------------------- script, working dir
 
 
-def test_start_script_is_valid_bash_and_safe_by_default():
-    script = CLUSTER / "start_local_head.sh"
+def script_text(name: str) -> str:
+    """A script of cluster/, checked to be valid bash and executable."""
+    script = CLUSTER / name
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert os.access(script, os.X_OK), "start_local_head.sh is not executable"
-    text = script.read_text()
+    assert os.access(script, os.X_OK), f"{name} is not executable"
+    return script.read_text()
+
+
+def test_find_executable_prefers_the_override_then_path_and_names_the_setting(tmp_path):
+    lib = CLUSTER / "find_executable.sh"
+    run = lambda line, **env: subprocess.run(["bash", "-c", f"source {lib}; {line}"], capture_output=True, text=True,  # noqa: E731
+                                             cwd=tmp_path, env={"PATH": "/usr/bin:/bin", **env})
+    assert run("find_executable bash X_BIN", X_BIN="/opt/x").stdout.strip() == "/opt/x"
+    assert run("find_executable bash X_BIN").stdout.strip().endswith("/bash")
+    missing = run("find_executable no-such-tool-hg X_BIN")
+    assert missing.returncode == 1 and "set X_BIN" in missing.stderr
+
+
+def test_start_script_is_valid_bash_and_safe_by_default():
+    text = script_text("start_local_head.sh")
     assert "RAY_HEAD_HOST:-127.0.0.1" in text
     assert "ray job submit --address http://$HOST:$DASHBOARD_PORT --working-dir . -- " \
            "python jobs/build_pool.py --config examples/pool.yaml" in text
@@ -288,11 +303,7 @@ def test_working_dir_upload_excludes_the_virtualenv_and_fits(tmp_path):
 
 
 def test_mlflow_server_script_is_valid_bash_and_binds_a_private_address_by_default():
-    script = CLUSTER / "start_mlflow.sh"
-    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert os.access(script, os.X_OK), "start_mlflow.sh is not executable"
-    text = script.read_text()
+    text = script_text("start_mlflow.sh")
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert "0.0.0.0" not in code, "the tracking server must not listen on every interface by default"
     assert 'HOST="${MLFLOW_HOST:-$(private_address)}"' in code and "--serve-artifacts" in code

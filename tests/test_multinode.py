@@ -246,12 +246,13 @@ def test_a_killed_training_job_resumes_from_the_bucket(world, finished, s3_env):
     args = ["jobs/train.py", f"pool={RUN}/pool", f"output={output}", "objective=hgdpo", "beta=2500",
             "lambda_stat=10000", *TRAIN]
     run_train = storage.read_json(f"{RUN}/train/adapter/hgdpo_adapter.json")["config"]
-    first = f"{output}/checkpoints/train/checkpoint_00000004/state.json"
+    # Ray Train registers a checkpoint in its snapshot once the upload is whole; kill after that.
+    registered = f"{output}/checkpoints/train/checkpoint_manager_snapshot.json"
     job = cluster.submit(args, work / "killed.log", wait=False)
     deadline = time.time() + 600
-    while time.time() < deadline and not storage.exists(first):
+    while time.time() < deadline and not storage.exists(registered):
         time.sleep(0.2)
-    assert storage.exists(first), (work / "killed.log").read_text()[-3000:]
+    assert storage.exists(registered), (work / "killed.log").read_text()[-3000:]
     commands = {p: " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["pid", "cmdline"])}
     drivers = [p for p, c in commands.items() if "jobs/train.py" in c and output in c and "job submit" not in c]
     assert drivers, "the trainer's driver process was not found"

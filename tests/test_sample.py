@@ -6,6 +6,7 @@ perturbed (fresh LoRA is a no-op), saved by ``hgdpo.lora.save_adapter`` as the t
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -216,6 +217,29 @@ def test_sample_job_writes_images_and_manifest(tmp_path, adapter_dir, tuned, cap
     assert "nothing to do" in capsys.readouterr().out
     assert sample_job.main(argv[:-1] + ["seed=8"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_sample_job_reads_its_adapter_from_and_writes_to_object_storage(s3_env, tmp_path, adapter_dir, tuned, capsys):
+    """The same job with the adapter and the output in a bucket (an S3-compatible server on 127.0.0.1)."""
+    from hgdpo import storage
+
+    root = f"s3://hgdpo-test/sample/{tmp_path.name}"
+    storage.copy_tree(str(adapter_dir), f"{root}/adapter", last=lora.INFO_FILE)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text(f"{PROMPT}\n")
+    argv = [f"prompts={prompts_file}", f"output={root}/out", f"adapter={root}/adapter", "alpha=0.5",
+            "images_per_prompt=2", "steps=3", "width=64", "height=64", "seed=7"]
+    assert sample_job.main(argv) == 0
+    (prompt,) = read_prompts(prompts_file)
+    manifest = storage.read_json(f"{root}/out/samples.json")
+    assert manifest["adapter"]["path"] == f"{root}/adapter" and manifest["adapter"]["fingerprint"] == "x"
+    assert storage.listdir(f"{root}/out") == sorted([f"{prompt.id}_0.png", f"{prompt.id}_1.png", "samples.json"])
+    set_sampler(tuned, "dpm_multistep")
+    _, images = lan.sample(tuned, prompt.text, image_seeds(7, prompt.id, 2), steps=3, guidance_scale=5.0, alpha=0.5,
+                           **SIZE)
+    png = storage.read_bytes(f"{root}/out/{prompt.id}_1.png")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), images[1])
+    assert not Path("s3:").exists(), "a URI was taken for a local path"
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -145,9 +145,10 @@ def test_rerun_after_the_job_is_killed_resumes_from_the_last_checkpoint(work, ca
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), *args], cwd=work,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = work / "jobkill" / "checkpoints" / "train"
+    registered = ckpts / "checkpoint_manager_snapshot.json"  # written once a checkpoint is whole
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and proc.poll() is None and not (ckpts / "checkpoint_00000003").exists():
+        while time.time() < deadline and proc.poll() is None and not registered.exists():
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
