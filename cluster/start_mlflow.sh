@@ -20,7 +20,11 @@
 #   MLFLOW_BACKEND_STORE_URI      runs, params, metrics (default sqlite:///$MLFLOW_HOME/mlflow.db; a
 #                                 postgresql://... URI for a server that outlives the head)
 #   MLFLOW_ARTIFACTS_DESTINATION  where the server keeps artifacts (default $MLFLOW_HOME/artifacts;
-#                                 s3://bucket/prefix with AWS credentials in the environment)
+#                                 s3://bucket/prefix with AWS credentials in the environment and
+#                                 boto3 installed: `pip install boto3`; gs:// needs google-cloud-storage)
+#   MLFLOW_ALLOWED_HOSTS          Host headers the server answers besides localhost and private IPs
+#                                 (it refuses others with 403): a DNS name clients use, e.g.
+#                                 mlflow.mlflow.svc.cluster.local:5000 for a Kubernetes Service
 #   MLFLOW_BIN                    the `mlflow` executable (default: `mlflow` on PATH, else ./.venv/bin/mlflow)
 set -euo pipefail
 
@@ -46,8 +50,12 @@ if [[ "$ARTIFACTS" != *://* ]]; then
   mkdir -p "$ARTIFACTS"
 fi
 
-echo "MLflow tracking server: mlflow_uri=http://$HOST:$PORT (backend $BACKEND, artifacts $ARTIFACTS)"
+extra=()
+[[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]] && extra+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
+
+# Printed without a password a database URI may hold.
+echo "MLflow tracking server: mlflow_uri=http://$HOST:$PORT (backend $(echo "$BACKEND" | sed -E 's#//([^:/@]*):[^@/]*@#//\1:***@#'), artifacts $ARTIFACTS)"
 # The job-execution workers cost ~2 GiB and hgdpo does not use them.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 exec "$MLFLOW" server --host "$HOST" --port "$PORT" --backend-store-uri "$BACKEND" \
-  --serve-artifacts --artifacts-destination "$ARTIFACTS"
+  --serve-artifacts --artifacts-destination "$ARTIFACTS" "${extra[@]}"

@@ -27,6 +27,8 @@ from hgdpo.errors import ConfigError
 
 C = TypeVar("C")
 
+# Where a job records its run: not part of what it produces, so a rerun may change them.
+TRACKING_FIELDS = ("mlflow_uri", "mlflow_experiment", "mlflow_allow_local")
 ALLOW_LOCAL_DOC = ("Keep a local MLflow store (sqlite file or folder) even on a Ray cluster of several nodes, "
                    "where only this node reaches it. Off: such a job is refused.")
 
@@ -228,14 +230,23 @@ def check_actors(cfg: Any, *roles: str) -> None:
 
 
 def check_locations(cfg: Any, *names: str) -> None:
-    """Storage locations (outputs, pools, adapters) must not carry credentials (``hgdpo.storage.check_uri``)."""
+    """Storage locations (outputs, pools, adapters) and the tracking URI must not carry credentials
+    (``hgdpo.storage.check_uri``, ``hgdpo.tracking.check_uri``)."""
+    from hgdpo import storage, tracking
     from hgdpo.errors import HgdpoError
-    from hgdpo.storage import check_uri
 
-    for name in names:
-        value = getattr(cfg, name)
-        if isinstance(value, str):
-            try:
-                check_uri(value, f"{cfg.SECTION}.{name}")
-            except HgdpoError as err:
-                raise ConfigError(str(err)) from None
+    try:
+        for name in names:
+            value = getattr(cfg, name)
+            if isinstance(value, str):
+                storage.check_uri(value, f"{cfg.SECTION}.{name}")
+        tracking.check_uri(getattr(cfg, "mlflow_uri", None), f"{cfg.SECTION}.mlflow_uri")
+    except HgdpoError as err:
+        raise ConfigError(str(err)) from None
+
+
+def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings whose values differ between a stored config and the current one (tracking settings
+    aside), sorted: what makes a finished output another job's."""
+    keys = (set(stored) | set(current)) - set(TRACKING_FIELDS)
+    return sorted(k for k in keys if stored.get(k) != current.get(k))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from hgdpo import lan, models, prompts as prompt_io, storage, tracking
-from hgdpo.config import from_dict, to_dict
+from hgdpo.config import changed_settings, from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.eval_config import EvalConfig
 from hgdpo.raycluster import warn_if_not_shared
@@ -228,10 +228,12 @@ def _settled(cfg: EvalConfig) -> EvalResult | None:
         data = storage.read_json(path, "evaluation report")
     try:
         stored, result = data["config"], EvalResult.from_json(data["result"])
+        if not isinstance(stored, dict):
+            raise TypeError("config is not a mapping")
     except (KeyError, TypeError) as err:
         raise HgdpoError(f"output: {path} is not an evaluation report ({err}); use another output") from None
-    if stored != to_dict(cfg):
-        changed = sorted(k for k in set(stored) | set(to_dict(cfg)) if stored.get(k) != to_dict(cfg).get(k))
+    changed = changed_settings(stored, to_dict(cfg))
+    if changed:
         raise HgdpoError(f"output: {cfg.output} holds an evaluation with other settings ({', '.join(changed[:5])}); "
                          f"use another output")
     result.skipped = True

@@ -35,9 +35,9 @@ def node_count() -> int:
 
 def warn_if_not_shared(location: str, setting: str, log=print) -> None:
     """A local path on a cluster of several nodes works only on a disk every node mounts at that path."""
-    from hgdpo.storage import is_uri
+    from hgdpo.storage import is_local
 
-    if is_uri(location):
+    if not is_local(location):
         return
     nodes = node_count()
     if nodes > 1:

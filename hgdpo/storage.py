@@ -11,7 +11,9 @@ object store it is a server-side copy (S3 ``CopyObject``, GCS rewrite), and the 
 destination object whole or not at all; a partial upload (pyarrow completes a multipart upload even
 when the writer failed half-way) can only ever sit under a temporary name. Listings ignore
 temporary names; ``remove_temporaries`` deletes the ones a crash left behind. A folder-valued output
-(an adapter) is complete when its last file (named by the writer) exists.
+(an adapter) is complete when its last file (named by the writer) exists. This holds for a process
+that dies at any point; on a local disk nothing is fsync'ed, so a power loss may still lose the
+last files written before it.
 
 **Credentials** come from the standard environment of each process (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` for an
@@ -23,6 +25,8 @@ config, output or log line can carry one.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import json
 import os
@@ -32,7 +36,7 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -49,28 +53,41 @@ def is_uri(location: str | os.PathLike) -> bool:
     return "://" in os.fspath(location)
 
 
+def is_local(location: str | os.PathLike) -> bool:
+    """On this machine's disk: a path or a ``file://`` URI (other nodes see it only on a shared mount)."""
+    return not is_uri(location) or os.fspath(location).startswith("file://")
+
+
 def absolute(location: str | os.PathLike) -> str:
     """A URI unchanged; a local path made absolute (what a job records, and what Ray workers get)."""
     location = os.fspath(location)
     return location if is_uri(location) else str(Path(location).expanduser().resolve())
 
 
+def _with_path(uri: str, edit: Callable[[str], str]) -> str:
+    """``uri`` with its path edited, its scheme, bucket and query (``?endpoint_override=...``) kept."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=edit(parts.path.rstrip("/"))))
+
+
 def join(location: str | os.PathLike, *parts: str) -> str:
     """``location/part/...``; a URI stays a URI (``Path`` would fold ``s3://`` into ``s3:/``)."""
     location = os.fspath(location)
     if is_uri(location):
-        return posixpath.join(location.rstrip("/"), *parts)
+        return _with_path(location, lambda path: posixpath.join(path or "/", *parts))
     return os.path.join(location, *parts)
 
 
 def name(location: str | os.PathLike) -> str:
-    return posixpath.basename(os.fspath(location).rstrip("/")) if is_uri(location) else Path(location).name
+    if is_uri(location):
+        return posixpath.basename(urlsplit(os.fspath(location)).path.rstrip("/"))
+    return Path(location).name
 
 
 def parent(location: str | os.PathLike) -> str:
     location = os.fspath(location)
     if is_uri(location):
-        return posixpath.dirname(location.rstrip("/"))
+        return _with_path(location, lambda path: posixpath.dirname(path).rstrip("/"))
     return str(Path(location).parent)
 
 
@@ -87,13 +104,31 @@ def check_uri(location: str, setting: str) -> None:
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the path inside it of a location."""
+    """The pyarrow filesystem and the path inside it of a location. A failed request (on S3 without
+    an endpoint, pyarrow asks the bucket for its region) raises ``OSError``: see ``errors``."""
     location = absolute(location)
+    parts = urlsplit(location)
+    if parts.scheme in ("s3", "gs") and not parts.query:
+        fs = _bucket_filesystem(parts.scheme, parts.netloc, _credentials_digest())
+        return fs, f"{parts.netloc}{parts.path}".rstrip("/") or parts.netloc
     try:
         fs, path = pafs.FileSystem.from_uri(location)
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         raise HgdpoError(f"{location}: not a local path or a storage URI pyarrow can open ({err})") from None
     return fs, path.rstrip("/") or "/"
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(scheme: str, bucket: str, credentials: str) -> pafs.FileSystem:
+    """One filesystem per bucket and environment: creating one for ``s3://`` costs a request (the
+    bucket's region) unless an endpoint is set, and every file operation would pay it."""
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+
+
+def _credentials_digest() -> str:
+    """A digest of the environment a filesystem is built from (so a changed one builds a new one)."""
+    relevant = sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_")))
+    return hashlib.sha256(repr(relevant).encode()).hexdigest()
 
 
 def _info(location: str) -> pafs.FileInfo:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hgdpo import storage, tracking
-from hgdpo.config import from_dict, to_dict
+from hgdpo.config import changed_settings, from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.eval_config import EvalConfig
 from hgdpo.sweep_config import EVAL_PARAMETERS, TRAIN_PARAMETERS, SweepConfig, Trial, value_text
@@ -45,7 +45,10 @@ SWEEP_FILE = "sweep.json"  # the sweep's resolved config, versions and MLflow pa
 # The Tune function trainable only waits on the workers and actors it starts, so it takes no CPU:
 # even 0.01 CPU would keep a trial whose training needs every CPU of the cluster from ever
 # starting its workers. Tune refuses an empty request; a nominal bit of memory satisfies it.
-TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20}
+# It runs on the head, beside the driver (`ray job submit` puts it there; a local Ray has one
+# node): the files the sweep names (test prompts, scorer folders) are in the driver's working
+# directory, which the head alone has at that path.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 1 << 20, "node:__internal_head__": 0.001}
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -126,8 +129,7 @@ def prepare(cfg: SweepConfig) -> Prepared:
         if storage.is_file(path):
             stored = storage.read_json(path, "trial state")
             ours = {"train": to_dict(trial.train), "evaluate": to_dict(trial.evaluate)}
-            changed = sorted(f"{stage}.{k}" for stage in ours for k in set(ours[stage]) | set(stored[stage])
-                             if ours[stage].get(k) != stored[stage].get(k))
+            changed = [f"{stage}.{k}" for stage in ours for k in changed_settings(stored[stage], ours[stage])]
             if changed:
                 raise HgdpoError(f"sweep.output: trial {trial.name!r} in {trial.folder} was run with other settings "
                                  f"({', '.join(changed[:5])}); use another output")

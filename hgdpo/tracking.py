@@ -37,9 +37,23 @@ def tracking_uri(configured: str | None) -> str:
 
 
 def is_local_store(uri: str) -> bool:
-    """A store on this machine's disk (a sqlite file, a folder), which other nodes cannot reach."""
-    scheme = urlsplit(uri).scheme.lower()
+    """A store only this machine reaches: a sqlite file, a folder, or a server on the loopback address."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if uri.startswith("databricks"):  # "databricks", "databricks-uc", "databricks://profile": a hosted server
+        return False
+    if scheme in ("http", "https"):
+        host = (parts.hostname or "").lower()
+        return host == "localhost" or host.startswith("127.") or host == "::1"
     return scheme in ("", "file", "sqlite") or len(scheme) == 1  # "C:\\..." is a path
+
+
+def check_uri(uri: str | None, setting: str) -> None:
+    """Refuse a tracking URI holding a password: configs are written into outputs and MLflow."""
+    if uri and urlsplit(uri).password is not None:
+        raise HgdpoError(f"{setting}: a password inside the tracking URI is refused (it would be written into "
+                         f"outputs and MLflow parameters); give MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                         f"in the environment instead")
 
 
 def redact(uri: str) -> str:
@@ -57,18 +71,22 @@ SERVER_HINT = ("start a tracking server on the head (`bash cluster/start_mlflow.
 
 def check_store(configured: str | None, allow_local: bool, setting: str = "mlflow_uri") -> None:
     """Refuse a local store when the job runs on a Ray cluster of more than one node, unless allowed:
-    workers on other nodes (the trainer's rank 0 logs its metrics) would each write to their own disk."""
+    the trainer's rank 0, on another node, logs its metrics to the store. (A cluster that will grow
+    by autoscaling counts only the nodes it has now: its nodes get MLFLOW_TRACKING_URI from
+    cluster/ray-cluster.yaml or cluster/rayjob.yaml.)"""
     from hgdpo.raycluster import node_count
 
     uri = tracking_uri(configured)
+    # The resolved URI reaches Ray workers and a sweep's trial configs (written into outputs).
+    check_uri(uri, setting if configured else "MLFLOW_TRACKING_URI")
     if allow_local or not is_local_store(uri):
         return
     nodes = node_count()
     if nodes > 1:
         raise HgdpoError(
-            f"{setting}: {redact(uri)} is a store on this node's disk, but the Ray cluster has {nodes} nodes and "
-            f"the others cannot reach it: {SERVER_HINT}. To keep the local store anyway, set "
-            f"mlflow_allow_local=true (metrics logged on other nodes then go to their own disks).")
+            f"{setting}: {redact(uri)} is a store only this node reaches, but the Ray cluster has {nodes} nodes and "
+            f"the others cannot reach it (a file, or a server on the loopback address): {SERVER_HINT}. To keep the local store anyway, set "
+            f"mlflow_allow_local=true (training metrics are then recorded only when rank 0 runs on this node).")
 
 
 def artifact_root(uri: str) -> str | None:

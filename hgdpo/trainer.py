@@ -173,6 +173,22 @@ def _quiet_reports() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _metrics_client(config: dict):
+    """Rank 0's MLflow client for the training curves, or None where the store is out of its reach (a
+    local store on another node than the driver's, allowed by ``mlflow_allow_local``)."""
+    import mlflow
+    import ray
+
+    if not config.get("mlflow_run_id"):
+        return None
+    uri = tracking.tracking_uri(config["mlflow_uri"])
+    if tracking.is_local_store(uri) and ray.get_runtime_context().get_node_id() != config["driver_node"]:
+        sys.stdout.write(f"train: warning: rank 0 runs on another node than the local MLflow store "
+                         f"{tracking.redact(uri)}; the training curves are not recorded\n")
+        return None
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
 def train_loop(config: dict) -> dict | None:
     """One Ray Train worker. ``config``: plain data (the config, the pair plan, provenance). Returns
     ``{"nonfinite_step": k}`` when step k's loss or gradient is not finite (rank 0's value is the run's)."""
@@ -217,11 +233,7 @@ def train_loop(config: dict) -> dict | None:
     data = worker_pairs(batches, plan_, shards, config["latent_shape"])
     position = {int(i): k for k, i in enumerate(data["index"])}
     shape = tuple(config["latent_shape"])
-    mlflow_client = None
-    if rank == 0 and config.get("mlflow_run_id"):
-        import mlflow
-
-        mlflow_client = mlflow.MlflowClient(tracking_uri=config["mlflow_uri"])
+    mlflow_client = _metrics_client(config) if rank == 0 else None
 
     per_worker = cfg.global_batch // world
     sums: dict[str, float] = {}
@@ -361,8 +373,8 @@ def _publish(checkpoint, adapter: str) -> None:
     import mlflow
 
     with checkpoint.as_directory() as local:
+        mlflow.log_artifacts(str(Path(local) / ADAPTER_DIR), artifact_path="adapter")  # first: a rerun retries both
         storage.copy_tree(str(Path(local) / ADAPTER_DIR), adapter, last=INFO_FILE)
-        mlflow.log_artifacts(str(Path(local) / ADAPTER_DIR), artifact_path="adapter")
 
 
 def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> TrainResult:
@@ -370,6 +382,7 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
 
     The run is recorded in a new MLflow run, or in ``mlflow_run_id`` (a sweep's trial run).
     """
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -415,6 +428,7 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
             "train": to_dict(cfg), "plan": asdict(plan_), "fingerprint": fp,
             "latent_shape": meta["latent_shape"][1:], "adapter_info": info,
             "mlflow_run_id": run.info.run_id, "mlflow_uri": tracking.tracking_uri(cfg.mlflow_uri),
+            "driver_node": ray.get_runtime_context().get_node_id(),
         }
         use_gpu = cfg.gpus_per_worker > 0
         # Pairs are selected by Ray Data now, while the CPUs are free; every worker reads the

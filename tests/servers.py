@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -157,15 +158,24 @@ def start_s3(workdir: Path, *, auth: bool = False) -> S3:
 
 # ------------------------------------------------------------------------------------------ MLflow
 
-def start_mlflow(workdir: Path, backend: str, artifacts: str, env: dict | None = None) -> tuple[Process, str]:
-    """The tracking server as the cluster runs it (``cluster/start_mlflow.sh``), on 127.0.0.1; its URL."""
+def start_mlflow(workdir: Path, backend: str, artifacts: str, env: dict | None = None,
+                 host: str | None = "127.0.0.1") -> tuple[Process, str]:
+    """The tracking server as the cluster runs it (``cluster/start_mlflow.sh``); its URL. ``host=None``:
+    the script's default, this machine's private address (what the nodes of a cluster reach)."""
     (port,) = free_ports(1)
-    env = clean_env(MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port), MLFLOW_BACKEND_STORE_URI=backend,
-                    MLFLOW_ARTIFACTS_DESTINATION=artifacts, MLFLOW_BIN=str(BIN / "mlflow"), **(env or {}))
+    env = clean_env(MLFLOW_PORT=str(port), MLFLOW_BACKEND_STORE_URI=backend, MLFLOW_ARTIFACTS_DESTINATION=artifacts,
+                    MLFLOW_BIN=str(BIN / "mlflow"), **({"MLFLOW_HOST": host} if host else {}), **(env or {}))
     server = start(["bash", str(REPO / "cluster" / "start_mlflow.sh")], workdir / f"mlflow-{port}.log", env, workdir)
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_ok(f"{url}/health"), server, "mlflow server")
-    return server, url
+    url = {}
+
+    def up() -> bool:
+        found = re.search(r"mlflow_uri=(http://\S+)", server.tail())
+        if found:
+            url["url"] = found.group(1)
+        return bool(url) and http_ok(f"{url['url']}/health")
+
+    wait_until(up, server, "mlflow server")
+    return server, url["url"]
 
 
 # --------------------------------------------------------------------------------------------- Ray

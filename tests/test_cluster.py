@@ -313,6 +313,24 @@ def test_mlflow_server_script_is_valid_bash_and_binds_a_private_address_by_defau
     assert address.strip() and address.strip() != "0.0.0.0"
 
 
+def test_mlflow_server_script_passes_its_settings_and_prints_no_password(tmp_path):
+    """The script run for real, with an `mlflow` that only prints its arguments."""
+    fake = tmp_path / "mlflow"
+    fake.write_text('#!/usr/bin/env bash\necho "ARGS: $*"\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_BIN": str(fake), "MLFLOW_HOST": "10.1.2.3",
+           "MLFLOW_BACKEND_STORE_URI": "postgresql://hg:db-password-77@db:5432/mlflow",
+           "MLFLOW_ARTIFACTS_DESTINATION": "s3://bucket/mlflow", "MLFLOW_ALLOWED_HOSTS": "mlflow.svc:5000"}
+    result = subprocess.run(["bash", str(CLUSTER / "start_mlflow.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (banner,) = [line for line in result.stdout.splitlines() if line.startswith("MLflow tracking server")]
+    assert "mlflow_uri=http://10.1.2.3:5000" in banner and "db-password-77" not in banner
+    (args,) = [line for line in result.stdout.splitlines() if line.startswith("ARGS:")]
+    assert args.split()[1:] == ["server", "--host", "10.1.2.3", "--port", "5000", "--backend-store-uri",
+                                "postgresql://hg:db-password-77@db:5432/mlflow", "--serve-artifacts",
+                                "--artifacts-destination", "s3://bucket/mlflow", "--allowed-hosts", "mlflow.svc:5000"]
+
+
 @pytest.mark.parametrize("path,cfg", launcher_configs(), ids=[p.name for p, _ in launcher_configs()])
 def test_launcher_starts_the_tracking_server_and_gives_every_node_its_uri(path, cfg):
     head = cfg["head_start_ray_commands"]

@@ -65,8 +65,9 @@ def world(s3, tmp_path_factory):
     s3.client().create_bucket(Bucket=BUCKET)
     (work / "home").mkdir()
     (work / "tmp").mkdir()
+    # On the script's default address, this machine's private one: a cluster refuses a loopback server.
     server, url = start_mlflow(work, backend=f"sqlite:///{work / 'tracking' / 'mlflow.db'}",
-                               artifacts=f"s3://{BUCKET}/mlartifacts", env=s3.env)
+                               artifacts=f"s3://{BUCKET}/mlartifacts", env=s3.env, host=None)
     # Every node: the store's credentials, the tracking server, and its own HOME and TMPDIR, so the
     # local-disk check below sees everything a job could have left.
     node_env = clean_env(**s3.env, MLFLOW_TRACKING_URI=url, HOME=str(work / "home"), TMPDIR=str(work / "tmp"))
@@ -152,16 +153,21 @@ def test_the_outputs_read_back_from_the_bucket(world, finished, s3_env):
     assert torch.isfinite(torch.tensor(report["result"]["win_rates"]["judge"]["rate"]))
 
 
-def test_training_ran_on_the_node_without_the_driver(world, finished):
+def test_training_ran_away_from_the_driver_and_trials_beside_it(world, finished):
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
     url = world["cluster"].dashboard
-    driver = JobSubmissionClient(url).get_job_info(job_id(finished["run_log"])).driver_node_id
+    jobs = JobSubmissionClient(url)
+    driver = jobs.get_job_info(job_id(finished["run_log"])).driver_node_id
     workers = list_actors(address=url, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
     assert workers, "no Ray Train worker was recorded"
     assert driver and all(a.node_id != driver for a in workers), \
         f"a training worker ran on the driver's node {driver}: {[a.node_id for a in workers]}"
+    # A sweep trial's coordinator runs on the head, where the driver's working directory is.
+    sweep_driver = jobs.get_job_info(job_id(finished["sweep_log"])).driver_node_id
+    trials = list_actors(address=url, filters=[("class_name", "=", "run_trial")], detail=True, limit=100)
+    assert trials and all(a.node_id == sweep_driver for a in trials), [a.node_id for a in trials]
 
 
 def test_nothing_is_left_on_the_local_disk(world, finished):
@@ -212,11 +218,10 @@ def test_the_secret_appears_in_no_output_parameter_or_log(world, finished):
 
     s3, cluster = world["s3"], world["cluster"]
     leaks = []
-    for key in s3.keys(BUCKET):
-        if key.endswith((".json", ".md", ".txt", ".yaml", ".csv")):
-            text = s3.read(BUCKET, key)
-            if SECRET_KEY.encode() in text or ACCESS_KEY.encode() in text:
-                leaks.append(f"s3://{BUCKET}/{key}")
+    for key in s3.keys(BUCKET):  # every object: JSON, parquet, pickles of Tune's state, weights
+        blob = s3.read(BUCKET, key)
+        if SECRET_KEY.encode() in blob or ACCESS_KEY.encode() in blob:
+            leaks.append(f"s3://{BUCKET}/{key}")
     client = mlflow.MlflowClient(tracking_uri=world["mlflow"])
     for exp in client.search_experiments():
         for r in client.search_runs([exp.experiment_id]):
@@ -225,8 +230,8 @@ def test_the_secret_appears_in_no_output_parameter_or_log(world, finished):
                 leaks.append(f"MLflow run {r.info.run_name}")
     logs = {"run job": finished["run_log"], "sweep job": finished["sweep_log"]}
     for temp in cluster.temp_dirs:
-        for path in Path(temp).glob("session_*/logs/*"):
-            if path.is_file() and path.suffix in (".out", ".err", ".log"):
+        for path in Path(temp).glob("session_*/logs/**/*"):
+            if path.is_file():
                 logs[str(path)] = path.read_text(errors="replace")
     leaks += [f"log {name}" for name, text in logs.items() if SECRET_KEY in text]
     assert not leaks, leaks
@@ -362,18 +367,31 @@ def _on_the_cluster(world, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_a_sqlite_store_on_two_nodes_is_refused_and_the_opt_in_allows_it(world, tmp_path):
+def test_a_sqlite_store_on_two_nodes_is_refused_and_the_opt_in_allows_it(world, finished, tmp_path):
+    import mlflow
+
     db = tmp_path / "mlflow.db"
     output = f"s3://{BUCKET}/runs/sqlite-refused"
     result = _on_the_cluster(world, "jobs/run.py", "--config", "examples/run.yaml", f"output={output}",
                              f"mlflow_uri=sqlite:///{db}")
     assert result.returncode == 2, result.stderr[-3000:]
     err = result.stderr
-    assert f"error: run.mlflow_uri: sqlite:///{db} is a store on this node's disk, but the Ray cluster has 2 nodes" in err
+    assert f"error: run.mlflow_uri: sqlite:///{db} is a store only this node reaches, but the Ray cluster has 2 nodes" in err
     assert "bash cluster/start_mlflow.sh" in err and "mlflow_allow_local=true" in err
     assert not db.exists() and world["s3"].keys(BUCKET, "runs/sqlite-refused") == []
-    # With the opt-in the store is accepted: the job goes on to its next check (here: the pool).
-    result = _on_the_cluster(world, "jobs/train.py", f"pool=s3://{BUCKET}/runs/no-pool", f"output={output}",
-                             f"mlflow_uri=sqlite:///{db}", "mlflow_allow_local=true")
-    assert result.returncode == 2 and "is not a pool" in result.stderr, result.stderr[-3000:]
-    assert world["s3"].keys(BUCKET, "runs/sqlite-refused") == []
+    result = _on_the_cluster(world, "jobs/train.py", f"pool={RUN}/pool", f"output={output}",
+                             "mlflow_uri=http://127.0.0.1:5000")  # a server on the loopback address
+    assert result.returncode == 2 and "error: train.mlflow_uri: http://127.0.0.1:5000 is a store only this node " \
+        "reaches" in result.stderr, result.stderr[-3000:]
+    # With the opt-in the job runs; rank 0, on the other node, cannot reach the store and says so.
+    code, text = world["cluster"].submit(
+        ["jobs/train.py", f"pool={RUN}/pool", f"output=s3://{BUCKET}/runs/local-store", "max_steps=2",
+         "global_batch=2", "micro_batch=1", "data_shards=2", "workers=2", "checkpoint_every=2", "metrics_every=1",
+         f"mlflow_uri=sqlite:///{db}", "mlflow_allow_local=true"], tmp_path / "opt-in.log")
+    assert code == 0, text[-5000:]
+    assert "rank 0 runs on another node than the local MLflow store" in text
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("hgdpo-train").experiment_id])
+    assert "adapter/pytorch_lora_weights.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id,
+                                                                                                   "adapter")}
+    assert client.get_metric_history(run.info.run_id, "loss") == []

@@ -109,6 +109,11 @@ def test_uris_stay_uris_and_local_paths_keep_working():
     assert storage.join("s3://b/run", "pool", "part.parquet") == "s3://b/run/pool/part.parquet"
     assert storage.join("s3://b/run/", "pool") == "s3://b/run/pool"
     assert storage.parent("s3://b/run/trials/x") == "s3://b/run/trials" and storage.name("s3://b/run/x/") == "x"
+    minio = "s3://b/run?endpoint_override=127.0.0.1:9000&scheme=http"  # pyarrow's options stay at the end
+    assert storage.join(minio, "pool") == "s3://b/run/pool?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.parent(storage.join(minio, "pool")) == minio and storage.name(minio) == "run"
+    assert storage.join("s3://bucket", "x") == "s3://bucket/x" and storage.parent("s3://bucket/x") == "s3://bucket"
+    assert storage.is_local("file:///data/x") and storage.is_local("runs/x") and not storage.is_local("gs://b/x")
     assert storage.join("runs/demo", "pool") == "runs/demo/pool"  # relative paths stay relative
     assert storage.absolute("s3://b/x") == "s3://b/x" and storage.absolute("runs").startswith("/")
 

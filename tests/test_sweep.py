@@ -350,3 +350,24 @@ def test_concurrency_defaults_to_the_trials_that_fit_at_their_peak():
     gpu = _cfg(parameters={"beta": [1, 2, 3, 4]}, train={"gpus_per_worker": 1},
                evaluate={"prompts": "x.txt", "generator_gpus": 0.5, "scorer_gpus": 0.5}).expand()
     assert trial_peak(gpu[0]) == (2.0, 1.0) and fitting_trials(gpu, 16, 2) == 2
+
+
+def test_trials_get_no_copy_of_the_drivers_aws_keys(monkeypatch):
+    """Tune copies the driver's AWS keys into every trial's runtime env, which Ray's runtime-env agent logs;
+    while a sweep runs its trials it copies none (the nodes have their own)."""
+    from ray.tune.execution import class_cache
+
+    from hgdpo.sweep import _credentials_stay_home
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-copied")
+    assert "AWS_SECRET_ACCESS_KEY" in class_cache.ENV_VARS_TO_PROPAGATE  # Ray's behaviour, which this undoes
+
+    def env_vars() -> dict:
+        def trial():
+            pass
+        return class_cache._ActorClassCache().get(trial)._default_options["runtime_env"]["env_vars"]
+
+    assert env_vars()["AWS_SECRET_ACCESS_KEY"] == "not-to-be-copied"
+    with _credentials_stay_home():
+        assert "AWS_SECRET_ACCESS_KEY" not in env_vars()
+    assert "AWS_SECRET_ACCESS_KEY" in class_cache.ENV_VARS_TO_PROPAGATE
