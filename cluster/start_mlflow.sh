@@ -22,9 +22,9 @@
 #   MLFLOW_ARTIFACTS_DESTINATION  where the server keeps artifacts (default $MLFLOW_HOME/artifacts;
 #                                 s3://bucket/prefix with AWS credentials in the environment and
 #                                 boto3 installed: `pip install boto3`; gs:// needs google-cloud-storage)
-#   MLFLOW_ALLOWED_HOSTS          Host headers the server answers besides localhost and private IPs
-#                                 (it refuses others with 403): a DNS name clients use, e.g.
-#                                 mlflow.mlflow.svc.cluster.local:5000 for a Kubernetes Service
+#   MLFLOW_ALLOWED_HOSTS          Host headers the server answers besides its own address, localhost
+#                                 and private IPs (it refuses others with 403): a DNS name clients
+#                                 use, e.g. mlflow.mlflow.svc.cluster.local:5000 for a Kubernetes Service
 #   MLFLOW_BIN                    the `mlflow` executable (default: `mlflow` on PATH, else ./.venv/bin/mlflow)
 set -euo pipefail
 
@@ -50,12 +50,16 @@ if [[ "$ARTIFACTS" != *://* ]]; then
   mkdir -p "$ARTIFACTS"
 fi
 
-extra=()
-[[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]] && extra+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
+# Host headers answered: the address it listens on (MLflow's own default holds only localhost and
+# the RFC 1918 ranges, so a VPC on another range would get 403), localhost (the UI through an SSH
+# tunnel), the private ranges, and MLFLOW_ALLOWED_HOSTS.
+allowed="$HOST,$HOST:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*,10.*,192.168.*"
+for i in $(seq 16 31); do allowed+=",172.$i.*"; done
+[[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]] && allowed+=",$MLFLOW_ALLOWED_HOSTS"
 
 # Printed without a password a database URI may hold.
 echo "MLflow tracking server: mlflow_uri=http://$HOST:$PORT (backend $(echo "$BACKEND" | sed -E 's#//([^:/@]*):[^@/]*@#//\1:***@#'), artifacts $ARTIFACTS)"
 # The job-execution workers cost ~2 GiB and hgdpo does not use them.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 exec "$MLFLOW" server --host "$HOST" --port "$PORT" --backend-store-uri "$BACKEND" \
-  --serve-artifacts --artifacts-destination "$ARTIFACTS" "${extra[@]}"
+  --serve-artifacts --artifacts-destination "$ARTIFACTS" --allowed-hosts "$allowed"

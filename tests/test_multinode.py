@@ -166,7 +166,7 @@ def test_training_ran_away_from_the_driver_and_trials_beside_it(world, finished)
         f"a training worker ran on the driver's node {driver}: {[a.node_id for a in workers]}"
     # A sweep trial's coordinator runs on the head, where the driver's working directory is.
     sweep_driver = jobs.get_job_info(job_id(finished["sweep_log"])).driver_node_id
-    trials = list_actors(address=url, filters=[("class_name", "=", "run_trial")], detail=True, limit=100)
+    trials = list_actors(address=url, filters=[("class_name", "=", "ImplicitFunc")], detail=True, limit=100)  # Tune's
     assert trials and all(a.node_id == sweep_driver for a in trials), [a.node_id for a in trials]
 
 
