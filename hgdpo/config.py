@@ -119,6 +119,9 @@ def from_dict(cls: type[C], data: dict[str, Any], source: str = "") -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
+    retired = getattr(cls, "RETIRED", {})
+    if unknown and unknown[0] in retired:
+        raise ConfigError(f"{where}{section}.{unknown[0]}: no longer a setting: {retired[unknown[0]]}")
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), fields, n=1)

@@ -161,8 +161,9 @@ def _scorer_locations(model: str, processor: str | None) -> tuple[str, str]:
 
 
 def load_scorer(model: str, processor: str | None = None, *, allow_pickle: bool = False,
-                dtype=None, device: str = "cpu"):
-    """Load PickScore as ``(processor, model)`` from hub ids or local folders (``embedded`` allowed)."""
+                dtype=None, device: str = "cpu", attn_implementation: str | None = None):
+    """Load PickScore as ``(processor, model)`` from hub ids or local folders (``embedded`` allowed).
+    ``attn_implementation``: transformers' attention (``sdpa``, ``eager``); None: its default."""
     import torch
     from transformers import AutoProcessor, CLIPModel
 
@@ -172,7 +173,9 @@ def load_scorer(model: str, processor: str | None = None, *, allow_pickle: bool 
     except Exception as err:
         raise _hub_error("scorer_processor", proc_loc, err) from None
     try:
-        clip = CLIPModel.from_pretrained(model_loc, dtype=dtype or torch.float32, use_safetensors=None if allow_pickle else True)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        clip = CLIPModel.from_pretrained(model_loc, dtype=dtype or torch.float32,
+                                         use_safetensors=None if allow_pickle else True, **extra)
     except Exception as err:
         raise _hub_error("scorer_model", model_loc, err) from None
     return proc, clip.eval().to(device)

@@ -1,24 +1,38 @@
-"""Building a preference pool on Ray Data (paper §3.1, eq. 4-6).
+"""Building a preference pool (paper §3.1, eq. 4-6), on Ray Data or in one process.
 
-The stream: prompts -> ``GenerateImages`` actors (N images per prompt as one batch, seeds from
-(run seed, prompt id, j)) -> ``ScoreAndRank`` actors (PickScore, ranking, PNGs of the winner and
-loser, the latents to keep) -> ``write_rows`` tasks (one atomic parquet part per batch), whose
-small summaries flow back to the driver for progress and statistics. Nothing holds the pool
-in memory; the driver sees only prompt ids and scores.
+The stream: prompts -> ``RowMaker`` actors (one per GPU: each loads the model and PickScore once;
+per prompt, the N images ``generator_batch`` at a time through the sampler and ``vae_batch`` at a
+time through the VAE, PickScore in float32, ranking, the latents to keep) -> ``write_rows`` tasks
+(the winner's and loser's PNGs, then one atomic parquet part per ``rows_per_file`` prompts), whose
+small summaries flow back to the driver for progress and statistics. What leaves an actor is the
+row: the kept latents, the scores, and the winner's and loser's pixels -- not N images. Nothing
+holds the pool in memory; the driver sees only prompt ids and scores.
 
-Resume: parts are whole or absent, so a rerun reads the prompt ids already written, builds only
-the rest, and adds no duplicate. ``_COMPLETE.json`` is written when every prompt has a row.
+Scoring is in the generator actor rather than a scorer stage of its own: no image crosses the object
+store to be scored, the prompt is encoded once, and two GPU stages need not pipeline (Ray issue
+#44767); the measurement is in benchmarks/bench_pool.py.
+
+Input blocks hold at most ``rows_per_file`` prompts, and few enough that an actor's output for
+one block stays a single block, so a lost actor redoes at most the block it was making and no row
+reaches a writer twice. Resume: parts are whole or absent, so a rerun reads the prompt ids already
+written, builds only the rest, and adds no duplicate. ``_COMPLETE.json`` is written when every
+prompt has a row.
+
+``build_pool(cfg, local=True)`` is the same job without Ray: one process, the same ``RowMaker``
+and ``write_rows``, the reference the tests and the benchmark compare the Ray job with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -28,91 +42,80 @@ from hgdpo.errors import HgdpoError
 from hgdpo.pool_config import PoolConfig
 from hgdpo.raycluster import ensure_ray, warn_if_not_shared
 
+ROW_COLUMNS = ("prompt_id", "prompt_index", "prompt", "seeds", "scores", "rank", "winner", "loser", "latent_index",
+               "latents", "pixels_w", "pixels_l")
 
-class GenerateImages:
-    """Ray Data actor: loads the model once, then makes each prompt's N images as one batch."""
 
-    def __init__(self, config: dict):
+class RowMaker:
+    """Makes pool rows: loads the model and PickScore once, then per prompt its N images, their
+    scores, the ranking, and what the pool keeps. A Ray Data actor (``__call__`` on batches of
+    prompts) and the plain loop's worker (``make``)."""
+
+    def __init__(self, config: dict, actor: bool = True, log=print):
         from hgdpo.quiet import quiet_libraries
-        from hgdpo.sampling import native_size, resolve_device_dtype, set_sampler, set_threads
+        from hgdpo.sampling import native_size, resolve_device_dtype, set_sampler, set_threads, setup_inference
 
         self.cfg = cfg = from_dict(PoolConfig, config)
         quiet_libraries()
-        set_threads(cfg.generator_cpus)
+        if actor:  # the plain loop keeps torch's threads
+            set_threads(cfg.generator_cpus)
         device, dtype = resolve_device_dtype(cfg.dtype)
         self.pipe = models.load_pipeline(cfg.model, model_config=cfg.model_config,
                                          allow_pickle=cfg.allow_pickle, dtype=dtype, device=device)
         set_sampler(self.pipe, cfg.sampler)
+        self.applied = setup_inference(self.pipe, attention=cfg.attention, channels_last=cfg.channels_last,
+                                       compile_unet=cfg.compile, log=log)
+        self.processor, self.scorer = models.load_scorer(
+            cfg.scorer_model, cfg.scorer_processor, allow_pickle=cfg.allow_pickle, dtype=dtype, device=device,
+            attn_implementation="sdpa" if cfg.attention == "sdpa" else "eager")
         native_w, native_h = native_size(self.pipe)
         self.width, self.height = cfg.width or native_w, cfg.height or native_h
+        self.loser_rank = cfg.resolved_loser_rank()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def make(self, prompt_id: str, prompt_index: int, text: str) -> dict:
+        """One prompt's row (``ROW_COLUMNS``), the winner's and loser's images as uint8 pixels."""
         from hgdpo.sampling import generate, image_seeds
-
-        cfg, out = self.cfg, defaultdict(list)
-        for pid, index, text in zip(batch["prompt_id"], batch["prompt_index"], batch["prompt"]):
-            seeds = image_seeds(cfg.seed, str(pid), cfg.images_per_prompt)
-            latents, images = generate(self.pipe, str(text), seeds, steps=cfg.steps,
-                                       guidance_scale=cfg.guidance_scale, width=self.width,
-                                       height=self.height, negative_prompt=cfg.negative_prompt)
-            for key, value in (("prompt_id", pid), ("prompt_index", index), ("prompt", text),
-                               ("seeds", np.asarray(seeds, dtype=np.int64)), ("latents", latents),
-                               ("images", images)):
-                out[key].append(value)
-        return {k: np.stack(v) if k in ("seeds", "latents", "images") else np.asarray(v) for k, v in out.items()}
-
-
-class ScoreAndRank:
-    """Ray Data actor: PickScore for each prompt's N images, ranking, and what the pool keeps."""
-
-    def __init__(self, config: dict):
-        from hgdpo.quiet import quiet_libraries
-        from hgdpo.sampling import resolve_device_dtype, set_threads
-
-        self.cfg = cfg = from_dict(PoolConfig, config)
-        quiet_libraries()
-        set_threads(cfg.scorer_cpus)
-        device, dtype = resolve_device_dtype(cfg.dtype)
-        self.processor, self.model = models.load_scorer(cfg.scorer_model, cfg.scorer_processor,
-                                                        allow_pickle=cfg.allow_pickle, dtype=dtype, device=device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from hgdpo.scoring import pickscore, rank
 
-        loser_rank = self.cfg.resolved_loser_rank()
-        out = defaultdict(list)
-        for i, text in enumerate(batch["prompt"]):
-            images, latents = batch["images"][i], batch["latents"][i]
-            scores = pickscore(self.processor, self.model, str(text), images)
-            order = rank(scores)
-            w, l = int(order[0]), int(order[loser_rank - 1])
-            keep = np.arange(len(scores), dtype=np.int32) if self.cfg.keep == "all" else np.asarray([w, l], np.int32)
-            out["scores"].append(scores.astype(np.float32))
-            out["rank"].append(order)
-            out["winner"].append(w)
-            out["loser"].append(l)
-            out["latent_index"].append(keep)
-            out["latents"].append(latents[keep])
-            out["image_w"].append(pool.png_bytes(images[w]))
-            out["image_l"].append(pool.png_bytes(images[l]))
-        result = {k: batch[k] for k in ("prompt_id", "prompt_index", "prompt", "seeds")}
-        for key, values in out.items():
-            result[key] = np.array(values, dtype=object) if key.startswith("image_") else np.stack(values) \
-                if key not in ("winner", "loser") else np.asarray(values, dtype=np.int32)
-        return result
+        cfg = self.cfg
+        seeds = image_seeds(cfg.seed, prompt_id, cfg.images_per_prompt)
+        latents, images = generate(self.pipe, text, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                   width=self.width, height=self.height, negative_prompt=cfg.negative_prompt,
+                                   batch=cfg.generator_batch, vae_batch=cfg.vae_batch)
+        scores = pickscore(self.processor, self.scorer, text, images, batch=cfg.vae_batch)
+        order = rank(scores)
+        w, l = int(order[0]), int(order[self.loser_rank - 1])
+        keep = np.arange(len(seeds), dtype=np.int32) if cfg.keep == "all" else np.asarray([w, l], np.int32)
+        return {"prompt_id": prompt_id, "prompt_index": int(prompt_index), "prompt": text,
+                "seeds": np.asarray(seeds, dtype=np.int64), "scores": scores, "rank": order, "winner": w,
+                "loser": l, "latent_index": keep, "latents": latents[keep], "pixels_w": images[w], "pixels_l": images[l]}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.make(str(pid), int(index), str(text))
+                for pid, index, text in zip(batch["prompt_id"], batch["prompt_index"], batch["prompt"])]
+        return columns(rows)
+
+
+def columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows (dicts of ``ROW_COLUMNS``) as a batch of columns."""
+    return {key: np.stack([r[key] for r in rows]) if isinstance(rows[0][key], np.ndarray)
+            else np.asarray([r[key] for r in rows]) for key in ROW_COLUMNS}
 
 
 def write_rows(batch: dict[str, np.ndarray], output: str, latent_shape: list[int]) -> dict[str, np.ndarray]:
-    """Ray Data task: write a batch of finished rows as one part; return a summary per row."""
-    table = pool.to_table(batch, tuple(latent_shape))
-    name = pool.write_part(output, table)
+    """Ray Data task (and the plain loop's writer): PNG-encode the winners' and losers' images, write
+    the rows as one part, return a summary per row."""
+    rows = {k: v for k, v in batch.items() if not k.startswith("pixels_")}
+    rows["image_w"] = [pool.png_bytes(im) for im in batch["pixels_w"]]
+    rows["image_l"] = [pool.png_bytes(im) for im in batch["pixels_l"]]
+    name = pool.write_part(output, pool.to_table(rows, tuple(latent_shape)))
     scores = np.stack(batch["scores"])  # (B, N)
-    rows = np.arange(len(scores))
+    index = np.arange(len(scores))
     return {
         "prompt_id": np.asarray(batch["prompt_id"]),
         "part": np.asarray([name] * len(scores)),
-        "score_w": scores[rows, batch["winner"]],
-        "score_l": scores[rows, batch["loser"]],
+        "score_w": scores[index, batch["winner"]],
+        "score_l": scores[index, batch["loser"]],
         "score_mean": scores.mean(axis=1),
     }
 
@@ -197,13 +200,104 @@ def prepare(cfg: PoolConfig, log=print, mlflow: bool = True) -> tuple[list[promp
     return items, meta
 
 
-def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True) -> PoolResult:
-    """Build (or finish) the pool described by ``cfg``; log progress; return what was done. ``mlflow``:
-    whether a run will be recorded (``record``), so the tracking store is checked first."""
+def block_size(cfg: PoolConfig, meta: dict, pending: int) -> int:
+    """Prompts per input block: at most ``rows_per_file``; few enough that an actor's rows for one block
+    stay under half of Ray Data's block size, so its output is one block, yielded when the block is
+    done (a lost actor's block is then redone whole, never written twice); and small enough that every
+    actor has work to the end."""
     import ray
 
+    k, c, h, w = meta["latent_shape"]
+    row_bytes = k * c * h * w * 2 + 2 * meta["width"] * meta["height"] * 3  # float16 latents, two uint8 images
+    target = ray.data.DataContext.get_current().target_max_block_size or (128 << 20)
+    spread = math.ceil(pending / (4 * cfg.generator_actors))
+    return max(1, min(cfg.rows_per_file, target // (2 * row_bytes), spread))
+
+
+def _ray_rows(cfg: PoolConfig, pending: list[prompt_io.Prompt], meta: dict) -> Iterator[dict]:
+    """The Ray Data stream of the pending prompts; yields each written row's summary."""
+    import ray
+
+    ensure_ray()
+    config = to_dict(cfg)
+    ds = ray.data.from_items([{"prompt_id": p.id, "prompt_index": p.index, "prompt": p.text} for p in pending],
+                             override_num_blocks=math.ceil(len(pending) / block_size(cfg, meta, len(pending))))
+    ds = ds.map_batches(RowMaker, fn_constructor_kwargs={"config": config}, batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.generator_actors),
+                        num_gpus=cfg.generator_gpus, num_cpus=cfg.generator_cpus, batch_format="numpy")
+    ds = ds.map_batches(write_rows, fn_kwargs={"output": storage.absolute(cfg.output),
+                                               "latent_shape": meta["latent_shape"]},
+                        batch_size=cfg.rows_per_file, num_cpus=cfg.writer_cpus, batch_format="numpy")
+    yield from ds.iter_rows()
+
+
+def _local_rows(cfg: PoolConfig, pending: list[prompt_io.Prompt], meta: dict, log) -> Iterator[dict]:
+    """The same rows in this process, without Ray: ``rows_per_file`` prompts a part, in prompt order."""
+    maker = RowMaker(to_dict(cfg), actor=False, log=log)
+    for start in range(0, len(pending), cfg.rows_per_file):
+        chunk = pending[start: start + cfg.rows_per_file]
+        summary = write_rows(columns([maker.make(p.id, p.index, p.text) for p in chunk]),
+                             storage.absolute(cfg.output), meta["latent_shape"])
+        for i in range(len(chunk)):
+            yield {key: values[i] for key, values in summary.items()}
+
+
+class Progress:
+    """The job's progress line, and the same figures as MLflow metrics (step: prompts done)."""
+
+    def __init__(self, cfg: PoolConfig, total: int, done: int, log, metrics=None):
+        self.cfg, self.total, self.before, self.log, self.metrics = cfg, total, done, log, metrics
+        self.start = self.first = time.perf_counter()
+        self.built, self.shown = 0, 0.0
+
+    def row(self) -> None:
+        now = time.perf_counter()
+        self.built += 1
+        if self.built == 1:
+            self.first = now  # the steady rate (for the time left) leaves startup and the first row out
+        if now - self.shown < 5 and self.before + self.built < self.total:
+            return
+        self.shown = now
+        n = self.cfg.images_per_prompt
+        done = self.before + self.built
+        rate = self.built * n / (now - self.start)
+        steady = (self.built - 1) * n / (now - self.first) if self.built > 1 else rate
+        left = (self.total - done) * n / steady if steady else float("nan")
+        self.log(f"pool: {done}/{self.total} prompts done ({100 * done / self.total:.0f}%), {rate:.2f} images/s, "
+                 f"{_duration(left)} left")
+        if self.metrics is not None:
+            self.metrics({"prompts_done": done, "images_per_s": rate, "seconds_left": left}, step=done)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+@contextlib.contextmanager
+def _mlflow_run(cfg: PoolConfig, meta: dict, enabled: bool):
+    """The job's MLflow run, opened when work starts; yields a metrics logger (None when disabled)."""
+    if not enabled:
+        yield None
+        return
+    import mlflow
+
+    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=f"pool:{storage.name(cfg.output)}"):
+        mlflow.log_params(tracking.flat_params(to_dict(cfg)))
+        mlflow.set_tags({"stage": "pool", "output": storage.absolute(cfg.output),
+                         **{f"version.{k}": v for k, v in meta["versions"].items()}})
+        yield mlflow.log_metrics
+
+
+def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = False) -> PoolResult:
+    """Build (or finish) the pool described by ``cfg``; log progress; return what was done. ``mlflow``:
+    record the job in an MLflow run. ``local``: in this process, without Ray (the reference path)."""
     items, meta = prepare(cfg, log, mlflow)
-    warn_if_not_shared(cfg.output, "pool.output", log)
+    if not local:
+        warn_if_not_shared(cfg.output, "pool.output", log)
     st = pool.state(cfg.output)
     if st.meta is not None:
         diff = _fingerprint_mismatch(st.meta.get("fingerprint", {}), meta["fingerprint"])
@@ -228,67 +322,51 @@ def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True) -> PoolResult:
         f"({cfg.images_per_prompt} images each) -> {cfg.output}")
 
     result = PoolResult(cfg.output, len(items), 0, 0.0, cfg.images_per_prompt)
-    start = time.perf_counter()
-    if pending:
-        ensure_ray()
-        config = to_dict(cfg)
-        ds = ray.data.from_items(
-            [{"prompt_id": p.id, "prompt_index": p.index, "prompt": p.text} for p in pending],
-            override_num_blocks=min(len(pending), max(8, 4 * cfg.generator_actors)))
-        ds = ds.map_batches(GenerateImages, fn_constructor_kwargs={"config": config}, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.generator_actors),
-                            num_gpus=cfg.generator_gpus, num_cpus=cfg.generator_cpus, batch_format="numpy")
-        ds = ds.map_batches(ScoreAndRank, fn_constructor_kwargs={"config": config}, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.scorer_actors),
-                            num_gpus=cfg.scorer_gpus, num_cpus=cfg.scorer_cpus, batch_format="numpy")
-        ds = ds.map_batches(write_rows, fn_kwargs={"output": storage.absolute(cfg.output), "latent_shape": meta["latent_shape"]},
-                            batch_size=cfg.rows_per_file, num_cpus=0, batch_format="numpy")
-        last = 0.0
-        for row in ds.iter_rows():
-            result.built += 1
-            result.score_w.append(float(row["score_w"]))
-            result.score_l.append(float(row["score_l"]))
-            result.score_mean.append(float(row["score_mean"]))
-            now = time.perf_counter()
-            if now - last > 5 or result.built == len(pending):
-                last = now
-                total_done = len(done) + result.built
-                log(f"pool: {total_done}/{len(items)} prompts done "
-                    f"({100 * total_done / len(items):.0f}%), {result.built * cfg.images_per_prompt / (now - start):.2f} images/s")
-    result.seconds = time.perf_counter() - start
-
-    st = pool.state(cfg.output)
-    done = pool.done_prompt_ids(cfg.output, st.parts)
-    missing = [p.id for p in items if p.id not in done]
-    if missing:
-        raise HgdpoError(f"pool: {len(missing)} prompts have no row after the run (first: {missing[0]!r}); rerun to finish")
-    pool.mark_complete(cfg.output, st.parts, len(done))
-    log(f"pool: complete, {len(done)} prompts in {len(st.parts)} files at {cfg.output}")
+    with _mlflow_run(cfg, meta, mlflow) as metrics:
+        progress = Progress(cfg, len(items), len(done), log, metrics)
+        if pending:
+            rows = _local_rows(cfg, pending, meta, log) if local else _ray_rows(cfg, pending, meta)
+            for row in rows:
+                result.built += 1
+                result.score_w.append(float(row["score_w"]))
+                result.score_l.append(float(row["score_l"]))
+                result.score_mean.append(float(row["score_mean"]))
+                progress.row()
+        result.seconds = time.perf_counter() - progress.start
+        st = pool.state(cfg.output)
+        done = pool.done_prompt_ids(cfg.output, st.parts)
+        missing = [p.id for p in items if p.id not in done]
+        if missing:
+            raise HgdpoError(f"pool: {len(missing)} prompts have no row after the run (first: {missing[0]!r}); "
+                             f"rerun to finish")
+        pool.mark_complete(cfg.output, st.parts, len(done))
+        log(f"pool: complete, {len(done)} prompts in {len(st.parts)} files at {cfg.output}")
+        if metrics is not None:
+            _record(cfg, result, meta, st.parts)
     return result
 
 
-def record(cfg: PoolConfig, result, meta: dict) -> None:
-    """One MLflow run per pool job: config, throughput, score statistics, a picture of pairs."""
+def _record(cfg: PoolConfig, result: PoolResult, meta: dict, parts: list[str]) -> None:
+    """The rest of the job's MLflow run: throughput, score statistics, a picture of the first pairs
+    (read from one part), the pool's metadata."""
     import mlflow
 
     from hgdpo.pictures import pairs_grid
 
-    with tracking.run(cfg.mlflow_uri, cfg.mlflow_experiment, run_name=f"pool:{storage.name(cfg.output)}"):
-        mlflow.log_params(tracking.flat_params(to_dict(cfg)))
-        mlflow.set_tags({"stage": "pool", "output": cfg.output, **{f"version.{k}": v for k, v in meta["versions"].items()}})
-        metrics = {"prompts_total": result.total, "prompts_built": result.built, "seconds": result.seconds,
-                   "images_per_s": result.images_per_second}
-        if result.built:
-            gap = np.asarray(result.score_w) - np.asarray(result.score_l)
-            metrics.update(score_winner_mean=float(np.mean(result.score_w)),
-                           score_loser_mean=float(np.mean(result.score_l)),
-                           score_mean=float(np.mean(result.score_mean)),
-                           score_gap_mean=float(gap.mean()), score_gap_std=float(gap.std()),
-                           score_gap_min=float(gap.min()))
-        mlflow.log_metrics(metrics)
-        table = pool.read(cfg.output, columns=["prompt", "image_w", "image_l", "prompt_index"]).slice(0, cfg.log_pairs)
-        rows = [(r["prompt"], pool.png_image(r["image_w"]), pool.png_image(r["image_l"])) for r in table.to_pylist()]
-        with tempfile.TemporaryDirectory() as tmp:
+    metrics = {"prompts_total": result.total, "prompts_built": result.built, "seconds": result.seconds,
+               "images_per_s": result.images_per_second}
+    if result.built:
+        gap = np.asarray(result.score_w) - np.asarray(result.score_l)
+        metrics.update(score_winner_mean=float(np.mean(result.score_w)), score_loser_mean=float(np.mean(result.score_l)),
+                       score_mean=float(np.mean(result.score_mean)), score_gap_mean=float(gap.mean()),
+                       score_gap_std=float(gap.std()), score_gap_min=float(gap.min()))
+    mlflow.log_metrics(metrics)
+    first = storage.read_parquet(storage.join(cfg.output, parts[0]), columns=["prompt_index", "prompt", "image_w",
+                                                                               "image_l"])
+    shown = first.sort_by("prompt_index").slice(0, cfg.log_pairs).to_pylist()
+    rows = [(r["prompt"], pool.png_image(r["image_w"]), pool.png_image(r["image_l"])) for r in shown]
+    with tempfile.TemporaryDirectory() as tmp:
+        if rows:
             pairs_grid(rows).save(Path(tmp) / "pairs.png")
-            (Path(tmp) / "pool.json").write_text(json.dumps(meta, indent=2))
-            mlflow.log_artifacts(tmp)
+        (Path(tmp) / "pool.json").write_text(json.dumps(meta, indent=2))
+        mlflow.log_artifacts(tmp)

@@ -120,9 +120,9 @@ class RunResult:
 def run(cfg: RunConfig, log=print) -> RunResult:
     """Pool, then training, then evaluation; the storage, MLflow store, prompts, model and scorers are
     checked first."""
-    from hgdpo import pool as pool_io, storage, tracking
+    from hgdpo import storage, tracking
     from hgdpo.evaluate import evaluate, prepare as prepare_evaluation
-    from hgdpo.pool_builder import build_pool, prepare as prepare_pool, record
+    from hgdpo.pool_builder import build_pool, prepare as prepare_pool
     from hgdpo.trainer import train
 
     storage.check_writable(cfg.output, "run.output")
@@ -132,9 +132,7 @@ def run(cfg: RunConfig, log=print) -> RunResult:
     prepare_evaluation(dataclasses.replace(eval_cfg, adapter=None, lan=False))  # test prompts, scorers
 
     start = time.perf_counter()
-    built = build_pool(pool_cfg, log)
-    if not built.skipped:
-        record(pool_cfg, built, pool_io.read_meta(pool_cfg.output))
+    build_pool(pool_cfg, log)
     pool_s = time.perf_counter() - start
 
     start = time.perf_counter()

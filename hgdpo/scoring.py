@@ -2,6 +2,11 @@
 
 ``score = logit_scale.exp() * cos(text_embedding, image_embedding)``; a softmax over a
 prompt's images turns these into preference probabilities, but ranking needs only the scores.
+
+The model may run in float16 on a GPU; the embeddings' normalisation and the score are always
+taken in float32. In float16 scores near 21 are quantised to 1/64 (and near 100 to 1/16), so two
+close images would tie and the tie would go to the lower index, skewing the winner/loser choice
+and the loser-rank ablation.
 """
 
 from __future__ import annotations
@@ -16,20 +21,45 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def preference_scores(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 in float32 whatever the inputs' dtype: ``text_emb`` (1, D), ``image_emb`` (N, D) -> (N,)."""
+    text = text_emb.float()
+    image = image_emb.float()
+    text = text / text.norm(dim=-1, keepdim=True)
+    image = image / image.norm(dim=-1, keepdim=True)
+    return logit_scale.float().exp() * (image @ text.T).squeeze(-1)
+
+
 @torch.no_grad()
-def pickscore(processor, model, prompt: str, images: np.ndarray) -> np.ndarray:
-    """Scores (N,) float32 of uint8 ``images`` (N, H, W, 3) for one ``prompt``."""
+def text_embedding(processor, model, prompt: str) -> torch.Tensor:
+    """The prompt's projected CLIP text embedding (1, D), in the model's dtype."""
+    device = next(model.parameters()).device
+    text = processor(text=[prompt], padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    return _features(model.get_text_features(input_ids=text["input_ids"].to(device),
+                                             attention_mask=text["attention_mask"].to(device)))
+
+
+@torch.no_grad()
+def pickscore(processor, model, prompt: str, images: np.ndarray, *, batch: int | None = None,
+              text_emb: torch.Tensor | None = None) -> np.ndarray:
+    """Scores (N,) float32 of uint8 ``images`` (N, H, W, 3) for one ``prompt``.
+
+    ``batch``: images per CLIP call (None: all at once); preprocessing (resize to the processor's
+    224 px) is per call too, so memory does not grow with N. ``text_emb``: the prompt's embedding
+    when the caller has it already.
+    """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    pixels = processor(images=[np.array(im) for im in images], return_tensors="pt")["pixel_values"].to(device, dtype)
-    text = processor(text=[prompt], padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-    text_emb = _features(model.get_text_features(input_ids=text["input_ids"].to(device),
-                                                 attention_mask=text["attention_mask"].to(device)))
-    image_emb = _features(model.get_image_features(pixel_values=pixels))
-    text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)  # (1, D)
-    image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)  # (N, D)
-    scores = model.logit_scale.exp() * (image_emb @ text_emb.T).squeeze(-1)
-    return scores.float().cpu().numpy()
+    if text_emb is None:
+        text_emb = text_embedding(processor, model, prompt)
+    step = batch or len(images)
+    scores = []
+    for start in range(0, len(images), step):
+        chunk = [np.asarray(im) for im in images[start: start + step]]
+        pixels = processor(images=chunk, return_tensors="pt")["pixel_values"].to(device, dtype)
+        image_emb = _features(model.get_image_features(pixel_values=pixels))
+        scores.append(preference_scores(text_emb, image_emb, model.logit_scale).cpu())
+    return torch.cat(scores).numpy().astype(np.float32)
 
 
 def rank(scores: np.ndarray) -> np.ndarray:

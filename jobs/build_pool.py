@@ -4,6 +4,7 @@ Local (starts Ray itself; the embedded default model when none is named):
 
     python jobs/build_pool.py --config examples/pool.yaml
     python jobs/build_pool.py --config pool.yaml images_per_prompt=8 output=/data/pool
+    python jobs/build_pool.py --config examples/pool.yaml --no-ray     # one process, no Ray
 
 On a Ray cluster:
 
@@ -22,7 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from hgdpo import pool  # noqa: E402
 from hgdpo.config import describe, load_config  # noqa: E402
 from hgdpo.errors import HgdpoError  # noqa: E402
 from hgdpo.pool_config import PoolConfig  # noqa: E402
@@ -34,16 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file of settings")
     parser.add_argument("overrides", nargs="*", help="key=value settings that override the file")
     parser.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="build in this process without Ray (one model, torch's threads): the reference path")
     args = parser.parse_intermixed_args(argv)
     try:
-        from hgdpo.pool_builder import build_pool, record
+        from hgdpo.pool_builder import build_pool
         from hgdpo.quiet import quiet_libraries
 
         quiet_libraries()
         cfg = load_config(PoolConfig, args.config, args.overrides)
-        result = build_pool(cfg, mlflow=not args.no_mlflow)
-        if not result.skipped and not args.no_mlflow:
-            record(cfg, result, pool.read_meta(cfg.output))
+        result = build_pool(cfg, mlflow=not args.no_mlflow, local=args.no_ray)
     except HgdpoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -223,7 +223,7 @@ def test_rayjob_pool_config_is_accepted_by_hgdpo(tmp_path):
     file = tmp_path / config_path.name
     file.write_text(data[config_path.name])
     cfg = load_config(PoolConfig, str(file))
-    assert cfg.generator_gpus > 0 and cfg.scorer_gpus > 0, "a GPU cluster config should put the models on GPUs"
+    assert cfg.generator_gpus > 0, "a GPU cluster config should put the models on GPUs"
     assert "://" in cfg.output or Path(cfg.output).is_absolute(), \
         "output must be shared storage: a relative path lands in one pod's temporary working dir"
     if not Path(cfg.prompts).is_absolute():

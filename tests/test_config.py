@@ -61,3 +61,11 @@ def test_reference_lists_every_field():
     table = markdown_table(PoolConfig)
     for name in ("prompts", "images_per_prompt", "loser_rank", "keep", "generator_gpus", "mlflow_uri"):
         assert f"| `{name}` |" in table
+
+
+def test_a_retired_setting_says_what_replaced_it():
+    from hgdpo.config import from_dict
+
+    with pytest.raises(ConfigError, match=r"^pool\.scorer_gpus: no longer a setting: scoring runs in the generator "
+                                          r"actors now"):
+        from_dict(PoolConfig, {"prompts": "p.txt", "output": "out", "scorer_gpus": 0.5})

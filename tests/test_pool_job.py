@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,6 +140,8 @@ def test_resume_finishes_what_a_dead_run_left(built, work, capsys):
     assert build_pool.main(settings(work, partial, "--no-mlflow")) == 0
     out = capsys.readouterr().out
     assert "10 prompts, 4 already built, 6 to build" in out and "removed 1 half-written file" in out
+    # progress counts the prompts built before, and tells the time left for the configured count
+    assert re.search(r"pool: 10/10 prompts done \(100%\), [0-9.]+ images/s, 0 s left", out), out
     assert pool.read(str(partial)).equals(pool.read(str(built)))
     assert not list(partial.glob(".tmp-*"))
 
@@ -163,6 +166,64 @@ def test_resume_after_the_job_is_killed(built, work, tmp_path):
     assert not (output / pool.COMPLETE).exists()
     assert build_pool.main(settings(work, output, "rows_per_file=1", "--no-mlflow")) == 0
     assert pool.read(str(output)).equals(pool.read(str(built)))
+
+
+def test_the_job_equals_the_plain_loop_row_by_row(built, work, tmp_path):
+    """The Ray job (actors of one thread each) and the plain single-process loop over the same library
+    functions (one thread here too) give the same pool; only how rows are split into parts differs."""
+    import torch
+
+    from hgdpo.config import load_config
+    from hgdpo.pool_builder import build_pool
+    from hgdpo.pool_config import PoolConfig
+
+    cfg = load_config(PoolConfig, None, settings(work, tmp_path / "loop", "rows_per_file=3"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = build_pool(cfg, log=lambda *_: None, mlflow=False, local=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.built == len(PROMPTS) and len(pool.state(str(tmp_path / "loop")).parts) == 4  # 3+3+3+1
+    loop, job = pool.read(str(tmp_path / "loop")), pool.read(str(built))
+    for column in ("prompt_id", "prompt_index", "prompt", "seeds", "rank", "winner", "loser", "latent_index"):
+        assert loop.column(column).to_pylist() == job.column(column).to_pylist(), column
+    np.testing.assert_allclose(np.asarray(loop.column("scores").to_pylist()),
+                               np.asarray(job.column("scores").to_pylist()), rtol=1e-5)
+    np.testing.assert_array_equal(pool.latents_of(loop), pool.latents_of(job))
+    for side in ("image_w", "image_l"):
+        for a, b in zip(loop.column(side).to_pylist(), job.column(side).to_pylist()):
+            np.testing.assert_array_equal(pool.png_image(a), pool.png_image(b))
+
+
+def test_a_generator_actor_killed_mid_run_is_replaced(built, work, tmp_path):
+    """SIGKILL the generator actor's process once the first part is written: Ray Data starts another
+    actor, the pool completes, and every prompt has exactly one row (done_prompt_ids refuses doubles)."""
+    import threading
+
+    import psutil
+
+    output = tmp_path / "actor-killed"
+    killed: list[int] = []
+
+    def kill_after_first_part():
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(output.glob("part-*.parquet")):
+            time.sleep(0.05)
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "MapBatches(RowMaker)" in " ".join(proc.info["cmdline"] or []):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed.append(proc.info["pid"])
+
+    killer = threading.Thread(target=kill_after_first_part)
+    killer.start()
+    assert build_pool.main(settings(work, output, "rows_per_file=1", "steps=8", "--no-mlflow")) == 0
+    killer.join()
+    assert killed, "no generator actor was killed"
+    st = pool.state(str(output))
+    ids = pool.done_prompt_ids(str(output), st.parts)
+    assert st.complete is not None and len(st.parts) == len(PROMPTS) and len(ids) == len(PROMPTS)
+    assert pool.read(str(output)).column("prompt_id").to_pylist() == pool.read(str(built)).column("prompt_id").to_pylist()
 
 
 def test_keep_pair_with_loser_rank_and_long_prompt_warning(ray_local, work, tmp_path, capsys):
