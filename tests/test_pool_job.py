@@ -307,3 +307,17 @@ def test_bad_input_fails_early_and_writes_nothing(tmp_path, capsys, case, messag
         assert [p.name for p in output.iterdir()] == ["notes.txt"]
     else:
         assert not output.exists()
+
+
+def test_input_blocks_stay_within_a_part_and_one_output_block():
+    """A block's rows must stay one Ray Data block (128 MiB) with room to spare: at the paper's shapes
+    (N = 20 latents of 4x128x88 float16, 1.8 MB, and two 704x1024 images, 4.3 MB) that is 10 prompts."""
+    from hgdpo.pool_builder import block_size
+    from hgdpo.pool_config import PoolConfig
+
+    paper = {"latent_shape": [20, 4, 128, 88], "width": 704, "height": 1024}
+    cfg = PoolConfig(prompts="p.txt", output="out", generator_actors=8, rows_per_file=64)
+    assert block_size(cfg, paper, 100_000) == 10
+    world = {"latent_shape": [20, 4, 16, 16], "width": 64, "height": 64}
+    assert block_size(cfg, world, 100_000) == 64  # rows_per_file bounds it
+    assert block_size(PoolConfig(prompts="p.txt", output="out"), world, 10) == 3  # every actor busy to the end
