@@ -70,11 +70,11 @@ class PoolConfig:
         "Model precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
 
     generator_batch: int = doc(
-        "Images per sampler run (each UNet call takes twice as many with classifier-free guidance). 4 fits "
-        "a 24 GB GPU at 704x1024 in float16 beside the VAE and PickScore.", 4)
+        "Images per sampler run (each UNet call takes twice as many with classifier-free guidance). 4 is "
+        "sized for a 24 GB GPU at 704x1024 in float16 beside the VAE and PickScore.", 4)
     vae_batch: int = doc(
         "Latents per VAE decode call: its full-resolution activations bound the memory (one 256-channel "
-        "float16 activation is 370 MB per image at 704x1024). 4 fits a 24 GB GPU.", 4)
+        "float16 activation is 370 MB per image at 704x1024). 4 is sized for a 24 GB GPU.", 4)
     attention: Literal["sdpa", "eager"] = doc(
         "Attention of the UNet and VAE: `sdpa` (PyTorch's fused kernels, memory-efficient) or `eager`.", "sdpa")
     channels_last: bool = doc("UNet and VAE in channels-last memory format (CUDA only: faster convolutions).", True)
