@@ -1,33 +1,23 @@
-"""Benchmark of the preference-pool builder: the Ray Data job against a plain loop and the bare model calls.
+"""Benchmark of the pool job: object-store bytes and generator memory at the paper's shapes, throughput.
 
-One run measures, on the embedded default model, with the same prompts and settings:
+Three parts, side by side in one run (``--parts``):
 
-* ``loop``    -- one fresh Python process, no Ray: import, load pipeline + scorer, then per prompt
-  ``generate``, ``pickscore``, rank, PNG-encode winner/loser, and every ``rows_per_file`` prompts
-  one parquet part (``hgdpo.pool.to_table`` / ``write_part``). Torch uses ``--loop-threads``
-  (default: torch's default, all cores).
-* ``job1`` / ``job2`` -- ``hgdpo.pool_builder.build_pool`` in this process with one / two generator
-  actors, on one local ``ray.init(num_cpus=--ray-cpus)`` started before any timing.
-* ``calls@T`` -- the unavoidable model calls alone, T torch threads, warm: the UNet (one batch of 2N
-  per step: classifier-free guidance), the VAE decode, the text encoder and PickScore, each timed
-  inside the pipeline by wrapping the modules; nothing else is counted.
+* ``bytes``  -- at N = 20, 704x1024 (latents 4x128x88, as SD1.5's), on a tiny model of SD1.5's
+  architecture built by the benchmark (VAE scale factor 8): the pool job on a local Ray, and the
+  bytes Ray created in its object store during the job (the raylet's ``cumulative_created_bytes``,
+  summed over nodes) per prompt, against the bytes per prompt of the pool's parquet parts.
+* ``memory`` -- the same model and shapes: one prompt's row (``pool_builder.RowMaker.make``: sampler,
+  chunked VAE decode, PickScore, ranking) in a fresh process per ``vae_batch`` (1, 4, 20); peak RSS
+  during the call over the RSS before it (after loading).
+* ``speed``  -- the embedded default model: ``loop`` (``build_pool(local=True)``, the plain
+  single-process path, in a fresh process with torch's default threads), ``job1`` (one generator
+  actor, ``generator_cpus=2``: two torch threads), ``job2`` (two actors, one thread each), and
+  ``calls@T``: the model calls alone (UNet, VAE decode, text encoder, PickScore), warm, timed by
+  wrapping the modules inside a ``RowMaker``. Steady images/s from the parts' mtimes.
 
-Throughput is images/s. *End to end*: from the start of the variant (the loop's process spawn; the
-``build_pool`` call) to the last row on disk, so interpreter start, imports, model loading, actor
-start and the job's checks all count. *Steady state*: N x the least-squares slope of rows done
-against time over the parts after the first, part times being the files' mtimes (parts are written
-under a temporary name, then renamed); it leaves out loading, actor start, the first part's
-prompts (warm-up) and any delay of the first write.
-
-Runs during which other processes (other users of a shared machine) took more than
-``--max-foreign`` of the CPUs are left out of the medians when a quieter run exists.
-
-    HGDPO_HOME=/tmp/hgh python benchmarks/bench_pool.py              # ~6-7 minutes on a quiet 2-core box
-    python benchmarks/bench_pool.py --prompts 8 --repeats 1 --variants loop,job1 --out /tmp/p.json
-    python benchmarks/bench_pool.py --profile                          # + where the job's time goes
-
-What-ifs (measure a proposed change without editing the library): ``--generator-threads K``,
-``--block-per-prompt``, ``--ray-system-config JSON``; see ``--help``.
+    HGDPO_HOME=/tmp/hgh .venv/bin/python benchmarks/bench_pool.py          # ~10 min on 2 cores
+    .venv/bin/python benchmarks/bench_pool.py --parts bytes,memory          # ~3 min
+    .venv/bin/python benchmarks/bench_pool.py --parts speed --prompts 16 --repeats 1
 """
 
 from __future__ import annotations
@@ -35,562 +25,366 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, when run as a script
+from measure import (
+    LoadMonitor,
+    describe,
+    machine,
+    median,
+    peak_memory,
+    ratio,
+    save,
+    wait_quiet,
+)
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pool.json"
-COLORS = ("red", "blue", "green", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle")
-PLACES = ("on the left", "on the right", "at the top", "at the bottom", "in the middle")
+MIB = 2**20
+PAPER = {"images_per_prompt": 20, "width": 704, "height": 1024}
 
 
 def make_prompts(n: int) -> list[str]:
-    """``n`` distinct short prompts of the embedded model's world (shapes, colours, places)."""
-    return [f"a {('large', 'small')[(i // 18) % 2]} {COLORS[i % 6]} {SHAPES[(i // 6) % 3]} {PLACES[i % 5]}, #{i}"
+    colors, shapes = ("red", "blue", "green", "yellow", "purple", "orange"), ("circle", "square", "triangle")
+    return [f"a {colors[i % 6]} {shapes[(i // 6) % 3]} at the {('left', 'right', 'top')[i % 3]}, #{i}"
             for i in range(n)]
 
 
-def cpu_info() -> dict:
-    model = platform.processor() or ""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu_model": model, "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "python": platform.python_version()}
+def pool_config(args, work: Path, name: str, **overrides):
+    """The PoolConfig of a run: the benchmark's prompts and settings, written to ``work/name``."""
+    from hgdpo.pool_config import PoolConfig
+
+    settings = {"prompts": str(work / "prompts.txt"), "output": str(work / name), "images_per_prompt": args.images,
+                "steps": args.steps, "seed": 0, "dtype": "float32", "rows_per_file": args.rows_per_file}
+    return PoolConfig(**{**settings, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU accounting: ours by process kind, and other users' of a shared machine
+# A tiny model of SD1.5's architecture (4 UNet levels, VAE scale factor 8)
 
 
-def _kind(title: str) -> str:
-    for key, kind in (("GenerateImages", "generator actors"), ("ScoreAndRank", "scorer actor"),
-                      ("write_rows", "write_rows tasks"), ("--child-loop", "loop process"),
-                      ("raylet", "ray system"), ("gcs_server", "ray system"), ("ray::IDLE", "ray idle workers"),
-                      ("default_worker", "ray idle workers"), ("ray::", "ray helper actors")):
-        if key in title:
-            return kind
-    return "ray system" if "ray" in title else "other (ours)"
+def tiny_sd15(dst: Path) -> Path:
+    """The embedded pipeline's text encoder with a UNet and VAE shaped like SD1.5's, tiny in width: four
+    UNet levels, a VAE of scale factor 8 with its mid-block attention, so latents and images have the
+    real shapes. The UNet attends to the text at its third level only: at 704x1024 SD1.5's first level
+    attends over 11264 positions, which takes minutes per prompt on a CPU (a GPU's fused kernels are
+    built for it) and changes neither the bytes nor the VAE's memory measured here."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
+    from hgdpo import embedded
 
-FINAL_KINDS = ("generator actors", "scorer actor", "write_rows tasks", "loop process")
-
-
-class CpuMonitor:
-    """Samples every process's CPU time each ``interval`` s in a thread.
-
-    Processes below this one (the loop's child, the local Ray's raylet, workers and actors) are
-    ours and summed by kind; the rest is *foreign*: other users of the machine. ``foreign_share``
-    is their CPU seconds / (wall seconds x cores). Processes living less than an interval are
-    missed, so the figures are lower bounds.
-    """
-
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.me = interval, os.getpid()
-        self.first: dict[int, float] = {}
-        self.last: dict[int, float] = {}
-        self.kind: dict[int, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        import psutil
-
-        try:
-            mine = {p.pid for p in psutil.Process(self.me).children(recursive=True)}
-        except psutil.Error:
-            mine = set()
-        for proc in psutil.process_iter():
-            pid = proc.pid
-            try:
-                t = proc.cpu_times()
-                if pid in mine and self.kind.get(pid) not in FINAL_KINDS:  # Ray retitles its workers
-                    self.kind[pid] = _kind(" ".join(proc.cmdline()))
-            except psutil.Error:
-                continue
-            cpu = t.user + t.system
-            if pid not in self.first:
-                # a process born during the run counts from zero; one alive at the start from then
-                self.first[pid] = cpu if not self._started else 0.0
-            self.last[pid] = cpu
-            if pid == self.me:
-                self.kind[pid] = "driver (this process)"
-            elif pid not in mine and pid not in self.kind:
-                self.kind[pid] = "foreign"
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self):
-        self._started = False
-        self._sample()
-        self._started = True
-        self.start = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        self.seconds = time.perf_counter() - self.start
-        by: dict[str, float] = defaultdict(float)
-        procs: dict[str, int] = defaultdict(int)
-        for pid, cpu in self.last.items():
-            used = max(0.0, cpu - self.first[pid])
-            kind = self.kind.get(pid, "foreign")
-            by[kind] += used
-            if used > 0.05:
-                procs[kind] += 1
-        self.cpu_s = dict(sorted(by.items(), key=lambda kv: -kv[1]))
-        self.processes = dict(procs)
-        self.foreign_share = by.get("foreign", 0.0) / (self.seconds * (os.cpu_count() or 1))
-
-
-def wait_quiet(limit: float, max_share: float, window: float = 3.0) -> float:
-    """Wait up to ``limit`` s for a ``window`` in which other users take at most ``max_share`` of the CPUs."""
-    start = time.perf_counter()
-    while True:
-        with CpuMonitor() as mon:
-            time.sleep(window)
-        if mon.foreign_share <= max_share or time.perf_counter() - start >= limit:
-            return mon.foreign_share
+    if (dst / "model_index.json").exists():
+        return dst
+    unet = UNet2DConditionModel(
+        sample_size=64, layers_per_block=2, block_out_channels=(8, 8, 16, 16), norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=embedded.TEXT_HIDDEN, attention_head_dim=2)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 16, 16), layers_per_block=2, norm_num_groups=4, sample_size=512)
+    text = CLIPTextModel.from_pretrained(embedded.pipeline_dir() / "text_encoder")
+    embedded.save_pipeline(dst, text, vae, unet)
+    return dst
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring runs by their parts on disk
+# Bytes through the object store
 
 
-def part_times(out_dir: Path) -> list[tuple[float, int]]:
-    """(mtime, rows) of each part of a pool directory, oldest first."""
+def object_store_created() -> int:
+    """Bytes Ray has created in its object store so far, all nodes (the raylet's own counter)."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return int(get_memory_info_reply(state).store_stats.cumulative_created_bytes)
+
+
+def part_bytes(folder: Path) -> dict:
+    """Bytes on disk of the pool's parts, per column (compressed), and rows."""
     import pyarrow.parquet as pq
 
-    return sorted((p.stat().st_mtime_ns / 1e9, pq.read_metadata(p).num_rows) for p in out_dir.glob("part-*.parquet"))
+    out = {"file": 0, "rows": 0, "columns": {}}
+    for path in sorted(folder.glob("part-*.parquet")):
+        meta = pq.read_metadata(path)
+        out["file"] += path.stat().st_size
+        out["rows"] += meta.num_rows
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(g).column(c)
+                name = col.path_in_schema.split(".")[0]
+                out["columns"][name] = out["columns"].get(name, 0) + col.total_compressed_size
+    return out
+
+
+def run_bytes(args, work: Path, model: Path) -> dict:
+    from hgdpo.pool_builder import build_pool
+
+    cfg = pool_config(args, work, "bytes", model=str(model), max_prompts=args.bytes_prompts, steps=2,
+                      generator_cpus=2, **PAPER)
+    before = object_store_created()
+    build_pool(cfg, log=lambda *_: None, mlflow=False)
+    created = object_store_created() - before
+    disk = part_bytes(Path(cfg.output))
+    n, rows = cfg.images_per_prompt, disk["rows"]
+    raw_image = cfg.width * cfg.height * 3
+    latents = n * 4 * (cfg.height // 8) * (cfg.width // 8) * 2
+    png = (disk["columns"]["image_w"] + disk["columns"]["image_l"]) / (2 * rows)
+    return {"prompts": rows, "object_store_bytes_per_prompt": created / rows,
+            "row_bytes_per_prompt": disk["file"] / rows,
+            "ratio": created / disk["file"],
+            "expected_per_prompt": {"latents_float16": latents, "pixels_winner_loser": 2 * raw_image},
+            "row_columns_per_prompt": {k: v / rows for k, v in disk["columns"].items()},
+            "png_share_of_raw": png / raw_image,
+            "all_images_per_prompt": n * raw_image,
+            "scorer_stage_inputs_per_prompt": n * 3 * 224 * 224 * 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory of one prompt's row, in a fresh process per vae_batch
+
+
+def memory_child(args, work: Path, model: Path, vae_batch: int) -> dict:
+    from hgdpo.config import to_dict
+    from hgdpo.pool_builder import RowMaker
+
+    cfg = pool_config(args, work, "memory", model=str(model), steps=2, vae_batch=vae_batch, **PAPER)
+    maker = RowMaker(to_dict(cfg), actor=False, log=lambda *_: None)
+    m = peak_memory(lambda: maker.make("p0", 0, make_prompts(1)[0]))
+    return {"vae_batch": vae_batch, "rss_before": m["rss_before"], "peak": m["peak"], "growth": m["growth"],
+            "peak_reset": m["peak"] is not None}
+
+
+def run_memory(args, work: Path, model: Path) -> dict:
+    out = {}
+    for k in args.vae_batches:
+        # glibc hands big buffers back when freed, so RSS follows live memory, not its free lists
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        out[k] = child(args, work, ["--child", "memory", "--child-model", str(model), "--child-vae-batch", str(k)],
+                       env)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput on the embedded default
+
+
+def part_times(folder: Path) -> list[tuple[float, int]]:
+    """(mtime, rows) of each part, oldest first: parts are written aside and renamed whole."""
+    import pyarrow.parquet as pq
+
+    return sorted((p.stat().st_mtime_ns / 1e9, pq.read_metadata(p).num_rows) for p in folder.glob("part-*.parquet"))
 
 
 def steady_rate(parts: list[tuple[float, int]]) -> float | None:
-    """Rows per second once the pipeline is full: the least-squares slope of rows done against time
-    over the parts after the first (whose time holds the startup and any first-write delay)."""
-    done, points = parts[0][1], []
+    """Rows per second once running: the least-squares slope of rows done against time over the parts
+    after the first (whose time holds loading, actor start and warm-up)."""
+    points, done = [], parts[0][1]
     for t, rows in parts[1:]:
         done += rows
         points.append((t, done))
     if len(points) < 2:
         return None
-    mt = statistics.mean(t for t, _ in points)
-    mr = statistics.mean(r for _, r in points)
+    mt, mr = statistics.mean(t for t, _ in points), statistics.mean(r for _, r in points)
     var = sum((t - mt) ** 2 for t, _ in points)
     return sum((t - mt) * (r - mr) for t, r in points) / var if var > 0 else None
 
 
-def measures(prompts: int, n: int, start: float, end: float, parts: list[tuple[float, int]]) -> dict:
-    """End-to-end and steady-state figures of one run from its start, its end and its parts."""
+def figures(args, start: float, folder: Path) -> dict:
+    parts = part_times(folder)
     rows = sum(r for _, r in parts)
-    if rows != prompts:
-        raise RuntimeError(f"expected {prompts} rows on disk, found {rows}")
-    last = max(end, parts[-1][0])
-    out = {"seconds": last - start, "images_per_s": prompts * n / (last - start),
-           "first_row_s": parts[0][0] - start, "parts": len(parts), "part_rows": [r for _, r in parts],
-           "part_times_s": [round(t - start, 3) for t, _ in parts]}
+    if rows != args.prompts:
+        raise RuntimeError(f"{folder}: expected {args.prompts} rows, found {rows}")
+    seconds = parts[-1][0] - start
     rate = steady_rate(parts)
-    if rate:
-        out.update(steady_images_per_s=rate * n, steady_s_per_prompt=1 / rate)
-    return out
+    return {"seconds": seconds, "images_per_s": rows * args.images / seconds, "parts": len(parts),
+            "steady_images_per_s": rate and rate * args.images, "steady_s_per_prompt": rate and 1 / rate}
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop (run in a child process: python bench_pool.py ... --child-loop DIR)
+def loop_child(args, work: Path, name: str) -> dict:
+    from hgdpo.pool_builder import build_pool
+
+    build_pool(pool_config(args, work, name), log=lambda *_: None, mlflow=False, local=True)
+    return {}
 
 
-def loop_child(items, args, out_dir: Path, threads: int) -> dict:
-    """The job's work in this process, without Ray. Returns timestamps (time.time())."""
-    started = time.time()
-    import numpy as np
-    import torch
-
-    from hgdpo import models, pool
-    from hgdpo.quiet import quiet_libraries
-    from hgdpo.sampling import generate, image_seeds, native_size, resolve_device_dtype, set_sampler
-    from hgdpo.scoring import pickscore, rank
-
-    quiet_libraries()
-    imported = time.time()
-    torch.set_num_threads(threads)
-    n = args.images_per_prompt
-    device, dtype = resolve_device_dtype("auto")
-    pipe = models.load_pipeline("embedded", dtype=dtype, device=device)
-    set_sampler(pipe, "dpm_multistep")
-    width, height = native_size(pipe)
-    processor, scorer = models.load_scorer("embedded", dtype=dtype, device=device)
-    loaded = time.time()
-    f = pipe.vae_scale_factor
-    latent_shape = (n, pipe.unet.config.in_channels, height // f, width // f)
-    rows: dict[str, list] = defaultdict(list)
-
-    def flush():
-        if rows:
-            pool.write_part(str(out_dir), pool.to_table(rows, latent_shape))
-            rows.clear()
-
-    for p in items:
-        seeds = image_seeds(args.seed, p.id, n)
-        latents, images = generate(pipe, p.text, seeds, steps=args.steps, guidance_scale=args.guidance_scale,
-                                   width=width, height=height)
-        scores = pickscore(processor, scorer, p.text, images)
-        order = rank(scores)
-        w, l = int(order[0]), int(order[n - 1])
-        keep = np.arange(n, dtype=np.int32)  # keep="all", as the job's default
-        for key, value in (("prompt_id", p.id), ("prompt_index", p.index), ("prompt", p.text),
-                           ("seeds", np.asarray(seeds, np.int64)), ("scores", scores.astype(np.float32)),
-                           ("rank", order), ("winner", w), ("loser", l), ("latent_index", keep),
-                           ("latents", latents[keep]), ("image_w", pool.png_bytes(images[w])),
-                           ("image_l", pool.png_bytes(images[l]))):
-            rows[key].append(value)
-        if len(rows["prompt_id"]) >= args.rows_per_file:
-            flush()
-    flush()
-    return {"started": started, "imported": imported, "loaded": loaded, "end": time.time(),
-            "torch_threads": torch.get_num_threads()}
-
-
-def run_loop(args, argv: list[str], out_dir: Path, threads: int) -> dict:
-    out_dir.mkdir(parents=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child-loop", str(out_dir),
-           "--loop-threads", str(threads)]
+def run_loop(args, work: Path, name: str) -> dict:
     start = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"the loop process failed ({proc.returncode})")
-    child = json.loads(proc.stdout.strip().splitlines()[-1])
-    out = measures(args.prompts, args.images_per_prompt, start, child["end"], part_times(out_dir))
-    out.update(process_start_s=child["started"] - start, import_s=child["imported"] - child["started"],
-               load_s=child["loaded"] - child["imported"], torch_threads=child["torch_threads"])
+    child(args, work, ["--child", "loop", "--child-name", name])
+    return figures(args, start, work / name)
+
+
+def run_job(args, work: Path, name: str, actors: int, cpus: float) -> dict:
+    from hgdpo.pool_builder import build_pool
+
+    cfg = pool_config(args, work, name, generator_actors=actors, generator_cpus=cpus)
+    start, before = time.time(), object_store_created()
+    build_pool(cfg, log=lambda *_: None, mlflow=False)
+    out = figures(args, start, work / name)
+    out["object_store_bytes_per_prompt"] = (object_store_created() - before) / args.prompts
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# The job, optionally instrumented (--profile)
-
-
-def _note(path: str, **event) -> None:
-    event.update(t=time.time(), pid=os.getpid())
-    with open(path, "a") as f:
-        f.write(json.dumps(event) + "\n")
-
-
-def _instrumented(log: str, generator_threads: int | None):
-    """Subclasses of the job's stages that log when each actor starts and each batch runs.
-
-    Defined here (so pickled by value): the actors run the library's own code between the notes.
-    ``generator_threads`` (a what-if) sets the generator's torch threads after its ``__init__``.
-    """
-    import hgdpo.pool_builder as pb
-
-    base_write = pb.write_rows
-
-    class GenerateImages(pb.GenerateImages):
-        def __init__(self, config):
-            import psutil
-
-            _note(log, ev="gen_init", proc_start=psutil.Process().create_time())
-            t = time.time()
-            import diffusers, torch, transformers  # noqa: E401,F401
-
-            _note(log, ev="gen_imported", s=time.time() - t)
-            super().__init__(config)
-            if generator_threads:
-                torch.set_num_threads(generator_threads)
-            _note(log, ev="gen_ready", threads=torch.get_num_threads())
-
-        def __call__(self, batch):
-            _note(log, ev="gen_start")
-            out = super().__call__(batch)
-            _note(log, ev="gen_end", ids=[str(i) for i in batch["prompt_id"]])
-            return out
-
-    class ScoreAndRank(pb.ScoreAndRank):
-        def __init__(self, config):
-            import psutil
-            import torch
-
-            _note(log, ev="score_init", proc_start=psutil.Process().create_time())
-            super().__init__(config)
-            _note(log, ev="score_ready", threads=torch.get_num_threads())
-
-        def __call__(self, batch):
-            _note(log, ev="score_start", ids=[str(i) for i in batch["prompt_id"]])
-            out = super().__call__(batch)
-            _note(log, ev="score_end", ids=[str(i) for i in batch["prompt_id"]])
-            return out
-
-    def write_rows(batch, output, latent_shape):
-        _note(log, ev="write_start", ids=[str(i) for i in batch["prompt_id"]])
-        out = base_write(batch, output, latent_shape)
-        _note(log, ev="write_end", ids=[str(i) for i in batch["prompt_id"]])
-        return out
-
-    return GenerateImages, ScoreAndRank, write_rows
-
-
-def timeline(log: Path, start: float) -> dict:
-    """Where a job's time went, from the notes of its instrumented stages."""
-    events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    if not events:
-        return {}
-    by = defaultdict(list)
-    for e in events:
-        by[e["ev"]].append(e)
-    rel = lambda t: round(t - start, 3)  # noqa: E731
-    out: dict = {}
-    gens = sorted(by["gen_init"], key=lambda e: e["t"])
-    out["generator_process_start_s"] = [rel(e["proc_start"]) for e in gens]
-    out["generator_init_entered_s"] = [rel(e["t"]) for e in gens]
-    out["generator_imports_s"] = [round(e["s"], 2) for e in by["gen_imported"]]
-    out["generator_ready_s"] = [rel(e["t"]) for e in sorted(by["gen_ready"], key=lambda e: e["t"])]
-    out["generator_torch_threads"] = [e["threads"] for e in by["gen_ready"]]
-    if by["score_init"]:
-        out["scorer_process_start_s"] = rel(by["score_init"][0]["proc_start"])
-        out["scorer_ready_s"] = rel(by["score_ready"][0]["t"])
-        out["scorer_torch_threads"] = by["score_ready"][0]["threads"]
-    # per generator actor: call durations, and how busy it was from its first call to its last
-    calls, busy = [], []
-    for pid in {e["pid"] for e in by["gen_start"]}:
-        starts = sorted(e["t"] for e in by["gen_start"] if e["pid"] == pid)
-        ends = sorted(e["t"] for e in by["gen_end"] if e["pid"] == pid)
-        durations = [b - a for a, b in zip(starts, ends)]
-        calls += durations[1:] or durations
-        if ends:
-            busy.append(sum(durations) / max(1e-9, ends[-1] - starts[0]))
-    out["first_generate_s"] = rel(min(e["t"] for e in by["gen_start"])) if by["gen_start"] else None
-    out["generate_s_per_prompt"] = statistics.mean(calls) if calls else None
-    out["generator_busy_fraction"] = busy
-    gen_end = {i: e["t"] for e in by["gen_end"] for i in e["ids"]}
-    score_start = {i: e["t"] for e in by["score_start"] for i in e["ids"]}
-    score_end = {i: e["t"] for e in by["score_end"] for i in e["ids"]}
-    write_end = {i: e["t"] for e in by["write_end"] for i in e["ids"]}
-    scores = [score_end[i] - score_start[i] for i in score_start if i in score_end]
-    out["score_s_per_prompt"] = statistics.mean(scores) if scores else None
-    lat = lambda a, b: [b[i] - a[i] for i in a if i in b]  # noqa: E731
-    for name, values in (("generated_to_scoring_s", lat(gen_end, score_start)),
-                         ("scored_to_written_s", lat(score_end, write_end))):
-        if values:
-            out[name] = {"mean": statistics.mean(values), "max": max(values)}
-    out["write_rows_tasks"] = len(by["write_start"])
-    out["write_rows_processes"] = len({e["pid"] for e in by["write_start"]})
-    return out
-
-
-def run_job(args, prompts_file: Path, out_dir: Path, actors: int, gen_cpus: float, scorer_cpus: float,
-            profile_log: Path | None = None, generator_threads: int | None = None) -> dict:
-    """``build_pool`` in this process, on the Ray started by ``main``."""
-    import hgdpo.pool_builder as pb
-    from hgdpo.pool_config import PoolConfig
-
-    cfg = PoolConfig(prompts=str(prompts_file), output=str(out_dir), images_per_prompt=args.images_per_prompt,
-                     steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                     generator_actors=actors, generator_cpus=gen_cpus, scorer_actors=1, scorer_cpus=scorer_cpus,
-                     rows_per_file=args.rows_per_file)
-    import ray
-
-    saved = pb.GenerateImages, pb.ScoreAndRank, pb.write_rows, ray.data.from_items
-    if profile_log is not None:
-        pb.GenerateImages, pb.ScoreAndRank, pb.write_rows = _instrumented(str(profile_log), generator_threads)
-    if args.block_per_prompt:  # what-if: one prompt per input block (the job uses max(8, 4 x actors) blocks)
-        ray.data.from_items = lambda items, **kw: saved[3](items, override_num_blocks=len(items))
-    log: list[tuple[float, str]] = []
-    try:
-        start = time.time()
-        result = pb.build_pool(cfg, log=lambda msg: log.append((time.time(), msg)))
-        end = time.time()
-    finally:
-        pb.GenerateImages, pb.ScoreAndRank, pb.write_rows, ray.data.from_items = saved
-    out = measures(result.built, cfg.images_per_prompt, start, end, part_times(out_dir))
-    prepared = next((t for t, m in log if " to build " in m), start)  # the driver's checks are done then
-    out.update(prepare_s=prepared - start, generator_actors=actors, generator_cpus=gen_cpus, scorer_cpus=scorer_cpus,
-               generator_torch_threads=generator_threads or max(1, int(gen_cpus + 1e-9)),
-               scorer_torch_threads=max(1, int(scorer_cpus)))
-    if profile_log is not None:
-        out["profile"] = timeline(profile_log, start)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The model calls alone
-
-
-def run_calls(items, args, threads: int) -> dict:
-    """UNet, VAE decode, text encoder and PickScore calls alone (models loaded and warmed up untimed)."""
+def calls_child(args, work: Path, threads: int) -> dict:
+    """Per prompt, warm: the seconds of the model calls alone, and of the whole ``make``."""
     import torch
 
-    from hgdpo import models
-    from hgdpo.sampling import generate, image_seeds, native_size, resolve_device_dtype, set_sampler
-    from hgdpo.scoring import pickscore
+    from hgdpo.config import to_dict
+    from hgdpo.pool_builder import RowMaker
 
-    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        device, dtype = resolve_device_dtype("auto")
-        pipe = models.load_pipeline("embedded", dtype=dtype, device=device)
-        set_sampler(pipe, "dpm_multistep")
-        width, height = native_size(pipe)
-        processor, scorer = models.load_scorer("embedded", dtype=dtype, device=device)
-        spent: dict[str, float] = defaultdict(float)
-        calls: dict[str, int] = defaultdict(int)
-        batch: dict[str, int] = {}
+    maker = RowMaker(to_dict(pool_config(args, work, "calls")), actor=False, log=lambda *_: None)
+    prompts = make_prompts(args.calls_prompts + 1)
+    maker.make("warm", 0, prompts[0])
+    spent: dict[str, float] = {}
 
-        def timed(name, fn):
-            def wrapper(*a, **kw):
-                t = time.perf_counter()
-                try:
-                    return fn(*a, **kw)
-                finally:
-                    spent[name] += time.perf_counter() - t
-                    calls[name] += 1
-                    x = a[0] if a else kw.get("sample", kw.get("input_ids"))
-                    if hasattr(x, "shape"):
-                        batch[name] = int(x.shape[0])
-            return wrapper
+    def timed(obj, method: str, label: str) -> None:
+        inner = getattr(obj, method)
 
-        pipe.unet.forward = timed("unet", pipe.unet.forward)
-        pipe.vae.decode = timed("vae_decode", pipe.vae.decode)
-        pipe.text_encoder.forward = timed("text_encoder", pipe.text_encoder.forward)
-        score = timed("scoring", lambda text, images: pickscore(processor, scorer, text, images))
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
+        setattr(obj, method, wrapper)
 
-        def one(p):
-            seeds = image_seeds(args.seed, p.id, args.images_per_prompt)
-            _, images = generate(pipe, p.text, seeds, steps=args.steps, guidance_scale=args.guidance_scale,
-                                 width=width, height=height)
-            score(p.text, images)
+    timed(maker.pipe.unet, "forward", "unet")
+    timed(maker.pipe.vae, "decode", "vae")
+    timed(maker.pipe.text_encoder, "forward", "text_encoder")
+    timed(maker.scorer, "get_image_features", "pickscore")
+    timed(maker.scorer, "get_text_features", "pickscore")
+    t0 = time.perf_counter()
+    for i, text in enumerate(prompts[1:]):
+        maker.make(f"p{i}", i, text)
+    p = args.calls_prompts
+    return {"threads": threads, "make_s_per_prompt": (time.perf_counter() - t0) / p,
+            "calls_s_per_prompt": sum(spent.values()) / p, "by_call_s_per_prompt": {k: v / p for k, v in spent.items()}}
 
-        one(type(items[0])(0, "warm-up", "a warm-up prompt"))  # first-call costs (kernel setup) not counted
-        spent.clear(), calls.clear()
-        start = time.perf_counter()
-        for p in items:
-            one(p)
-        wall = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(before)
-    total = sum(spent.values())
-    return {"torch_threads": threads, "seconds": total, "images_per_s": len(items) * args.images_per_prompt / total,
-            "per_prompt_s": total / len(items), "generate_and_score_wall_s": wall, "parts_s": dict(spent),
-            "calls": dict(calls), "batch": batch}
+
+def overheads(speed: dict) -> dict:
+    """Steady seconds per prompt of each variant over those of its model calls, minus 1: the loop and
+    job1 against calls@2 (two threads, one prompt at a time), job2 against calls@1 / 2 (two one-thread
+    actors, each a prompt at a time)."""
+    calls = {t: median([r["calls_s_per_prompt"] for r in speed.get(f"calls@{t}", [])]) for t in (1, 2)}
+    out = {}
+    for name, base in (("loop", calls[2]), ("job1", calls[2]), ("job2", calls[1] and calls[1] / 2)):
+        steady = median([r["steady_s_per_prompt"] for r in speed.get(name, [])])
+        out[name] = None if steady is None or not base else steady / base - 1
+    return out
+
+
+def run_speed(args, work: Path) -> dict:
+    runs: dict[str, list[dict]] = {}
+    variants = {"loop": lambda n: run_loop(args, work, n), "job1": lambda n: run_job(args, work, n, 1, 2.0),
+                "job2": lambda n: run_job(args, work, n, 2, 1.0)}
+    for rep in range(args.repeats):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        for name in order:
+            runs.setdefault(name, []).append(measured(args, f"[{rep}] {name}", variants[name], f"{name}-{rep}"))
+        for t in (2, 1):
+            runs.setdefault(f"calls@{t}", []).append(measured(
+                args, f"[{rep}] calls@{t}", child, args, work, ["--child", "calls", "--child-threads", str(t)]))
+    return runs
+
+
+def measured(args, label: str, fn, *a) -> dict:
+    quiet = wait_quiet(args.wait_quiet, args.max_foreign) if args.wait_quiet > 0 else None
+    with LoadMonitor() as mon:
+        r = fn(*a)
+    r.update(foreign_cpu_share=mon.foreign_share, foreign_share_before=quiet)
+    shown = {k: round(v, 3) for k, v in r.items() if isinstance(v, float)}
+    print(f"{label}: {shown}", flush=True)
+    return r
+
+
+def child(args, work: Path, extra: list[str], env: dict | None = None) -> dict:
+    """Run this script in a fresh process (``--child ...``); its result comes back as JSON."""
+    result = work / f"child-{time.time_ns()}.json"
+    cmd = [sys.executable, __file__, "--workdir", str(work), "--child-out", str(result), *args.shared, *extra]
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads(result.read_text())
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 
 
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
+def summarize(res: dict) -> dict:
+    s: dict = {}
+    if "bytes" in res:
+        b = res["bytes"]
+        s["bytes_ratio"] = b["ratio"]
+    if "memory" in res:
+        mem = {int(k): v["growth"] for k, v in res["memory"].items()}
+        s["memory_growth_mib"] = {k: v / MIB for k, v in mem.items()}
+        s["memory_falls_with_vae_batch"] = all(mem[a] > mem[b] for a, b in zip(sorted(mem)[1:], sorted(mem)))
+    if "speed" in res:
+        sp = res["speed"]
+        steady = {k: median([r.get("steady_images_per_s") for r in v]) for k, v in sp.items() if not k.startswith("calls")}
+        e2e = {k: median([r["images_per_s"] for r in v]) for k, v in sp.items() if not k.startswith("calls")}
+        s.update(steady_images_per_s=steady, images_per_s=e2e,
+                 steady_vs_loop={k: ratio(v, steady.get("loop")) for k, v in steady.items()},
+                 e2e_vs_loop={k: ratio(v, e2e.get("loop")) for k, v in e2e.items()},
+                 steady_overhead_vs_calls=overheads(sp),
+                 foreign_cpu_share={k: max(r["foreign_cpu_share"] for r in v) for k, v in sp.items()})
+    return s
 
 
-def clean_runs(rs: list[dict], max_foreign: float) -> list[dict]:
-    """The runs during which other users left the CPUs alone (all of them if there is none)."""
-    clean = [r for r in rs if r.get("foreign_cpu_share", 0.0) <= max_foreign]
-    return clean or rs
+def targets(s: dict) -> dict:
+    t = {}
+    if "bytes_ratio" in s:
+        t["object store bytes <= 1.5x row bytes"] = s["bytes_ratio"] <= 1.5
+    if "memory_falls_with_vae_batch" in s:
+        t["generator peak falls as vae_batch falls"] = s["memory_falls_with_vae_batch"]
+    if "steady_vs_loop" in s:
+        v, o = s["steady_vs_loop"], s["steady_overhead_vs_calls"]
+        t["job1 >= 0.95x loop (steady)"] = (v.get("job1") or 0) >= 0.95
+        t["job2 >= 1.0x loop (steady)"] = (v.get("job2") or 0) >= 1.0
+        t["job1 overhead over calls < 10% (steady)"] = o.get("job1") is not None and o["job1"] < 0.10
+    return t
 
 
-def summarize(runs: dict[str, list[dict]], loop_threads: int, max_foreign: float) -> dict:
-    """Medians of each variant over its quiet runs (others' CPU share <= ``max_foreign``), and the ratios."""
-    keys = ("seconds", "images_per_s", "first_row_s", "steady_images_per_s", "steady_s_per_prompt", "per_prompt_s",
-            "process_start_s", "import_s", "load_s", "prepare_s", "foreign_cpu_share")
-    summary = {}
-    for name, rs in runs.items():
-        use = clean_runs(rs, max_foreign)
-        s = {k: median([r.get(k) for r in use]) for k in keys if any(k in r for r in use)}
-        s.update(runs=len(rs), quiet_runs=sum(r.get("foreign_cpu_share", 0.0) <= max_foreign for r in rs))
-        if name.startswith("calls"):
-            s["parts_s_per_prompt"] = {k: median([r["parts_s"][k] / (r["seconds"] / r["per_prompt_s"]) for r in use])
-                                       for k in use[0]["parts_s"]}
-            s["unet_calls_per_prompt"] = use[0]["calls"].get("unet", 0) * use[0]["per_prompt_s"] / use[0]["seconds"]
-            s["unet_batch"] = use[0]["batch"].get("unet")
-        summary[name] = s
-    loop, calls = summary.get("loop"), summary.get(f"calls@{loop_threads}")
-    for name, s in summary.items():
-        if name.startswith("calls"):
-            continue
-        if loop and name != "loop":
-            s["ratio_vs_loop"] = s["images_per_s"] / loop["images_per_s"]
-            if s.get("steady_images_per_s") and loop.get("steady_images_per_s"):
-                s["steady_ratio_vs_loop"] = s["steady_images_per_s"] / loop["steady_images_per_s"]
-        if calls:
-            s["overhead_vs_calls"] = s["seconds"] / calls["seconds"] - 1
-            if s.get("steady_s_per_prompt"):
-                s["steady_overhead_vs_calls"] = s["steady_s_per_prompt"] / calls["per_prompt_s"] - 1
-    return summary
+def report(res: dict, s: dict) -> str:
+    lines = []
+    if "bytes" in res:
+        b = res["bytes"]
+        lines.append(f"bytes at N={PAPER['images_per_prompt']}, {PAPER['width']}x{PAPER['height']}, {b['prompts']} "
+                     f"prompts: object store {b['object_store_bytes_per_prompt'] / 1e6:.2f} MB/prompt, row on disk "
+                     f"{b['row_bytes_per_prompt'] / 1e6:.2f} MB/prompt: {b['ratio']:.2f}x "
+                     f"(the tiny model's PNGs are {b['png_share_of_raw']:.0%} of raw pixels)")
+    if "memory" in res:
+        m = res["memory"]
+        lines.append("generator peak over RSS before, one prompt at N=20, 704x1024: " + ", ".join(
+            f"vae_batch {k}: {v['growth'] / MIB:.0f} MiB" for k, v in m.items()))
+    if "steady_vs_loop" in s:
+        lines.append("| variant | e2e img/s | steady img/s | steady x loop | e2e x loop | steady overhead over calls "
+                     "| others' CPU |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for k in s["steady_images_per_s"]:
+            lines.append(f"| {k} | {s['images_per_s'][k]:.2f} | {fmt(s['steady_images_per_s'][k])} | "
+                         f"{fmt(s['steady_vs_loop'][k], 'x')} | {fmt(s['e2e_vs_loop'][k], 'x')} | "
+                         f"{fmt(s['steady_overhead_vs_calls'].get(k), '%')} | {s['foreign_cpu_share'][k]:.0%} |")
+        for name in ("calls@2", "calls@1"):
+            rs = res["speed"].get(name, [])
+            if rs:
+                by = {k: median([r["by_call_s_per_prompt"][k] for r in rs]) for k in rs[0]["by_call_s_per_prompt"]}
+                lines.append(f"{name}: {median([r['calls_s_per_prompt'] for r in rs]):.3f} s/prompt of calls ("
+                             + ", ".join(f"{k} {v:.3f}" for k, v in by.items())
+                             + f"), make() {median([r['make_s_per_prompt'] for r in rs]):.3f} s/prompt")
+    return "\n".join(lines)
 
 
-def targets(summary: dict) -> dict:
-    out = {}
-    for name, check, key, goal in (("job1", "at_least_0.9x_loop", "ratio_vs_loop", lambda v: v >= 0.9),
-                                   ("job1", "steady_at_least_0.9x_loop", "steady_ratio_vs_loop", lambda v: v >= 0.9),
-                                   ("job2", "faster_than_loop", "ratio_vs_loop", lambda v: v > 1.0),
-                                   ("job2", "steady_faster_than_loop", "steady_ratio_vs_loop", lambda v: v > 1.0),
-                                   ("job1", "overhead_below_15pct", "overhead_vs_calls", lambda v: v < 0.15),
-                                   ("job2", "overhead_below_15pct", "overhead_vs_calls", lambda v: v < 0.15)):
-        value = summary.get(name, {}).get(key)
-        if value is not None:
-            out[f"{name}_{check}"] = bool(goal(value))
-    return out
-
-
-def fmt(v, spec=".2f", pct=False) -> str:
+def fmt(v, kind: str = "") -> str:
     if v is None:
         return "-"
-    return f"{100 * v:+.0f}%" if pct else format(v, spec)
-
-
-def table(summary: dict) -> str:
-    head = ("variant", "e2e s", "img/s", "x loop", "1st row s", "steady img/s", "x loop", "ovh e2e", "ovh steady",
-            "others' CPU")
-    lines = [head]
-    for name, s in summary.items():
-        if name.startswith("calls"):
-            lines.append((name, fmt(s["seconds"], ".1f"), fmt(s["images_per_s"]), "", "", "", "", "", "",
-                          fmt(s.get("foreign_cpu_share"), ".0%")))
-        else:
-            lines.append((name, fmt(s["seconds"], ".1f"), fmt(s["images_per_s"]), fmt(s.get("ratio_vs_loop")),
-                          fmt(s.get("first_row_s"), ".1f"), fmt(s.get("steady_images_per_s")),
-                          fmt(s.get("steady_ratio_vs_loop")), fmt(s.get("overhead_vs_calls"), pct=True),
-                          fmt(s.get("steady_overhead_vs_calls"), pct=True), fmt(s.get("foreign_cpu_share"), ".0%")))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-            for row in lines]
-    text.insert(1, "-" * len(text[0]))
-    return "\n".join(text)
-
-
-def profile_text(name: str, run: dict) -> str:
-    p, lines = run.get("profile") or {}, []
-    if p:
-        lines.append(f"{name}: prepare {run['prepare_s']:.1f}s; generator process up at "
-                     f"{p['generator_process_start_s']}s, in __init__ at {p['generator_init_entered_s']}s "
-                     f"(imports {p['generator_imports_s']}s), ready at {p['generator_ready_s']}s "
-                     f"({p['generator_torch_threads']} torch threads); scorer ready at {p.get('scorer_ready_s')}s; "
-                     f"first generate at {p['first_generate_s']}s, first row at {run['first_row_s']:.1f}s")
-        lines.append(f"{' ' * len(name)}  generate {fmt(p['generate_s_per_prompt'], '.3f')}s/prompt, score "
-                     f"{fmt(p['score_s_per_prompt'], '.3f')}s/prompt; generator busy "
-                     f"{', '.join(f'{b:.0%}' for b in p['generator_busy_fraction'])} of its time after its first call; "
-                     f"generated->scoring {fmt(p.get('generated_to_scoring_s', {}).get('mean'), '.2f')}s, "
-                     f"scored->written mean {fmt(p.get('scored_to_written_s', {}).get('mean'), '.2f')}s "
-                     f"max {fmt(p.get('scored_to_written_s', {}).get('max'), '.2f')}s; {p['write_rows_tasks']} "
-                     f"write_rows tasks in {p['write_rows_processes']} worker processes")
-    if run.get("cpu_s"):
-        lines.append(f"{' ' * len(name)}  CPU s: " + ", ".join(f"{k} {v:.1f}" for k, v in run["cpu_s"].items()
-                                                              if v >= 0.05))
-    return "\n".join(lines)
+    return f"{v:.2f}x" if kind == "x" else f"{100 * v:+.1f}%" if kind == "%" else f"{v:.2f}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,167 +393,84 @@ def profile_text(name: str, run: dict) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompts", type=int, default=48, help="number of prompts")
-    p.add_argument("--images-per-prompt", type=int, default=8, help="N images per prompt")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved (medians of the quiet ones reported)")
-    p.add_argument("--rows-per-file", type=int, default=4,
-                   help="prompts per parquet part, for loop and job (the steady state needs several parts)")
-    p.add_argument("--variants", default="loop,job1,job2,calls", help="comma list of loop, job1, job2, calls")
-    p.add_argument("--ray-cpus", type=int, default=2, help="num_cpus of the local ray.init (logical CPUs)")
-    p.add_argument("--loop-threads", type=int, default=None,
-                   help="torch threads of the loop (default: torch's default, all cores)")
-    p.add_argument("--calls-threads", default=None,
-                   help="comma list of torch thread counts for the calls alone (default: the loop's, and 1)")
-    p.add_argument("--job1-cpus", default="1,1", help="generator_cpus,scorer_cpus of the one-actor job")
-    p.add_argument("--job2-cpus", default="0.75,0.5", help="generator_cpus,scorer_cpus of the two-actor job")
-    p.add_argument("--profile", action="store_true",
-                   help="instrument the job's stages: actor start, per-batch times, latencies (and print them)")
-    p.add_argument("--generator-threads", type=int, default=None,
-                   help="what-if (needs --profile): generator actors' torch threads, set after their __init__")
-    p.add_argument("--block-per-prompt", action="store_true",
-                   help="what-if: the job's input dataset gets one block per prompt (so the stages hand over "
-                        "each prompt as soon as it is done) instead of max(8, 4 x generator_actors) blocks")
-    p.add_argument("--ray-system-config", default=None,
-                   help='what-if: JSON of Ray system settings for ray.init, e.g. \'{"num_workers_soft_limit": 8}\'')
-    p.add_argument("--wait-quiet", type=float, default=60.0,
-                   help="before each variant wait up to this many s for other users to leave the CPUs (0: no wait)")
-    p.add_argument("--max-foreign", type=float, default=0.1,
-                   help="share of the CPUs other processes may use for the machine to count as quiet")
+    p.add_argument("--parts", default="bytes,memory,speed", help="comma list of bytes, memory, speed")
+    p.add_argument("--prompts", type=int, default=32, help="speed: prompts per run")
+    p.add_argument("--images", type=int, default=8, help="speed: N images per prompt")
+    p.add_argument("--steps", type=int, default=20, help="speed: sampler steps")
+    p.add_argument("--rows-per-file", type=int, default=4, help="prompts per part (the steady rate needs several)")
+    p.add_argument("--repeats", type=int, default=2, help="speed: runs of each variant, interleaved")
+    p.add_argument("--calls-prompts", type=int, default=6, help="speed: prompts timed per calls@T run")
+    p.add_argument("--bytes-prompts", type=int, default=3, help="bytes: prompts of the N=20, 704x1024 job")
+    p.add_argument("--vae-batches", default="1,4,20", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--ray-cpus", type=int, default=3,
+                   help="num_cpus of the local Ray (logical: job1's 2-CPU actor plus its 0.5-CPU writers)")
+    p.add_argument("--wait-quiet", type=float, default=30.0, help="wait up to this many s for a quiet machine")
+    p.add_argument("--max-foreign", type=float, default=0.1, help="others' CPU share that still counts as quiet")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results file")
-    p.add_argument("--workdir", default=None, help="where pools are written (default: a temporary directory)")
-    p.add_argument("--child-loop", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--workdir", default=None, help="where models and pools are written (default: a temporary one)")
+    for name in ("child", "child-out", "child-name", "child-model", "child-vae-batch", "child-threads"):
+        p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.shared = [f"--prompts={args.prompts}", f"--images={args.images}", f"--steps={args.steps}",
+                   f"--rows-per-file={args.rows_per_file}", f"--calls-prompts={args.calls_prompts}"]
+    return args
+
+
+def run_child(args) -> int:
+    from hgdpo.quiet import quiet_libraries
+
+    quiet_libraries()
+    work = Path(args.workdir)
+    if args.child == "memory":
+        out = memory_child(args, work, Path(args.child_model), int(args.child_vae_batch))
+    elif args.child == "loop":
+        out = loop_child(args, work, args.child_name)
+    else:
+        out = calls_child(args, work, int(args.child_threads))
+    Path(args.child_out).write_text(json.dumps(out))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    from hgdpo import prompts as prompt_io
-
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pool-"))
-    work.mkdir(parents=True, exist_ok=True)
-    prompts_file = work / "prompts.txt"
-
-    if args.child_loop:  # the loop's own process
-        items = prompt_io.read_prompts(prompts_file)
-        print(json.dumps(loop_child(items, args, Path(args.child_loop), args.loop_threads)))
-        return 0
-    if args.generator_threads and not args.profile:
-        sys.exit("--generator-threads needs --profile")
-
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.child:
+        return run_child(args)
+    import ray
     import torch
 
     from hgdpo import embedded
     from hgdpo.quiet import quiet_libraries
 
     quiet_libraries()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    loop_threads = args.loop_threads or torch.get_num_threads()
-    calls_threads = [int(t) for t in args.calls_threads.split(",")] if args.calls_threads else \
-        list(dict.fromkeys([loop_threads, 1]))
-    jobs = {name: (actors, *map(float, getattr(args, f"{name}_cpus").split(",")))
-            for name, actors in (("job1", 1), ("job2", 2)) if name in variants}
-    for name, (actors, gen, sc) in jobs.items():
-        if actors * gen + sc > args.ray_cpus + 1e-9:
-            sys.exit(f"{name}: {actors} x generator_cpus {gen} + scorer_cpus {sc} > the {args.ray_cpus} CPUs of Ray: "
-                     f"the actors could not all start")
-    prompts_file.write_text("\n".join(make_prompts(args.prompts)) + "\n")
-    items = prompt_io.read_prompts(prompts_file)
-    embedded.pipeline_dir(), embedded.scorer_dir()  # build the embedded models once, before any timing
-    child_argv = [f"--prompts={args.prompts}", f"--images-per-prompt={args.images_per_prompt}",
-                  f"--steps={args.steps}", f"--guidance-scale={args.guidance_scale}", f"--seed={args.seed}",
-                  f"--rows-per-file={args.rows_per_file}", f"--workdir={work}"]
-
-    settings = dict(prompts=args.prompts, images_per_prompt=args.images_per_prompt, steps=args.steps,
-                    guidance_scale=args.guidance_scale, sampler="dpm_multistep", dtype="float32",
-                    image_size=embedded.IMAGE_SIZE, keep="all", rows_per_file=args.rows_per_file,
-                    repeats=args.repeats, ray_num_cpus=args.ray_cpus, loop_torch_threads=loop_threads,
-                    calls_torch_threads=calls_threads, profile=args.profile, what_if_generator_threads=args.generator_threads,
-                    what_if_block_per_prompt=args.block_per_prompt,
-                    what_if_ray_system_config=args.ray_system_config and json.loads(args.ray_system_config),
-                    jobs={k: {"generator_actors": a, "generator_cpus": g, "scorer_actors": 1, "scorer_cpus": s,
-                              "generator_torch_threads": args.generator_threads or max(1, int(g + 1e-9)),
-                              "scorer_torch_threads": max(1, int(s + 1e-9))} for k, (a, g, s) in jobs.items()})
-    print(f"bench_pool: {json.dumps(settings)}", flush=True)
-    import ray
-
-    if jobs:
-        extra = {"_system_config": json.loads(args.ray_system_config)} if args.ray_system_config else {}
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, **extra,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("HGDPO_")}})
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        if __name__ != "__main__":  # imported as a module: ship the instrumented classes by value
-            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    runs: dict[str, list[dict]] = defaultdict(list)
-    t_all, load_before = time.time(), os.getloadavg()
-
-    def measured(rep, name, fn, *a, **kw):
-        quiet = wait_quiet(args.wait_quiet, args.max_foreign) if args.wait_quiet > 0 else None
-        with CpuMonitor() as mon:
-            r = fn(*a, **kw)
-        r.update(foreign_cpu_share=mon.foreign_share, foreign_share_before=quiet, cpu_s=mon.cpu_s,
-                 processes=mon.processes)
-        runs[name].append(r)
-        line = f"[{rep}] {name:<8} {r['seconds']:6.1f}s {r['images_per_s']:6.2f} img/s"
-        if "steady_images_per_s" in r:
-            line += f"  steady {r['steady_images_per_s']:5.2f} img/s  first row {r['first_row_s']:5.1f}s"
-        if "parts_s" in r:
-            line += "  " + ", ".join(f"{k} {v:.1f}s" for k, v in r["parts_s"].items())
-        print(line + f"  (others' CPU {mon.foreign_share:.0%})", flush=True)
-        if args.profile and name.startswith("job"):
-            print(profile_text(f"[{rep}] {name}", r), flush=True)
-
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pool-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "prompts.txt").write_text("\n".join(make_prompts(args.prompts)) + "\n")
+    embedded.pipeline_dir(), embedded.scorer_dir()  # built once, before any timing
+    model = tiny_sd15(work / "tiny-sd15") if {"bytes", "memory"} & set(parts) else None
+    mach = machine(torch=torch.__version__, ray=ray.__version__, diffusers=__import__("diffusers").__version__)
+    print(f"bench_pool: {describe(mach)}; parts {parts}", flush=True)
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("HGDPO_")}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    res: dict = {}
+    t0 = time.time()
     try:
-        for rep in range(args.repeats):
-            if "loop" in variants:
-                measured(rep, "loop", run_loop, args, child_argv, work / f"loop-{rep}", loop_threads)
-            for name, (actors, gen, sc) in jobs.items():
-                measured(rep, name, run_job, args, prompts_file, work / f"{name}-{rep}", actors, gen, sc,
-                         profile_log=work / f"{name}-{rep}.events.jsonl" if args.profile else None,
-                         generator_threads=args.generator_threads)
-            if "calls" in variants:
-                for t in calls_threads:
-                    measured(rep, f"calls@{t}", run_calls, items, args, t)
+        if "bytes" in parts:
+            res["bytes"] = measured(args, "bytes", run_bytes, args, work, model)
+        if "memory" in parts:
+            res["memory"] = run_memory(args, work, model)
+        if "speed" in parts:
+            res["speed"] = run_speed(args, work)
     finally:
-        if jobs:
-            ray.shutdown()
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
-
-    summary = summarize(runs, loop_threads, args.max_foreign)
-    result = {
-        "machine": dict(cpu_info(), loadavg_before=load_before, loadavg_after=os.getloadavg(),
-                        torch=torch.__version__, ray=ray.__version__, diffusers=__import__("diffusers").__version__),
-        "settings": settings,
-        "definitions": {
-            "images_per_s": "prompts x N / (last row on disk - start of the variant: loop process spawn or "
-                            "build_pool call)",
-            "steady_images_per_s": "N x least-squares slope of rows done against part mtime, parts after the first",
-            "ratio_vs_loop": "images/s / loop images/s (medians over repeats)",
-            "overhead_vs_calls": f"seconds / seconds of calls@{loop_threads} - 1",
-            "steady_overhead_vs_calls": f"steady s per prompt / calls@{loop_threads} s per prompt - 1",
-            "foreign_cpu_share": "CPU s of processes not started by the benchmark / (wall s x cores)",
-            "medians": f"over the runs with foreign_cpu_share <= {args.max_foreign} (all runs if none)"},
-        "summary": summary, "targets": targets(summary), "runs": runs, "total_seconds": time.time() - t_all}
-    print()
-    print(table(summary))
-    for name in (k for k in summary if k.startswith("calls")):
-        s = summary[name]
-        print(f"{name}: {s['per_prompt_s']:.3f}s/prompt = "
-              + " + ".join(f"{k} {v:.3f}" for k, v in s["parts_s_per_prompt"].items())
-              + f"  (UNet: {s['unet_calls_per_prompt']:.0f} calls/prompt of batch {s['unet_batch']})")
-    noisy = [k for k, s in summary.items() if not s["quiet_runs"]]
-    if noisy:
-        print(f"warning: other processes used more than {args.max_foreign:.0%} of the CPUs during every run of "
-              f"{', '.join(noisy)}: their figures are not comparable (see 'others' CPU')")
-    print("targets:", ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in result["targets"].items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"results: {out}  ({result['total_seconds']:.0f}s)")
+        ray.shutdown()
+    s = summarize(res)
+    print("\n" + report(res, s))
+    t = targets(s)
+    print("targets: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in t.items()))
+    save(Path(args.out), {"machine": mach, "settings": {k: v for k, v in vars(args).items() if k != "shared"},
+                          "results": res, "summary": s, "targets": t, "seconds": time.time() - t0})
+    print(f"results: {args.out} ({time.time() - t0:.0f} s)")
     return 0
 
 

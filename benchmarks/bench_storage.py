@@ -40,13 +40,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import platform
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +52,10 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+
+# This file runs as a script: its own folder goes on the path for the shared helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import busy_seconds, machine, median, save
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "storage.json"
@@ -66,20 +68,18 @@ VARIANTS = ("atomic", "direct")
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine
+# The machine and its CPU
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.strip().lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+def this_machine() -> dict:
+    """``measure.machine`` with the versions of the libraries a write goes through."""
+    import boto3
+    import moto
+    import numpy
+    import pyarrow
+
+    return dict(machine(pyarrow=pyarrow.__version__, numpy=numpy.__version__, moto=moto.__version__,
+                        boto3=boto3.__version__), processor=platform.processor())
 
 
 def filesystem_of(path: Path) -> str:
@@ -94,28 +94,6 @@ def filesystem_of(path: Path) -> str:
                 if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
                     best, kind = mount, fields[2]
     return kind
-
-
-def machine() -> dict:
-    import boto3
-    import moto
-    import numpy
-    import pyarrow
-
-    return {"cpu_model": cpu_model(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "versions": {"pyarrow": pyarrow.__version__, "numpy": numpy.__version__, "moto": moto.__version__,
-                         "boto3": boto3.__version__}}
-
-
-def machine_busy() -> float:
-    """CPU seconds all processes of the machine used so far (``/proc/stat``: all but idle and iowait)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
 
 
 def self_cpu() -> float:
@@ -292,14 +270,14 @@ def check_written(location: str) -> int:
 def timed(server_pid: int | None, fn, *fn_args) -> dict:
     """Wall seconds of ``fn(*fn_args)``, the CPU seconds of this process and of the server (``server_pid``)
     meanwhile, and the CPU others used (every other process of the machine) as a share of wall x cores."""
-    busy0, cpu0 = machine_busy(), self_cpu()
+    busy0, cpu0 = busy_seconds(), self_cpu()
     srv0 = server_cpu(server_pid) if server_pid else 0.0
     t0 = time.perf_counter()
     fn(*fn_args)
     wall = time.perf_counter() - t0
     cpu = self_cpu() - cpu0
     srv = (server_cpu(server_pid) - srv0) if server_pid else 0.0
-    others = machine_busy() - busy0 - cpu - srv
+    others = busy_seconds() - busy0 - cpu - srv
     return {"wall_s": wall, "cpu_s": cpu, "server_cpu_s": srv if server_pid else None,
             "others_cpu_share": max(0.0, others) / (wall * (os.cpu_count() or 1))}
 
@@ -349,18 +327,18 @@ def run(args, table, stores: dict[str, tuple[str, int | None]]) -> dict:
 def summarize(runs: dict, file_bytes: dict) -> dict:
     out = {}
     for store, by in runs.items():
-        med = {v: statistics.median(r["wall_s"] for r in by[v]) for v in (*VARIANTS, "move")}
+        med = {v: median(r["wall_s"] for r in by[v]) for v in (*VARIANTS, "move")}
         per_rep = [a["wall_s"] / d["wall_s"] for a, d in zip(by["atomic"], by["direct"])]
         out[store] = {
             "median_s": med,
             "min_s": {v: min(r["wall_s"] for r in by[v]) for v in (*VARIANTS, "move")},
             "ratio_atomic_direct": med["atomic"] / med["direct"],
-            "median_per_repeat_ratio": statistics.median(per_rep),
+            "median_per_repeat_ratio": median(per_rep),
             "extra_s": med["atomic"] - med["direct"],
             "direct_MB_per_s": file_bytes[store] / MB / med["direct"],
-            "median_cpu_s": {v: statistics.median(r["cpu_s"] for r in by[v]) for v in (*VARIANTS, "move")},
-            "median_others_cpu_share": statistics.median(r["others_cpu_share"] for v in VARIANTS for r in by[v]),
-            "median_server_cpu_s": ({v: statistics.median(r["server_cpu_s"] for r in by[v])
+            "median_cpu_s": {v: median(r["cpu_s"] for r in by[v]) for v in (*VARIANTS, "move")},
+            "median_others_cpu_share": median(r["others_cpu_share"] for v in VARIANTS for r in by[v]),
+            "median_server_cpu_s": ({v: median(r["server_cpu_s"] for r in by[v])
                                      for v in (*VARIANTS, "move")} if by["atomic"][0]["server_cpu_s"] is not None
                                     else None),
         }
@@ -410,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from hgdpo import pool
 
-    t_all, load_before = time.time(), os.getloadavg()
-    mach = machine()
+    t_all = time.time()
+    mach = this_machine()
+    load_before = mach["loadavg"]
     print(f"bench_storage: {mach['cpu_model']}, {mach['cpu_count']} cores; pyarrow {mach['versions']['pyarrow']}, "
           f"moto {mach['versions']['moto']}", flush=True)
 
@@ -440,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             measured = run(args, table, stores)
         summary = summarize(measured["runs"], measured["file_bytes"])
-        encode_s = statistics.median(r["wall_s"] for r in measured["encode"])
+        encode_s = median(r["wall_s"] for r in measured["encode"])
         md = table_md(summary, measured["file_bytes"])
         result = {
             "benchmark": "bench_storage",
@@ -490,10 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"encoding alone (pq.write_table into memory, zstd): {encode_s:.3f} s median")
     print()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"results: {out}  ({result['total_seconds']:.0f}s)")
+    save(args.out, result)
+    print(f"results: {args.out}  ({result['total_seconds']:.0f}s)")
     return 0
 
 

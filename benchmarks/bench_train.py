@@ -34,135 +34,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import importlib.util
 import json
 import logging
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
+# This file runs as a script: its own folder goes on the path for the shared helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import MIB, LoadMonitor, machine, median, peak_memory, ratio, save
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(tempfile.gettempdir()) / "hgdpo-bench-train.json"
-MIB = 2**20
-
-
-# ---------------------------------------------------------------------------------------------
-# Machine, load, memory
-
-
-def cpu_info() -> dict:
-    model = platform.processor() or ""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu_model": model, "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "python": platform.python_version()}
-
-
-class LoadMonitor:
-    """CPU used by processes this benchmark did not start, as a share of wall x cores.
-
-    Samples every ``interval`` s: the machine's busy CPU time (``/proc/stat``) minus that of this
-    process and its descendants (Ray's processes, workers, children). A descendant that lives less
-    than an interval is missed and counted as foreign, so the share is an upper bound.
-    """
-
-    def __init__(self, interval: float = 0.5):
-        self.interval, self._stop = interval, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.ours = 0.0
-        self.last: dict[int, float] = {}
-
-    @staticmethod
-    def _busy() -> float:
-        import psutil
-
-        t = psutil.cpu_times()
-        return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
-
-    def _sample(self, first: bool = False) -> None:
-        import psutil
-
-        me = psutil.Process()
-        try:
-            procs = [me] + me.children(recursive=True)
-        except psutil.Error:
-            procs = [me]
-        for p in procs:
-            try:
-                t = p.cpu_times()
-            except psutil.Error:
-                continue
-            cpu = t.user + t.system  # children are sampled themselves
-            prev = self.last.get(p.pid, cpu if first else 0.0)
-            self.ours += max(0.0, cpu - prev)
-            self.last[p.pid] = cpu
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self):
-        self._sample(first=True)
-        self.ours = 0.0
-        self.busy0, self.t0 = self._busy(), time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        self.seconds = time.perf_counter() - self.t0
-        busy = self._busy() - self.busy0
-        self.foreign_share = max(0.0, busy - self.ours) / (self.seconds * (os.cpu_count() or 1))
-        self.our_share = self.ours / (self.seconds * (os.cpu_count() or 1))
-        return False
-
-
-def proc_status() -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS since start or the last reset) of this process, in bytes."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key = line.split(":", 1)[0]
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(line.split()[1]) * 1024
-    return out
-
-
-def reset_peak() -> bool:
-    """Reset this process's peak RSS (VmHWM, also what ``ru_maxrss`` reports) to its current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def settle() -> int:
-    """Free what can be freed (Python garbage, glibc's free lists); returns RSS afterwards."""
-    gc.collect()
-    malloc_trim()
-    return proc_status()["VmRSS"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +71,7 @@ def build_pool(args, work: Path) -> tuple[Path, float | None]:
            f"images_per_prompt={args.pool_images}", f"steps={args.pool_steps}",
            f"mlflow_uri=sqlite:///{work / 'pool-mlflow.db'}", "--no-mlflow"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"building the pool failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return out, time.perf_counter() - start
@@ -510,7 +399,7 @@ def tensor_peak(fn) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "timeline.json")
         prof.export_memory_timeline(path, device="cpu")
-        times, sizes = json.loads(Path(path).read_text())
+        _, sizes = json.loads(Path(path).read_text())  # times, bytes per category
     try:
         from torch.profiler._memory_profiler import _CATEGORY_TO_COLORS
 
@@ -529,28 +418,28 @@ def memory_child(args, variant: str, inputs_file: Path) -> dict:
 
     pipe, ns, inputs = setup(args, inputs_file)
     batches = [make_batch(inputs, args.seed, k, ns) for k in range(args.memory_steps + 2)]
-    base0 = settle()  # after imports, pipeline loading and inputs: what every variant has
-    can_reset = reset_peak()
     cls, objective = VARIANTS[variant]
-    step = cls(variant, objective, pipe, pipe.unet, ns, args)  # the trainer's way: LoRA on the pipeline's UNet
-    step(batches[0])  # first step: optimizer state, oneDNN primitives (and the naive's reference copy above)
-    first = proc_status()["VmHWM"]
-    if not can_reset:  # ru_maxrss since process start: includes loading, so only an upper bound
+
+    def setup_and_first_step():
+        # The trainer's way: LoRA on the pipeline's UNet (the naive variant copies it first as its reference).
+        step = cls(variant, objective, pipe, pipe.unet, ns, args)
+        step(batches[0])  # the first step: optimizer state, oneDNN primitives
+        return step
+
+    # Over the RSS after imports, pipeline loading and inputs: what every variant has.
+    first = peak_memory(setup_and_first_step)
+    step = first["result"]
+    if first["peak"] is None:  # ru_maxrss since process start: includes loading, so only an upper bound
         import resource
 
-        first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    base1 = settle()
-    reset_peak()
-    for k in range(args.memory_steps):
-        step(batches[1 + k])
-    steady = proc_status()["VmHWM"] if can_reset else None
+        first["growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - first["rss_before"]
+    steady = peak_memory(lambda: [step(b) for b in batches[1:1 + args.memory_steps]])
     prof = tensor_peak(lambda: step(batches[-1]))
     ref = getattr(step, "ref", None)
-    return {"variant": variant, "peak_reset": can_reset,
-            "reference_copy_bytes": sum(p.numel() * p.element_size() for p in ref.parameters()) if ref else 0, "rss_after_load": base0,
-            "first_step_peak_over_load": first - base0,
-            "rss_before_steps": base1,
-            "steady_step_peak_over_rss": None if steady is None else steady - base1,
+    return {"variant": variant, "peak_reset": first["peak"] is not None,
+            "reference_copy_bytes": sum(p.numel() * p.element_size() for p in ref.parameters()) if ref else 0,
+            "rss_after_load": first["rss_before"], "first_step_peak_over_load": first["growth"],
+            "rss_before_steps": steady["rss_before"], "steady_step_peak_over_rss": steady["growth"],
             "tensors": prof, "torch_threads": torch.get_num_threads()}
 
 
@@ -564,7 +453,7 @@ def run_memory(args, argv_child: list[str], inputs_file: Path) -> dict:
     for rep in range(args.memory_repeats):
         for name in (names if rep % 2 == 0 else names[::-1]):
             cmd = [sys.executable, __file__, *argv_child, f"--child-memory={name}", f"--child-inputs={inputs_file}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT)
             if proc.returncode:
                 sys.exit(f"memory child {name} failed:\n{proc.stderr[-3000:]}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -608,20 +497,20 @@ def run_job(args, train_main, pool_dir: Path, work: Path, name: str, workers: in
     run = client.search_runs([exp.experiment_id], filter_string=f"tags.output = '{output}'")[0]
     hist = sorted(client.get_metric_history(run.info.run_id, "pairs_per_s"), key=lambda m: m.step)
     rates = [m.value for m in hist[1:]]
+    rate = median(rates)
     span = (hist[-1].timestamp - hist[0].timestamp) / 1000 if len(hist) > 1 else None
     steady_steps = hist[-1].step - hist[0].step if len(hist) > 1 else 0
     shutil.rmtree(output, ignore_errors=True)
     return {
         "workers": workers, "cpus_per_worker": cpus, "torch_threads_per_worker": max(1, int(cpus)),
         "wall_s": wall, "reports": [(m.step, m.value) for m in hist],
-        "pairs_per_s_median": statistics.median(rates) if rates else None,
+        "pairs_per_s_median": rate,
         # every report covers the same number of steps, so this is the rate over that window
         "pairs_per_s_window": (len(rates) / sum(1 / r for r in rates)) if rates else None,
         "start_to_first_report_s": (hist[0].timestamp - run.info.start_time) / 1000 if hist else None,
         "first_to_last_report_s": span, "steps_first_to_last": steady_steps,
         "last_report_to_end_s": (run.info.end_time - hist[-1].timestamp) / 1000 if hist else None,
-        "training_share_of_wall": (args.job_steps * args.job_global_batch / statistics.median(rates)) / wall
-        if rates else None,
+        "training_share_of_wall": args.job_steps * args.job_global_batch / rate / wall if rate else None,
         "foreign_cpu_share": mon.foreign_share,
     }
 
@@ -664,42 +553,37 @@ def run_jobs(args, pool_dir: Path, work: Path) -> dict:
 # Report
 
 
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def summarize(res: dict) -> dict:
     out: dict = {}
     if "steps" in res:
         w, c = res["steps"]["wall_s"], res["steps"]["cpu_s"]
-        out["steps"] = {n: {"wall_ms_median": 1e3 * med(v), "cpu_ms_median": 1e3 * med(c[n]),
+        out["steps"] = {n: {"wall_ms_median": 1e3 * median(v), "cpu_ms_median": 1e3 * median(c[n]),
                             "wall_ms_min": 1e3 * min(v), "repeats": len(v)} for n, v in w.items()}
 
-        def ratio(a, b):
+        def compare(a, b):
             per_rep = [x / y for x, y in zip(w[a], w[b])]
-            return {"ratio_of_medians": med(w[a]) / med(w[b]), "median_of_ratios": med(per_rep),
-                    "ratio_of_mins": min(w[a]) / min(w[b]), "cpu_ratio_of_medians": med(c[a]) / med(c[b])}
+            return {"ratio_of_medians": median(w[a]) / median(w[b]), "median_of_ratios": median(per_rep),
+                    "ratio_of_mins": min(w[a]) / min(w[b]), "cpu_ratio_of_medians": median(c[a]) / median(c[b])}
 
-        out["a_hgdpo_over_dpo"] = ratio("ours_hgdpo", "ours_dpo")
-        out["b_naive_over_ours"] = ratio("naive_hgdpo", "ours_hgdpo")
+        out["a_hgdpo_over_dpo"] = compare("ours_hgdpo", "ours_dpo")
+        out["b_naive_over_ours"] = compare("naive_hgdpo", "ours_hgdpo")
     if "memory" in res:
         m = res["memory"]
         keys = {"first_step_peak_over_load": lambda r: r["first_step_peak_over_load"],
                 "steady_step_peak_over_rss": lambda r: r["steady_step_peak_over_rss"],
                 "tensor_peak": lambda r: r["tensors"]["peak_bytes"]}
-        out["memory_mib"] = {n: {k: (None if med([f(r) for r in rs]) is None else med([f(r) for r in rs]) / MIB)
-                                 for k, f in keys.items()} for n, rs in m.items()}
+        out["memory_mib"] = {n: {k: ratio(median([f(r) for r in rs]), MIB) for k, f in keys.items()}
+                             for n, rs in m.items()}
         if "ours_hgdpo" in m and "naive_hgdpo" in m:
             o, n = out["memory_mib"]["ours_hgdpo"], out["memory_mib"]["naive_hgdpo"]
-            out["b_memory_naive_over_ours"] = {k: (n[k] / o[k] if o[k] and n[k] is not None else None) for k in keys}
+            out["b_memory_naive_over_ours"] = {k: ratio(n[k], o[k]) for k in keys}
     if "jobs" in res:
-        out["jobs"] = {n: {"pairs_per_s_median": med([r["pairs_per_s_median"] for r in rs]),
-                           "pairs_per_s_window": med([r["pairs_per_s_window"] for r in rs]),
-                           "wall_s_median": med([r["wall_s"] for r in rs]),
-                           "start_to_first_report_s": med([r["start_to_first_report_s"] for r in rs]),
-                           "training_share_of_wall": med([r["training_share_of_wall"] for r in rs]),
-                           "foreign_cpu_share": med([r["foreign_cpu_share"] for r in rs]),
+        out["jobs"] = {n: {"pairs_per_s_median": median([r["pairs_per_s_median"] for r in rs]),
+                           "pairs_per_s_window": median([r["pairs_per_s_window"] for r in rs]),
+                           "wall_s_median": median([r["wall_s"] for r in rs]),
+                           "start_to_first_report_s": median([r["start_to_first_report_s"] for r in rs]),
+                           "training_share_of_wall": median([r["training_share_of_wall"] for r in rs]),
+                           "foreign_cpu_share": median([r["foreign_cpu_share"] for r in rs]),
                            "repeats": len(rs)} for n, rs in res["jobs"].items()}
         j = out["jobs"]
         for a, b in (("w2c1", "w1c1"), ("w2c1", "w1c2"), ("w1c2", "w1c1")):
@@ -712,9 +596,9 @@ def summarize(res: dict) -> dict:
 def table(s: dict, res: dict, args) -> str:
     lines = []
     if "steps" in s:
-        lines += [f"(a)/(b) one optimizer step, {args.pairs} pairs, CPU, {res['steps']['torch_threads']} torch threads, "
-                  f"{s['steps']['ours_hgdpo']['repeats']} interleaved repeats; "
-                  f"others' CPU {res['steps']['foreign_cpu_share']:.0%}",
+        lines += [(f"(a)/(b) one optimizer step, {args.pairs} pairs, CPU, {res['steps']['torch_threads']} torch threads, "
+                   f"{s['steps']['ours_hgdpo']['repeats']} interleaved repeats; "
+                   f"others' CPU {res['steps']['foreign_cpu_share']:.0%}"),
                   f"  {'variant':<13} {'wall ms (med)':>13} {'wall ms (min)':>13} {'cpu ms (med)':>12}"]
         for n, v in s["steps"].items():
             lines.append(f"  {n:<13} {v['wall_ms_median']:13.1f} {v['wall_ms_min']:13.1f} {v['cpu_ms_median']:12.1f}")
@@ -730,19 +614,22 @@ def table(s: dict, res: dict, args) -> str:
     if "memory_mib" in s:
         lines += ["(b) peak memory (MiB; fresh process per variant, medians)",
                   f"  {'variant':<13} {'1st step over load':>18} {'steady step over RSS':>20} {'tensor peak':>12}"]
+
+        def f(x):
+            return "n/a" if x is None else f"{x:.1f}"
+
         for n, v in s["memory_mib"].items():
-            f = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
             lines.append(f"  {n:<13} {f(v['first_step_peak_over_load']):>18} {f(v['steady_step_peak_over_rss']):>20} "
                          f"{f(v['tensor_peak']):>12}")
         if "b_memory_naive_over_ours" in s:
             r = s["b_memory_naive_over_ours"]
             lines.append("  naive / ours: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}x'}" for k, v in r.items()))
     if "jobs" in s:
-        lines += [f"(c) jobs/train.py: global batch {args.job_global_batch}, micro-batch {args.job_micro_batch}, "
-                  f"data_shards {args.job_data_shards}, {args.job_steps} steps, metrics every {args.metrics_every}; "
-                  f"Ray num_cpus {args.ray_cpus}",
-                  f"  {'job':<6} {'workers':>7} {'cpus/w':>6} {'pairs/s (med)':>13} {'pairs/s (window)':>16} "
-                  f"{'wall s':>7} {'to 1st rep s':>12} {'train share':>11} {'others CPU':>10}"]
+        lines += [(f"(c) jobs/train.py: global batch {args.job_global_batch}, micro-batch {args.job_micro_batch}, "
+                   f"data_shards {args.job_data_shards}, {args.job_steps} steps, metrics every {args.metrics_every}; "
+                   f"Ray num_cpus {args.ray_cpus}"),
+                  (f"  {'job':<6} {'workers':>7} {'cpus/w':>6} {'pairs/s (med)':>13} {'pairs/s (window)':>16} "
+                   f"{'wall s':>7} {'to 1st rep s':>12} {'train share':>11} {'others CPU':>10}")]
         for n, v in s["jobs"].items():
             if "_over_" in n:
                 continue
@@ -843,9 +730,10 @@ def main(argv: list[str] | None = None) -> int:
     import peft
 
     summary = summarize(res)
+    mach = machine(torch=torch.__version__, diffusers=diffusers.__version__, peft=peft.__version__)
+    mach["loadavg_before"], mach["loadavg_after"] = load_before, mach.pop("loadavg")
     result = {
-        "machine": dict(cpu_info(), loadavg_before=load_before, loadavg_after=os.getloadavg(), torch=torch.__version__,
-                        diffusers=diffusers.__version__, peft=peft.__version__),
+        "machine": mach,
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("child")},
         "definitions": {
             "wall_ms": "one optimizer step: loss (micro_step or the naive step), backward, clip, AdamW, LR schedule; "
@@ -867,10 +755,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary, "runs": res, "total_seconds": time.time() - t_all}
     print()
     print(table(summary, res, args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"results: {out}  ({result['total_seconds']:.0f}s)")
+    save(args.out, result)
+    print(f"results: {args.out}  ({result['total_seconds']:.0f}s)")
     return 0
 
 
