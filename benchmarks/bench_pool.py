@@ -43,10 +43,11 @@ from measure import (
     save,
     wait_quiet,
 )
+from synthetic import SD15_704x1024 as PAPER
+from synthetic import tiny_sd15
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "pool.json"
 MIB = 2**20
-PAPER = {"images_per_prompt": 20, "width": 704, "height": 1024}
 
 
 def make_prompts(n: int) -> list[str]:
@@ -62,35 +63,6 @@ def pool_config(args, work: Path, name: str, **overrides):
     settings = {"prompts": str(work / "prompts.txt"), "output": str(work / name), "images_per_prompt": args.images,
                 "steps": args.steps, "seed": 0, "dtype": "float32", "rows_per_file": args.rows_per_file}
     return PoolConfig(**{**settings, **overrides})
-
-
-# ---------------------------------------------------------------------------------------------
-# A tiny model of SD1.5's architecture (4 UNet levels, VAE scale factor 8)
-
-
-def tiny_sd15(dst: Path) -> Path:
-    """The embedded pipeline's text encoder with a UNet and VAE shaped like SD1.5's, tiny in width: four
-    UNet levels, a VAE of scale factor 8 with its mid-block attention, so latents and images have the
-    real shapes. The UNet attends to the text at its third level only: at 704x1024 SD1.5's first level
-    attends over 11264 positions, which takes minutes per prompt on a CPU (a GPU's fused kernels are
-    built for it) and changes neither the bytes nor the VAE's memory measured here."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from hgdpo import embedded
-
-    if (dst / "model_index.json").exists():
-        return dst
-    unet = UNet2DConditionModel(
-        sample_size=64, layers_per_block=2, block_out_channels=(8, 8, 16, 16), norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=embedded.TEXT_HIDDEN, attention_head_dim=2)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8, 8, 16, 16), layers_per_block=2, norm_num_groups=4, sample_size=512)
-    text = CLIPTextModel.from_pretrained(embedded.pipeline_dir() / "text_encoder")
-    embedded.save_pipeline(dst, text, vae, unet)
-    return dst
 
 
 # ---------------------------------------------------------------------------------------------

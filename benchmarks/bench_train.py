@@ -48,6 +48,7 @@ from pathlib import Path
 
 # This file runs as a script: its own folder goes on the path for the shared helpers.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_scale
 from measure import MIB, LoadMonitor, machine, median, peak_memory, ratio, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -646,7 +647,8 @@ def table(s: dict, res: dict, args) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--parts", default="steps,memory,jobs", help="comma list of steps (a+b time), memory (b), jobs (c)")
+    p.add_argument("--parts", default="steps,memory,jobs,scale",
+                   help="comma list of steps (a+b time), memory (b), jobs (c), scale (d: memory against the pool's size)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for (a)/(b)")
     p.add_argument("--pairs", type=int, default=8, help="pairs per micro-batch in (a)/(b)")
     p.add_argument("--repeats", type=int, default=60, help="interleaved timed steps per variant in (a)/(b)")
@@ -669,6 +671,10 @@ def parse_args(argv):
     p.add_argument("--job-data-shards", type=int, default=2)
     p.add_argument("--metrics-every", type=int, default=10, help="metrics_every of the job (one pairs/s report each)")
     p.add_argument("--ray-cpus", type=int, default=2, help="num_cpus of the local ray.init")
+    p.add_argument("--scale-rows", default="500,2000,8000", help="(d) pool sizes R (prompts; N=20 at 704x1024)")
+    p.add_argument("--scale-steps", type=int, default=30, help="(d) max_steps of each job")
+    p.add_argument("--baseline", default=None, help="(d) also run the jobs from this git revision, side by side")
+    p.add_argument("--baseline-rows", default="500", help="(d) the pool sizes the baseline runs on")
     p.add_argument("--workdir", default=None, help="keep the pool here and reuse it (default: a temporary directory)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results file")
     p.add_argument("--verbose", action="store_true", help="show the Ray workers' logs")
@@ -695,10 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     t_all, load_before = time.time(), os.getloadavg()
     res: dict = {}
     try:
-        print(f"bench_train: pool of {args.pool_prompts} prompts x {args.pool_images} images, {args.pool_steps} steps",
-              flush=True)
-        pool_dir, pool_s = build_pool(args, work)
-        res["pool"] = {"path": str(pool_dir), "build_s": pool_s}
+        if parts & {"steps", "memory", "jobs"}:
+            print(f"bench_train: pool of {args.pool_prompts} prompts x {args.pool_images} images, "
+                  f"{args.pool_steps} steps", flush=True)
+            pool_dir, pool_s = build_pool(args, work)
+            res["pool"] = {"path": str(pool_dir), "build_s": pool_s}
         inputs_file = work / f"inputs-{args.pairs}.pt"
         if parts & {"steps", "memory"}:
             from hgdpo import models
@@ -722,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:
         if "jobs" in parts:
             print(f"(c) jobs/train.py: {args.jobs}, {args.job_repeats} repeats, {args.job_steps} steps", flush=True)
             res["jobs"] = run_jobs(args, pool_dir, work)
+        if "scale" in parts:
+            print(f"(d) scale: pools of {args.scale_rows} prompts, {args.scale_steps} steps each", flush=True)
+            res["scale"] = train_scale.run_scale(args, work)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -730,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     import peft
 
     summary = summarize(res)
+    if "scale" in res:
+        summary["scale"] = train_scale.summarize(res["scale"])
     mach = machine(torch=torch.__version__, diffusers=diffusers.__version__, peft=peft.__version__)
     mach["loadavg_before"], mach["loadavg_after"] = load_before, mach.pop("loadavg")
     result = {
@@ -755,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary, "runs": res, "total_seconds": time.time() - t_all}
     print()
     print(table(summary, res, args))
+    if "scale" in res:
+        print(train_scale.table(res["scale"], summary["scale"]))
     save(args.out, result)
     print(f"results: {args.out}  ({result['total_seconds']:.0f}s)")
     return 0
