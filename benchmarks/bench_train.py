@@ -21,6 +21,9 @@ built once with ``jobs/build_pool.py``:
   (rank 0, every ``metrics_every`` steps), leaving out the first report (warm-up); also the wall
   time of ``main()`` and how it splits (to the first report, training, after the last).
 
+* **(d) scale** -- the job's peak memory (driver, each worker, the object store) against the pool's
+  size, on synthetic pools at SD1.5's 704x1024 latent shape (``train_scale.py``).
+
 Steps of (a)/(b) are interleaved (per repeat every variant once, the order reversed every other
 repeat); the table shows medians and ratios of medians, and the median of the per-repeat ratios.
 Job runs are interleaved the same way. Others' CPU use on the machine is recorded per phase.
@@ -150,7 +153,8 @@ class Timings:
 
 
 class TimedTokenizer:
-    """The tokenizer, timed (``micro_step`` takes the tokenizer as an argument)."""
+    """The tokenizer, timed: the naive step tokenises at every step; ours encodes a batch's prompts once, as
+    the trainer's pair dataset holds their hidden states."""
 
     def __init__(self, tokenizer, timings: Timings):
         self._tok, self._timings = tokenizer, timings
@@ -205,7 +209,7 @@ class Step:
         self.params = add_lora(unet, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.seed)
         self.opt = trainer.make_optimizer(self.cfg, self.params, torch.device("cpu"))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, trainer.lr_factor(self.cfg))
-        self.autocast, _ = trainer._autocast(self.cfg, torch.device("cpu"))
+        self.autocast = trainer.precision(self.cfg, torch.device("cpu")).autocast()
         self.timings = Timings()
         self.timings.hook(unet, unet_part())
         self.timings.hook(pipe.text_encoder, lambda: "text encoder")
@@ -218,10 +222,12 @@ class Step:
         return [p for n, p in self.unet.named_parameters() if p.requires_grad and "lora_B" in n]
 
     def loss(self, b, from_pixels: bool = True):
-        from hgdpo import trainer
+        from hgdpo import pair_data, trainer
 
-        return trainer.micro_step(self.cfg, self.unet, self.unet, self.pipe.text_encoder, self.tok,
-                                  self.ns, b["prompts"], b["lat_w"], b["lat_l"], b["t"], b["noise"], self.autocast)[0]
+        if "emb" not in b:  # the trainer's pairs carry the prompts' hidden states, encoded once
+            b["emb"] = pair_data.encode_prompts(self.tok, self.pipe.text_encoder, b["prompts"])
+        return trainer.micro_step(self.cfg, self.unet, self.unet, self.ns, b["emb"], b["lat_w"], b["lat_l"], b["t"],
+                                  b["noise"], self.autocast)[0]
 
     def __call__(self, b) -> float:
         import torch

@@ -3,10 +3,15 @@
     hgdpo table --sweep pool-size                       # from ./mlflow.db (or $MLFLOW_TRACKING_URI)
     hgdpo table --sweep pool-size --mlflow-uri http://127.0.0.1:5000
     python -m hgdpo table --sweep pool-size             # the same, without the console script
+    hgdpo verify runs/demo/pool                         # or s3://bucket/pools/p
 
 ``table`` prints a sweep the paper's way: one row per trial with its swept parameters, the win
 rate of the trial's adapter (A) over the base model (B) per scorer with its interval, and the
 change of mean hue, saturation and value (paper Tables 1-3, 5, 6).
+
+``verify`` reads every part of a pool and checks it against the pool's manifest (size, sha256,
+rows, prompt ids): exit 0 when all match, else 2 with the bad parts named. Repair a bad pool by
+rerunning its pool job with the same config, which rebuilds only the bad parts' prompts.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--mlflow-uri", default=None,
                        help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db)")
     table.add_argument("--experiment", default="hgdpo-sweep", help="MLflow experiment of the sweep")
+    verify = commands.add_parser("verify", help="read every part of a pool and check it against its manifest")
+    verify.add_argument("pool", help="the pool's folder or storage URI")
     args = parser.parse_args(argv)
 
     from hgdpo.errors import HgdpoError
@@ -32,10 +39,25 @@ def main(argv: list[str] | None = None) -> int:
             from hgdpo.sweep import table_from_mlflow
 
             print(table_from_mlflow(args.sweep, args.mlflow_uri, args.experiment))
+        elif args.command == "verify":
+            print(verify_pool(args.pool))
     except HgdpoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def verify_pool(location: str) -> str:
+    """``hgdpo verify``: the pool's summary when every part is as its manifest records it."""
+    from hgdpo import pool, storage
+
+    storage.check_reachable(location, "pool")
+    with storage.errors("pool", location):
+        report = pool.verify(location)
+    checked = "size, sha256, rows and prompt ids" if report["checksums"] else \
+        "rows and prompt ids (its manifest predates checksums: rerun the pool job to record them)"
+    return (f"pool: {location}: {report['rows']} prompts in {report['parts']} parts ({report['bytes'] / 1e6:.1f} MB), "
+            f"every part's {checked} as recorded")
 
 
 if __name__ == "__main__":

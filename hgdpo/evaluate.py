@@ -7,6 +7,10 @@ colours and PNG bytes. Then: win rates with bootstrap intervals (``hgdpo.winrate
 table (Table 2), a side-by-side picture, all written to the output folder and to MLflow, and a
 table on stdout.
 
+Evaluations that share baseline B (a sweep's trials: one B, many A's) make B's rows once:
+``build_baseline`` writes them into a cache folder under a digest of everything they depend on,
+and ``evaluate(..., baseline_cache=...)`` reads them from there and makes only A's.
+
 Output folder: ``scores.parquet`` (one row per prompt and seed: seeds, scores, colours, both
 PNGs), ``side_by_side.png``, ``table.md`` and last ``report.json``; each is written atomically
 (``hgdpo.storage``: a local folder or a URI), so a folder with ``report.json`` is complete. A rerun with the same
@@ -15,6 +19,7 @@ settings prints the stored table and does nothing else; other settings are refus
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -42,9 +47,10 @@ def scorer_specs(cfg: EvalConfig) -> list:
 
 
 class GenerateAB:
-    """Ray Data actor: loads the base model (and adapters) once; per prompt, A's and B's images."""
+    """Ray Data actor: loads the base model (and adapters) once; per prompt, the images of ``sides``
+    (A's and B's, or one side's when the other's rows come from elsewhere)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, sides: tuple[str, ...] = SIDES):
         from hgdpo.quiet import quiet_libraries
         from hgdpo.sampling import native_size, resolve_device_dtype, set_sampler, set_threads
 
@@ -52,8 +58,9 @@ class GenerateAB:
         quiet_libraries()
         set_threads(cfg.generator_cpus)
         device, dtype = resolve_device_dtype(cfg.dtype)
+        self.sides = tuple(sides)
         self.pipes = {}  # adapter path (None: the base model alone) -> pipeline
-        for side in SIDES:
+        for side in self.sides:
             adapter = cfg.side(side)["adapter"]
             if adapter in self.pipes:
                 continue
@@ -79,7 +86,7 @@ class GenerateAB:
         for pid, text in zip(batch["prompt_id"], batch["prompt"]):
             seeds = image_seeds(cfg.seed, str(pid), cfg.images_per_prompt)
             out["seeds"].append(np.asarray(seeds, dtype=np.int64))
-            for side in SIDES:
+            for side in self.sides:
                 s = cfg.side(side)
                 _, images = lan.sample(self.pipes[s["adapter"]], str(text), seeds, steps=cfg.steps,
                                        guidance_scale=cfg.guidance_scale, width=self.width, height=self.height,
@@ -90,14 +97,15 @@ class GenerateAB:
 
 
 class ScoreAB:
-    """Ray Data actor: loads every scorer once; scores, colours and PNGs of A's and B's images."""
+    """Ray Data actor: loads every scorer once; scores, colours and PNGs of the images of ``sides``."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, sides: tuple[str, ...] = SIDES):
         from hgdpo.quiet import quiet_libraries
         from hgdpo.sampling import resolve_device_dtype, set_threads
         from hgdpo.scorers import load_scorer
 
         self.cfg = cfg = from_dict(EvalConfig, config)
+        self.sides = tuple(sides)
         quiet_libraries()
         set_threads(cfg.scorer_cpus)
         device, _ = resolve_device_dtype(cfg.dtype)
@@ -108,7 +116,7 @@ class ScoreAB:
 
         out = defaultdict(list)
         for i, text in enumerate(batch["prompt"]):
-            for side in SIDES:
+            for side in self.sides:
                 images = batch[f"images_{side}"][i]  # (K, H, W, 3)
                 captions = [str(text)] * len(images)
                 for name, scorer in zip(self.cfg.scorers, self.scorers):
@@ -137,6 +145,8 @@ class EvalResult:
     mean_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # scorer -> side -> mean
     hsv: dict[str, list[float]] = field(default_factory=dict)  # side -> mean (H, S, V)
     hsv_change: list[float] = field(default_factory=list)  # A against B, percent
+    generated: dict[str, int] = field(default_factory=dict)  # side -> images this evaluation made of it
+    baseline_cache: str | None = None  # where B's images and scores were read from (None: made here)
     skipped: bool = False  # the output already held this evaluation
 
     def metrics(self) -> dict[str, float]:
@@ -152,6 +162,8 @@ class EvalResult:
                 out[f"{channel}_{side}"] = value
         for channel, value in zip("hsv", self.hsv_change):
             out[f"{channel}_change_pct"] = value
+        for side, images in self.generated.items():
+            out[f"generated_images_{side}"] = float(images)
         return out
 
     def to_json(self) -> dict:
@@ -166,17 +178,18 @@ class EvalResult:
         return cls(**data)
 
 
-def describe_side(cfg: EvalConfig, side: str) -> str:
+def describe_side(cfg: EvalConfig, side: str, cache: str | None = None) -> str:
+    """``cache``: where this side's images and scores were read from."""
     s = cfg.side(side)
-    if s["adapter"] is None:
-        return f"base model {cfg.model!r}"
-    return f"adapter {s['adapter']} (alpha {s['alpha']:g}{', LAN' if s['lan'] else ''})"
+    text = (f"base model {cfg.model!r}" if s["adapter"] is None
+            else f"adapter {s['adapter']} (alpha {s['alpha']:g}{', LAN' if s['lan'] else ''})")
+    return text + (f", images and scores read from {cache}" if cache else "")
 
 
 def table(cfg: EvalConfig, result: EvalResult) -> str:
     """The readable report: win rates per scorer, then the colour table (paper Tables 1 and 2)."""
     pct = int(round(100 * cfg.confidence))
-    lines = [f"A: {describe_side(cfg, 'a')}", f"B: {describe_side(cfg, 'b')}",
+    lines = [f"A: {describe_side(cfg, 'a')}", f"B: {describe_side(cfg, 'b', result.baseline_cache)}",
              f"{result.prompts} prompts x {cfg.images_per_prompt} seed(s) = {result.comparisons} comparisons", "",
              f"| scorer | A wins | {pct}% interval | A mean | B mean | wins / ties / losses |",
              "|---|---|---|---|---|---|"]
@@ -240,20 +253,20 @@ def _settled(cfg: EvalConfig) -> EvalResult | None:
     return result
 
 
-def generate_and_score(cfg: EvalConfig, items: list[prompt_io.Prompt], log=print):
-    """Run the Ray Data stream; yield each prompt's finished row (driver side) as it arrives."""
+def generate_and_score(cfg: EvalConfig, items: list[prompt_io.Prompt], log=print, sides: tuple[str, ...] = SIDES):
+    """Run the Ray Data stream for ``sides``; yield each prompt's finished row (driver side) as it arrives."""
     import ray
 
     from hgdpo.raycluster import ensure_ray
 
     ensure_ray()
-    config = to_dict(cfg)
+    kwargs = {"config": to_dict(cfg), "sides": tuple(sides)}
     ds = ray.data.from_items([{"prompt_id": p.id, "prompt_index": p.index, "prompt": p.text} for p in items],
                              override_num_blocks=min(len(items), max(8, 4 * cfg.generator_actors)))
-    ds = ds.map_batches(GenerateAB, fn_constructor_kwargs={"config": config}, batch_size=1,
+    ds = ds.map_batches(GenerateAB, fn_constructor_kwargs=kwargs, batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=cfg.generator_actors),
                         num_gpus=cfg.generator_gpus, num_cpus=cfg.generator_cpus, batch_format="numpy")
-    ds = ds.map_batches(ScoreAB, fn_constructor_kwargs={"config": config}, batch_size=1,
+    ds = ds.map_batches(ScoreAB, fn_constructor_kwargs=kwargs, batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=cfg.scorer_actors),
                         num_gpus=cfg.scorer_gpus, num_cpus=cfg.scorer_cpus, batch_format="numpy")
     start, last, done = time.perf_counter(), 0.0, 0
@@ -263,8 +276,87 @@ def generate_and_score(cfg: EvalConfig, items: list[prompt_io.Prompt], log=print
         if now - last > 5 or done == len(items):
             last = now
             log(f"evaluate: {done}/{len(items)} prompts done ({100 * done / len(items):.0f}%), "
-                f"{2 * done * cfg.images_per_prompt / (now - start):.2f} images/s")
+                f"{len(sides) * done * cfg.images_per_prompt / (now - start):.2f} images/s")
         yield row
+
+
+# --- Baseline B made once: its rows kept for every evaluation that shares it (a sweep's trials) ---
+
+BASELINE_ROWS = "rows.parquet"  # one row per prompt: seeds, B's scores per scorer, colours, PNGs
+BASELINE_INFO = "baseline.json"  # written last: a folder holding it is complete
+
+
+def baseline_settings(cfg: EvalConfig, items: list[prompt_io.Prompt]) -> dict:
+    """Everything B's images and scores depend on: B's model and adapter (by content as well as by
+    name), its sampling settings, the seeds, the devices, the scorers and the test prompts."""
+    side = cfg.side("b")
+    source = models.resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    adapter = side["adapter"]
+    return {
+        "model": cfg.model, "model_config": cfg.model_config, "model_fingerprint": models.fingerprint(source),
+        "adapter": adapter, "alpha": side["alpha"], "lan": side["lan"],
+        "adapter_fingerprint": (lan.check_adapter(adapter, cfg.model, allow_pickle=cfg.allow_pickle).get("fingerprint")
+                                if adapter is not None else None),
+        **{k: getattr(cfg, k) for k in ("sampler", "steps", "guidance_scale", "width", "height", "negative_prompt",
+                                        "dtype", "seed", "images_per_prompt")},
+        "generator_gpu": cfg.generator_gpus > 0, "scorer_gpu": cfg.scorer_gpus > 0,  # the device of `auto`
+        "scorers": {name: list(cfg.scorer_sources(name)) for name in cfg.scorers},
+        "prompts": [[p.id, p.text] for p in items],
+    }
+
+
+def baseline_key(settings: dict) -> str:
+    """The digest of ``baseline_settings``: the name of B's rows in a cache folder."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_baseline(cfg: EvalConfig, items: list[prompt_io.Prompt], cache: str, log=print) -> tuple[str, int]:
+    """B's images scored by every scorer, into ``<cache>/<baseline_key>`` unless that holds them already.
+
+    Returns the folder and the number of images made (0 when found). The caller has checked ``cfg``
+    (``prepare``); A's side is neither checked nor generated. Run it once, before the evaluations that
+    read it: two builders of one folder would each make every image (the last write wins, whole).
+    """
+    import pyarrow as pa
+
+    settings = baseline_settings(cfg, items)
+    location = storage.join(cache, baseline_key(settings))
+    if storage.is_file(storage.join(location, BASELINE_INFO)):
+        log(f"evaluate: baseline B's images and scores for these settings are in {location}")
+        return location, 0
+    log(f"evaluate: baseline B ({describe_side(cfg, 'b')}) on {len(items)} prompts x {cfg.images_per_prompt} "
+        f"seed(s), once for every evaluation that shares it, into {location}")
+    start = time.perf_counter()
+    rows = sorted(generate_and_score(cfg, items, log, sides=("b",)), key=lambda r: int(r["prompt_index"]))
+    columns = {"prompt_id": [str(r["prompt_id"]) for r in rows], "seeds": [r["seeds"].tolist() for r in rows],
+               **{f"score_b_{name}": [r[f"score_b_{name}"].tolist() for r in rows] for name in cfg.scorers},
+               "hsv_b": [r["hsv_b"].tolist() for r in rows], "png_b": [[bytes(p) for p in r["png_b"]] for r in rows]}
+    storage.write_parquet(storage.join(location, BASELINE_ROWS), pa.table(columns))
+    images = sum(len(r["seeds"]) for r in rows)
+    storage.write_json(storage.join(location, BASELINE_INFO), {
+        "key": storage.name(location), "settings": settings, "prompts": len(rows),
+        "images": images, "seconds": time.perf_counter() - start, "versions": tracking.versions()})
+    return location, images
+
+
+def read_baseline(cache: str, cfg: EvalConfig, items: list[prompt_io.Prompt]) -> tuple[str, dict[str, dict]] | None:
+    """B's rows for ``cfg`` and ``items`` from a cache folder (``build_baseline``'s): (their folder,
+    prompt id -> the row's B columns), or None when the cache does not hold them."""
+    location = storage.join(cache, baseline_key(baseline_settings(cfg, items)))
+    with storage.errors("baseline cache", location):
+        if not storage.is_file(storage.join(location, BASELINE_INFO)):
+            return None
+        table = storage.read_parquet(storage.join(location, BASELINE_ROWS))
+    rows = {}
+    for r in table.to_pylist():
+        rows[r["prompt_id"]] = {"seeds": np.asarray(r["seeds"], dtype=np.int64),
+                                **{f"score_b_{n}": np.asarray(r[f"score_b_{n}"], dtype=np.float64) for n in cfg.scorers},
+                                "hsv_b": np.asarray(r["hsv_b"], dtype=np.float64), "png_b": r["png_b"]}
+    missing = [p.id for p in items if p.id not in rows]
+    if missing:
+        raise HgdpoError(f"baseline cache: {location} lacks prompts {', '.join(missing[:3])}; delete the folder "
+                         f"to have it made again")
+    return location, rows
 
 
 def summarize(cfg: EvalConfig, rows: list[dict]) -> EvalResult:
@@ -327,6 +419,8 @@ def record(cfg: EvalConfig, result: EvalResult, files: dict[str, bytes], run_id:
         if run_id is None:
             mlflow.log_params(tracking.flat_params(to_dict(cfg)))
             mlflow.set_tags({"stage": "evaluate", "output": storage.absolute(cfg.output)})
+        if result.baseline_cache is not None:
+            mlflow.set_tag("baseline_cache", result.baseline_cache)
         mlflow.log_metrics(result.metrics())
         with tempfile.TemporaryDirectory() as tmp:
             for file, content in files.items():
@@ -334,9 +428,13 @@ def record(cfg: EvalConfig, result: EvalResult, files: dict[str, bytes], run_id:
             mlflow.log_artifacts(tmp, artifact_path="evaluation")
 
 
-def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, record_mlflow: bool = True
-             ) -> EvalResult:
-    """Evaluate A against B as ``cfg`` says; write the output folder; record the run in MLflow."""
+def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, record_mlflow: bool = True,
+             baseline_cache: str | None = None) -> EvalResult:
+    """Evaluate A against B as ``cfg`` says; write the output folder; record the run in MLflow.
+
+    ``baseline_cache``: a folder of ``build_baseline``; when it holds B's rows for these settings and
+    test prompts, B's images and scores are read from it and only A's are made.
+    """
     settled = _settled(cfg)
     if settled is not None:
         log(f"evaluate: {cfg.output} already holds this evaluation; nothing to do")
@@ -347,12 +445,28 @@ def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, re
             warn_if_not_shared(getattr(cfg, name), f"evaluate.{name}", log)
     output = cfg.output
     storage.probe_write(output, "evaluate.output")
+    cached = read_baseline(baseline_cache, cfg, items) if baseline_cache is not None else None
+    if baseline_cache is not None and cached is None:
+        log(f"evaluate: {baseline_cache} holds no baseline rows for these settings; B's images are made here")
+    location, baseline = cached or (None, {})
+    sides = ("a",) if cached else SIDES
     log(f"evaluate: {len(items)} prompts x {cfg.images_per_prompt} seed(s); A = {describe_side(cfg, 'a')}, "
-        f"B = {describe_side(cfg, 'b')}; scorers {', '.join(cfg.scorers)}")
+        f"B = {describe_side(cfg, 'b', location)}; scorers {', '.join(cfg.scorers)}")
     start = time.perf_counter()
-    rows = sorted(generate_and_score(cfg, items, log), key=lambda r: int(r["prompt_index"]))
+    rows = sorted(generate_and_score(cfg, items, log, sides=sides), key=lambda r: int(r["prompt_index"]))
+    if cached:  # B's columns beside A's
+        merged = []
+        for row in rows:
+            b = baseline[str(row["prompt_id"])]
+            if not np.array_equal(b["seeds"], row["seeds"]):  # the key covers the seeds: a damaged cache
+                raise HgdpoError(f"baseline cache: {location}: the seeds of prompt {row['prompt_id']} differ from "
+                                 f"this evaluation's; delete the folder to have it made again")
+            merged.append({**row, **b})
+        rows = merged
     result = summarize(cfg, rows)
     result.seconds = time.perf_counter() - start
+    result.generated = {side: len(rows) * cfg.images_per_prompt if side in sides else 0 for side in SIDES}
+    result.baseline_cache = location
 
     files = {"table.md": (table(cfg, result) + "\n").encode()}
     if cfg.picture_prompts:

@@ -149,6 +149,66 @@ def load_pipeline(name: str, *, model_config: str | None = None, allow_pickle: b
     return pipe.to(device)
 
 
+def _load_error(source: ModelSource, err: Exception) -> HgdpoError:
+    """What a failed component load means, in the words ``load_pipeline`` uses."""
+    if isinstance(err, OSError):
+        if source.kind == "folder" and "safetensors" in str(err):
+            return HgdpoError(f"model: {source.location} has no safetensors weights; convert them, "
+                              f"or set allow_pickle=true if you trust its pickle files")
+        return _hub_error("model", source.location, err)
+    return HgdpoError(f"model: {source.location} could not be loaded as an SD1.5 pipeline: {err}")
+
+
+def _config_location(source: ModelSource, model_config: str | None) -> str:
+    """Where the component configs are: the model itself, or for a single file ``model_config``."""
+    return (model_config or SD15_HUB_CONFIG) if source.kind == "file" else source.location
+
+
+def load_unet(name: str, *, model_config: str | None = None, allow_pickle: bool = False):
+    """The model's UNet alone (float32, CPU): what a training worker needs, without the VAE and the
+    text encoder of ``load_pipeline``."""
+    from diffusers import UNet2DConditionModel
+
+    source = resolve_model(name, allow_pickle=allow_pickle)
+    try:
+        if source.kind == "file":
+            return UNet2DConditionModel.from_single_file(source.location, config=_config_location(source, model_config),
+                                                         subfolder="unet")
+        return UNet2DConditionModel.from_pretrained(source.location, subfolder="unet",
+                                                    use_safetensors=None if allow_pickle else True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise _load_error(source, err) from None
+
+
+def load_text_encoder(name: str, *, model_config: str | None = None, allow_pickle: bool = False):
+    """The model's tokenizer and text encoder (float32, CPU, frozen), without its UNet and VAE."""
+    from transformers import CLIPTextModel
+
+    source = resolve_model(name, allow_pickle=allow_pickle)
+    if source.kind == "file":  # transformers cannot read an original-layout checkpoint: diffusers' pipeline can
+        pipe = load_pipeline(name, model_config=model_config, allow_pickle=allow_pickle)
+        return pipe.tokenizer, pipe.text_encoder.requires_grad_(False).eval()
+    tokenizer = load_tokenizer(name, model_config=model_config)
+    try:
+        encoder = CLIPTextModel.from_pretrained(source.location, subfolder="text_encoder",
+                                                use_safetensors=None if allow_pickle else True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise _load_error(source, err) from None
+    return tokenizer, encoder.requires_grad_(False).eval()
+
+
+def scheduler_config(name: str, *, model_config: str | None = None) -> dict:
+    """The model's scheduler config (configs only: cheap enough for the checks before any work)."""
+    from diffusers import DDPMScheduler
+
+    source = resolve_model(name, allow_pickle=True)
+    location = _config_location(source, model_config)
+    try:
+        return dict(DDPMScheduler.load_config(location, subfolder="scheduler"))
+    except (OSError, ValueError) as err:  # a missing, unreachable or unreadable config
+        raise _hub_error("model_config" if source.kind == "file" else "model", location, err) from None
+
+
 def _scorer_locations(model: str, processor: str | None) -> tuple[str, str]:
     """Resolve scorer model and processor names (``embedded`` allowed) to folders or hub ids."""
     locs = []

@@ -9,6 +9,9 @@ Data order is independent of the number of workers: the D pairs are dealt into
 own seed, and optimizer step k takes the next ``global_batch / S`` pairs of every shard. A worker
 owns the shards ``v`` with ``v mod workers == rank``, so one worker and two see the same global
 batches, and a resumed run continues the same sequence from its step number alone.
+
+The selected pairs are written once per selection as a pair dataset that the workers read record by
+record (``hgdpo.pair_data``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class PairPlan:
     def shard_of(self, index: int) -> int:
         return index % self.data_shards
 
+    def worker_shards(self, rank: int, workers: int) -> list[int]:
+        """The shards worker ``rank`` of ``workers`` owns: ``v mod workers == rank``."""
+        return [v for v in range(self.data_shards) if v % workers == rank]
+
     def step_indices(self, step: int, shard: int) -> np.ndarray:
         """Pair indices (prompt positions < D) of ``shard`` used at optimizer ``step``."""
         spe = self.steps_per_epoch()
@@ -81,51 +88,3 @@ def plan(meta: dict, *, pool_size: int | None, loser_rank: int | None, dataset_s
         raise HgdpoError(f"train.dataset_size: {d} prompts in {data_shards} shards cannot fill one global batch "
                          f"of {global_batch}; lower global_batch or data_shards")
     return p
-
-
-def pairs_dataset(pool_uri: str, plan_: PairPlan):
-    """The D pairs as a materialized Ray Data dataset: index, prompt, winner and loser latents.
-
-    Run by the driver before training starts (while the CPUs are free): the training workers
-    then only read rows out of the object store (``worker_pairs``), each keeping its own shards.
-    """
-    import posixpath
-
-    import pyarrow as pa
-    import ray
-
-    from hgdpo import pool, storage
-
-    fs, root = storage.resolve(pool_uri)
-    paths = [posixpath.join(root, name) for name in pool.state(pool_uri).complete["parts"]]
-
-    def select(table: pa.Table) -> pa.Table:
-        table = table.filter(pa.compute.less(table.column("prompt_index"), plan_.dataset_size))
-        latents = pool.latents_of(table)  # (B, K, C, h, w)
-        lw, ll = [], []
-        for b, (s, li) in enumerate(zip(table.column("scores").to_pylist(), table.column("latent_index").to_pylist())):
-            w, l = choose_pair(np.asarray(s), plan_.pool_size, plan_.loser_rank)
-            lw.append(latents[b, li.index(w)].tobytes())
-            ll.append(latents[b, li.index(l)].tobytes())
-        return pa.table({"index": table.column("prompt_index"), "prompt": table.column("prompt"),
-                         "latents_w": pa.array(lw, pa.binary()), "latents_l": pa.array(ll, pa.binary())})
-
-    ds = ray.data.read_parquet(paths, filesystem=fs,
-                               columns=["prompt_index", "prompt", "scores", "latent_index", "latents"])
-    return ds.map_batches(select, batch_format="pyarrow", batch_size=None).materialize()
-
-
-def worker_pairs(batches, plan_: PairPlan, shards: list[int], latent_shape: list[int]) -> dict[str, np.ndarray]:
-    """Keep the rows of ``shards`` from pyarrow batches of ``pairs_dataset``, decoded, by index."""
-    wanted = set(shards)
-    index, prompts, lw, ll = [], [], [], []
-    for batch in batches:
-        for i, prompt, w, l in zip(batch.column("index").to_pylist(), batch.column("prompt").to_pylist(),
-                                   batch.column("latents_w").to_pylist(), batch.column("latents_l").to_pylist()):
-            if plan_.shard_of(i) in wanted:
-                index.append(i), prompts.append(prompt), lw.append(w), ll.append(l)
-    order = np.argsort(index)
-    shape = tuple(latent_shape)  # (C, h, w)
-    decode = lambda blobs: np.stack([np.frombuffer(blobs[k], np.float16).reshape(shape) for k in order])  # noqa: E731
-    return {"index": np.asarray(index)[order], "prompt": np.asarray(prompts)[order],
-            "latents_w": decode(lw), "latents_l": decode(ll)}

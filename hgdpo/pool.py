@@ -6,9 +6,18 @@ A pool is a directory (local path or any pyarrow filesystem URI) holding
   determines the content (data settings, prompt list, model and scorer weights), package
   versions, prompt count and latent shape;
 * ``part-*.parquet``: one row per prompt (columns below), each written atomically
-  (``hgdpo.storage``), so a file that exists is whole;
-* ``_COMPLETE.json``: written last, once every prompt has a row: the manifest of parts and rows.
-  Readers refuse a pool without it.
+  (``hgdpo.storage``), so a file that exists is whole; its name holds its first prompt index and a
+  digest of its prompt ids;
+* ``_COMPLETE.json``: written last, once every prompt has a row: the manifest. ``parts`` (names,
+  in order), ``rows``, and ``files``: per part its ``rows``, ``bytes`` and ``sha256`` (of the file's
+  bytes, as ``sha256sum`` prints it), taken by the writer from the bytes it wrote.
+
+Every reader refuses a pool without the manifest, and checks before any work that each part it lists
+exists with its recorded size (``check_parts``: one listing, no file opened), so a part lost or cut
+short by a failed copy is named at the door, not met as a parquet error mid-run. ``verify`` reads
+every part and also checks its checksum and rows: it finds a part altered without changing size.
+A bad part is repaired by rerunning the pool job with the same config, which rebuilds only that
+part's prompts (``hgdpo.pool_builder``).
 
 Row columns (the data contract of DESIGN.md): ``prompt_id``, ``prompt_index``, ``prompt``,
 ``seeds`` (N), ``scores`` (N), ``rank`` (N indices, best first), ``winner`` and ``loser``
@@ -21,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +44,8 @@ FORMAT = "hgdpo-pool/1"
 META = "pool.json"
 COMPLETE = "_COMPLETE.json"
 PART_PREFIX = "part-"
+REPAIR = ("rerun the pool job with the same config (jobs/build_pool.py, or jobs/run.py for a run's pool): "
+          "it rebuilds only the prompts of the bad part")
 
 
 def latents_type(shape: tuple[int, ...]) -> pa.DataType:
@@ -83,13 +95,23 @@ def latents_of(table: pa.Table) -> np.ndarray:
     return flat.reshape(len(table), *shape)
 
 
+def part_name(prompt_ids: list[str], prompt_indexes: list[int]) -> str:
+    """The name of the part holding these rows: its first prompt index and a digest of its ids."""
+    digest = hashlib.sha1("\n".join(prompt_ids).encode()).hexdigest()[:10]
+    return f"{PART_PREFIX}{min(prompt_indexes):09d}-{digest}.parquet"
+
+
 def write_part(uri: str, table: pa.Table) -> str:
     """Write rows as one part file, atomically (``hgdpo.storage.write``). Returns its name."""
-    ids = "\n".join(table.column("prompt_id").to_pylist())
-    first = min(table.column("prompt_index").to_pylist())
-    name = f"{PART_PREFIX}{first:09d}-{hashlib.sha1(ids.encode()).hexdigest()[:10]}.parquet"
-    storage.write_parquet(storage.join(uri, name), table, compression="zstd")
-    return name
+    return write_part_file(uri, table)[0]
+
+
+def write_part_file(uri: str, table: pa.Table) -> tuple[str, dict]:
+    """``write_part``, also returning the part's manifest entry: rows, bytes and sha256, from the bytes
+    as they were written (the job never reads a part back to record it)."""
+    name = part_name(table.column("prompt_id").to_pylist(), table.column("prompt_index").to_pylist())
+    size, sha256 = storage.write_parquet(storage.join(uri, name), table, compression="zstd")
+    return name, {"rows": table.num_rows, "bytes": size, "sha256": sha256}
 
 
 @dataclass
@@ -99,6 +121,7 @@ class PoolState:
     meta: dict | None
     parts: list[str]
     complete: dict | None
+    sizes: dict[str, int | None]  # every name in the folder -> its size (None for a subfolder)
 
 
 def _read_json(uri: str, name: str) -> dict | None:
@@ -110,14 +133,15 @@ def state(uri: str | os.PathLike) -> PoolState:
     uri = os.fspath(uri)
     if storage.is_file(uri):
         raise HgdpoError(f"output: {uri} exists and is not a directory")
-    names = storage.listdir(uri)
+    sizes = storage.sizes(uri)
+    names = sorted(sizes)
     meta = _read_json(uri, META)
     if meta is None and names:
         raise HgdpoError(f"{uri} is not empty and holds no pool ({META} missing)")
     if meta is not None and meta.get("format") != FORMAT:
         raise HgdpoError(f"{uri}/{META}: not a pool of format {FORMAT} (found {meta.get('format')!r})")
     parts = [n for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")]
-    return PoolState(meta, parts, _read_json(uri, COMPLETE))
+    return PoolState(meta, parts, _read_json(uri, COMPLETE), sizes)
 
 
 def init(uri: str, meta: dict) -> None:
@@ -131,43 +155,172 @@ def remove_temporaries(uri: str) -> int:
     return storage.remove_temporaries(uri)
 
 
-def done_prompt_ids(uri: str, parts: list[str]) -> set[str]:
-    """Ids of the prompts that already have a row (reads only the ``prompt_id`` column)."""
-    done: set[str] = set()
+def part_ids(uri: str, parts: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The prompt ids of each part that can be read (only its ``prompt_id`` column is read), and for each
+    part that cannot, why: the pool job rebuilds those parts' prompts instead of stopping."""
+    ids: dict[str, list[str]] = {}
+    unreadable: dict[str, str] = {}
     for name in parts:
         try:
-            ids = storage.read_parquet(storage.join(uri, name), columns=["prompt_id"]).column("prompt_id").to_pylist()
-        except Exception as err:
-            raise HgdpoError(f"{uri}/{name}: corrupt pool part ({err}); delete it and rerun to regenerate its rows") from None
-        dup = done.intersection(ids)
+            ids[name] = storage.read_parquet(storage.join(uri, name), columns=["prompt_id"]).column("prompt_id").to_pylist()
+        except (OSError, ValueError, pa.ArrowException) as err:
+            unreadable[name] = f"cannot be read ({_first_line(err)})"
+    return ids, unreadable
+
+
+def union_ids(uri: str, ids: dict[str, list[str]]) -> set[str]:
+    """The prompt ids of all parts; refuses a prompt found in two parts."""
+    done: set[str] = set()
+    for name, part in ids.items():
+        dup = done.intersection(part)
         if dup:
-            raise HgdpoError(f"{uri}/{name}: prompt {sorted(dup)[0]!r} also appears in another part; the pool is corrupt")
-        done.update(ids)
+            raise HgdpoError(f"{uri}/{name}: prompt {min(dup)!r} also appears in another part; the pool is corrupt")
+        done.update(part)
     return done
 
 
-def mark_complete(uri: str, parts: list[str], rows: int) -> None:
-    storage.write_json(storage.join(uri, COMPLETE), {"parts": parts, "rows": rows})
+def done_prompt_ids(uri: str, parts: list[str]) -> set[str]:
+    """Ids of the prompts that already have a row (reads only the ``prompt_id`` column); refuses a part
+    that cannot be read, naming it."""
+    ids, unreadable = part_ids(uri, parts)
+    if unreadable:
+        name, why = next(iter(unreadable.items()))
+        raise HgdpoError(f"{uri}/{name}: pool part {why}; {REPAIR}")
+    return union_ids(uri, ids)
 
 
-def read_meta(uri: str) -> dict:
-    """The metadata of a finished pool; a clear error if ``uri`` is not one."""
+def mark_complete(uri: str, parts: list[str], rows: int, files: dict[str, dict] | None = None) -> None:
+    """Write the manifest. ``files``: the parts' entries as their writer returned them (``write_part_file``);
+    a part without one, or whose size on disk is not the one given, is read once to take its own."""
+    sizes = storage.sizes(uri)
+    files = dict(files or {})
+    for name in parts:
+        if files.get(name, {}).get("bytes") != sizes.get(name):
+            size, sha256 = storage.digest(storage.join(uri, name))
+            files[name] = {"rows": storage.parquet_rows(storage.join(uri, name)), "bytes": size, "sha256": sha256}
+    storage.write_json(storage.join(uri, COMPLETE), {"parts": parts, "rows": rows,
+                                                     "files": {name: files[name] for name in parts}})
+
+
+def unmark_complete(uri: str) -> None:
+    """Delete the manifest (before a finished pool's bad parts are deleted: the pool never looks complete
+    without them)."""
+    storage.delete(storage.join(uri, COMPLETE))
+
+
+def bad_parts(uri: str, st: PoolState, read: bool = False) -> dict[str, str]:
+    """The parts of a finished pool that are not as its manifest records them, each with what is wrong.
+    From the listing alone (no file opened): missing, or of another size. With ``read``, also: bytes
+    whose sha256 is not the recorded one, a file that does not read as parquet, rows other than the
+    ones its name and the manifest give, a prompt found in another part."""
+    files = st.complete.get("files", {})
+    bad: dict[str, str] = {}
+    for name in st.complete["parts"]:
+        size, entry = st.sizes.get(name), files.get(name)
+        if size is None:
+            bad[name] = "is missing"
+        elif entry is not None and size != entry["bytes"]:
+            bad[name] = f"has {size} bytes, not the {entry['bytes']} written (truncated or overwritten)"
+    if read:
+        seen: set[str] = set()
+        for name in st.complete["parts"]:
+            if name not in bad:
+                why = _read_part(uri, name, files.get(name), seen)
+                if why:
+                    bad[name] = why
+    return bad
+
+
+def _read_part(uri: str, name: str, entry: dict | None, seen: set[str]) -> str | None:
+    """What is wrong with one part when read whole (None: nothing); adds its prompt ids to ``seen``."""
+    path = storage.join(uri, name)
+    if entry is not None:
+        _, sha256 = storage.digest(path)
+        if sha256 != entry["sha256"]:
+            return f"has bytes other than those written (sha256 {sha256[:12]}... found, {entry['sha256'][:12]}... recorded)"
+    try:  # with a matching checksum only the ids are decoded; without one, every column
+        table = storage.read_parquet(path, columns=["prompt_id", "prompt_index"] if entry else None)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        return f"cannot be read ({_first_line(err)})"
+    ids = table.column("prompt_id").to_pylist()
+    if entry is not None and len(ids) != entry["rows"]:
+        return f"holds {len(ids)} rows, not the {entry['rows']} written"
+    if not ids or part_name(ids, table.column("prompt_index").to_pylist()) != name:
+        return "holds rows other than the prompts its name was given for"
+    dup = seen.intersection(ids)
+    if dup:
+        return f"repeats prompt {min(dup)!r} of another part"
+    seen.update(ids)
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _bad_message(setting: str, uri: str, bad: dict[str, str]) -> str:
+    listed = "; ".join(f"{name} {why}" for name, why in list(bad.items())[:3])
+    more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+    what = "part" if len(bad) == 1 else f"{len(bad)} bad parts:"
+    return f"{setting}: {uri}: pool {what} {listed}{more}; {REPAIR}"
+
+
+def _finished(uri: str, setting: str) -> PoolState:
     st = state(uri)
     if st.meta is None:
-        raise HgdpoError(f"pool: {uri} is not a pool (no {META})")
+        raise HgdpoError(f"{setting}: {uri} is not a pool (no {META})")
     if st.complete is None:
-        raise HgdpoError(f"pool: {uri} is incomplete ({len(st.parts)} part files, no {COMPLETE}); "
+        raise HgdpoError(f"{setting}: {uri} is incomplete ({len(st.parts)} part files, no {COMPLETE}); "
                          f"rerun the pool job with the same config to finish it")
-    missing = sorted(set(st.complete["parts"]) - set(st.parts))
-    if missing:
-        raise HgdpoError(f"pool: {uri} is missing part {missing[0]} listed in its manifest")
-    return st.meta
+    return st
 
 
-def read(uri: str, columns: list[str] | None = None) -> pa.Table:
+def check_parts(uri: str | os.PathLike, setting: str = "pool") -> PoolState:
+    """The check every reader of a pool makes before any work: it is a finished pool, and each part its
+    manifest lists exists with the size recorded (one listing; no file is opened). A part changed
+    without changing size passes: ``verify`` reads the parts to find it.
+
+    A pool whose manifest records no sizes (written before they were) is accepted on its parts'
+    presence, with a warning: rerunning the pool job records them."""
+    uri = os.fspath(uri)
+    st = _finished(uri, setting)
+    bad = bad_parts(uri, st)
+    if bad:
+        raise HgdpoError(_bad_message(setting, uri, bad))
+    if "files" not in st.complete:
+        print(f"warning: {uri}: the pool's manifest records no part sizes (written before they were), so only "
+              f"the parts' presence is checked; rerun the pool job with the same config to record them",
+              file=sys.stderr)
+    return st
+
+
+def verify(uri: str | os.PathLike, setting: str = "pool") -> dict:
+    """Read every part of a finished pool and check it against the manifest: size, sha256, rows, and the
+    prompt ids its name was given for, no prompt in two parts, the prompt count of ``pool.json``.
+    Returns a summary (``parts``, ``rows``, ``bytes``, ``checksums``: whether the manifest has them);
+    raises ``HgdpoError`` naming every bad part."""
+    uri = os.fspath(uri)
+    st = _finished(uri, setting)
+    bad = bad_parts(uri, st, read=True)
+    if bad:
+        raise HgdpoError(_bad_message(setting, uri, bad))
+    files = st.complete.get("files")
+    rows = sum(files[n]["rows"] for n in st.complete["parts"]) if files else st.complete["rows"]
+    if rows != st.meta["num_prompts"]:
+        raise HgdpoError(f"{setting}: {uri}: the parts hold {rows} prompts, not the {st.meta['num_prompts']} of "
+                         f"{META}; {REPAIR}")
+    return {"parts": len(st.complete["parts"]), "rows": rows,
+            "bytes": sum(st.sizes[n] for n in st.complete["parts"]), "checksums": files is not None}
+
+
+def read_meta(uri: str | os.PathLike, setting: str = "pool") -> dict:
+    """The metadata of a finished pool whose parts pass ``check_parts``; a clear error naming ``setting`` if not."""
+    return check_parts(uri, setting).meta
+
+
+def read(uri: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """Read a finished pool, rows in prompt order."""
-    read_meta(uri)
-    st = state(uri)
+    st = check_parts(uri)
     tables = [storage.read_parquet(storage.join(os.fspath(uri), name), columns=columns) for name in st.complete["parts"]]
     table = pa.concat_tables(tables)
     if "prompt_index" in table.column_names:

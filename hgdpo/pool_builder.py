@@ -16,7 +16,10 @@ Input blocks hold at most ``rows_per_file`` prompts, and few enough that an acto
 one block stays a single block, so a lost actor redoes at most the block it was making and no row
 reaches a writer twice. Resume: parts are whole or absent, so a rerun reads the prompt ids already
 written, builds only the rest, and adds no duplicate. ``_COMPLETE.json`` is written when every
-prompt has a row.
+prompt has a row, with each part's size and sha256 as its writer hashed the bytes it wrote (a part
+left by an earlier, interrupted run is read once to take them). Repair: a rerun on a finished pool
+checks its parts against the manifest (sizes from a listing; checksums when asked to verify) and
+on a bad part deletes the manifest and that part, then builds its prompts like missing ones.
 
 ``build_pool(cfg, local=True)`` is the same job without Ray: one process, the same ``RowMaker``
 and ``write_rows``, the reference the tests and the benchmark compare the Ray job with.
@@ -108,12 +111,13 @@ def write_rows(batch: dict[str, np.ndarray], output: str, latent_shape: list[int
     rows = {k: v for k, v in batch.items() if not k.startswith("pixels_")}
     rows["image_w"] = [pool.png_bytes(im) for im in batch["pixels_w"]]
     rows["image_l"] = [pool.png_bytes(im) for im in batch["pixels_l"]]
-    name = pool.write_part(output, pool.to_table(rows, tuple(latent_shape)))
+    name, entry = pool.write_part_file(output, pool.to_table(rows, tuple(latent_shape)))
     scores = np.stack(batch["scores"])  # (B, N)
     index = np.arange(len(scores))
     return {
         "prompt_id": np.asarray(batch["prompt_id"]),
         "part": np.asarray([name] * len(scores)),
+        **{f"part_{key}": np.asarray([value] * len(scores)) for key, value in entry.items()},  # for the manifest
         "score_w": scores[index, batch["winner"]],
         "score_l": scores[index, batch["loser"]],
         "score_mean": scores.mean(axis=1),
@@ -292,9 +296,33 @@ def _mlflow_run(cfg: PoolConfig, meta: dict, enabled: bool):
         yield mlflow.log_metrics
 
 
-def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = False) -> PoolResult:
-    """Build (or finish) the pool described by ``cfg``; log progress; return what was done. ``mlflow``:
-    record the job in an MLflow run. ``local``: in this process, without Ray (the reference path)."""
+def _usable_parts(output: str, st: pool.PoolState, bad: dict[str, str], log) -> tuple[set[str], dict[str, dict]]:
+    """The prompt ids already built, and the manifest entries known for their parts, once the parts that
+    cannot serve are deleted: ``bad`` (parts of a finished pool that are missing, of another size or,
+    verified, of other bytes) and any that cannot be read. A finished pool's manifest goes first, so the
+    pool never looks complete without them; their prompts are then built again like missing ones."""
+    ids, unreadable = pool.part_ids(output, [name for name in st.parts if name not in bad])
+    drop = {**bad, **unreadable}
+    known = dict(st.complete.get("files", {})) if st.complete is not None else {}
+    if drop and st.complete is not None:
+        pool.unmark_complete(output)
+    for name, why in drop.items():
+        log(f"pool: part {name} {why}: deleted, its prompts are built again")
+        storage.delete(storage.join(output, name))
+        known.pop(name, None)
+    if st.complete is not None and "files" not in st.complete:
+        log("pool: the manifest records no part sizes (written before they were); each part is read once to "
+            "record them")
+    return pool.union_ids(output, ids), known
+
+
+def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = False,
+               verify: bool = False) -> PoolResult:
+    """Build (or finish, or repair) the pool described by ``cfg``; log progress; return what was done.
+    ``mlflow``: record the job in an MLflow run. ``local``: in this process, without Ray (the reference
+    path). On a finished pool every part is checked against the manifest: its presence and size always
+    (no read), its bytes' checksum too with ``verify`` (every part is read); a bad part is deleted and
+    only its prompts are built again."""
     items, meta = prepare(cfg, log, mlflow)
     if not local:
         warn_if_not_shared(cfg.output, "pool.output", log)
@@ -306,9 +334,13 @@ def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = Fa
             detail = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:4])
             raise HgdpoError(f"output: {cfg.output} holds a pool written with another config ({detail}); "
                              f"choose another output or rerun with the pool's config")
+    bad: dict[str, str] = {}
     if st.complete is not None:
-        log(f"pool: {cfg.output} is already complete ({st.complete['rows']} prompts); nothing to do")
-        return PoolResult(cfg.output, len(items), 0, 0.0, cfg.images_per_prompt, skipped=True)
+        bad = pool.bad_parts(cfg.output, st, read=verify)
+        if not bad and "files" in st.complete:
+            checked = "every part's checksum matches" if verify else "every part has its recorded size"
+            log(f"pool: {cfg.output} is already complete ({st.complete['rows']} prompts, {checked}); nothing to do")
+            return PoolResult(cfg.output, len(items), 0, 0.0, cfg.images_per_prompt, skipped=True)
     storage.probe_write(cfg.output, "pool.output")
     if st.meta is None:
         pool.init(cfg.output, meta)
@@ -316,7 +348,7 @@ def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = Fa
         removed = pool.remove_temporaries(cfg.output)
         if removed:
             log(f"pool: removed {removed} half-written file(s) left by an interrupted run")
-    done = pool.done_prompt_ids(cfg.output, st.parts)
+    done, files = _usable_parts(cfg.output, st, bad, log)
     pending = [p for p in items if p.id not in done]
     log(f"pool: {len(items)} prompts, {len(done)} already built, {len(pending)} to build "
         f"({cfg.images_per_prompt} images each) -> {cfg.output}")
@@ -327,6 +359,8 @@ def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = Fa
         if pending:
             rows = _local_rows(cfg, pending, meta, log) if local else _ray_rows(cfg, pending, meta)
             for row in rows:
+                files[str(row["part"])] = {"rows": int(row["part_rows"]), "bytes": int(row["part_bytes"]),
+                                           "sha256": str(row["part_sha256"])}
                 result.built += 1
                 result.score_w.append(float(row["score_w"]))
                 result.score_l.append(float(row["score_l"]))
@@ -339,7 +373,7 @@ def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = Fa
         if missing:
             raise HgdpoError(f"pool: {len(missing)} prompts have no row after the run (first: {missing[0]!r}); "
                              f"rerun to finish")
-        pool.mark_complete(cfg.output, st.parts, len(done))
+        pool.mark_complete(cfg.output, st.parts, len(done), files)
         log(f"pool: complete, {len(done)} prompts in {len(st.parts)} files at {cfg.output}")
         if metrics is not None:
             _record(cfg, result, meta, st.parts)

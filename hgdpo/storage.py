@@ -164,6 +164,27 @@ def listdir(location: str, *, recursive: bool = False) -> list[str]:
     return sorted(names)
 
 
+def sizes(location: str) -> dict[str, int | None]:
+    """Name -> size in bytes of what is directly inside a folder (None for a subfolder), temporaries left
+    out, from one listing: no file is opened (on an object store, one LIST request per 1,000 names).
+    Empty when the folder does not exist."""
+    fs, root = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return {posixpath.basename(i.path): i.size if i.type == pafs.FileType.File else None
+            for i in infos if not posixpath.basename(i.path).startswith(TMP_PREFIX)}
+
+
+def digest(location: str, chunk: int = 8 << 20) -> tuple[int, str]:
+    """A file's size and sha256 (hex), read in chunks (memory bounded whatever the file's size)."""
+    fs, path = resolve(location)
+    h, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as f:
+        while data := f.read(chunk):
+            h.update(data)
+            size += len(data)
+    return size, h.hexdigest()
+
+
 def read_bytes(location: str) -> bytes:
     fs, path = resolve(location)
     with fs.open_input_stream(path) as f:
@@ -212,10 +233,51 @@ def write_json(location: str, data: Any) -> None:
     write_text(location, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def write_parquet(location: str, table, **kwargs) -> None:
+class _Digesting:
+    """A writable file that hashes the bytes on their way to ``out``: a written file's size and sha256
+    without reading it back (a pool's manifest records them; reading an object back costs a download)."""
+
+    closed = False
+
+    def __init__(self):
+        self.out, self.hash, self.size = None, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close(self) -> None:  # ``write`` closes ``out`` itself, after the last byte
+        self.closed = True
+
+
+def write_parquet(location: str, table, **kwargs) -> tuple[int, str]:
+    """Write a table as one parquet file, atomically; returns its size and sha256 (``digest`` of the file),
+    taken from the bytes as they were written."""
     import pyarrow.parquet as pq
 
-    write(location, lambda out: pq.write_table(table, out, **kwargs))
+    sink = _Digesting()
+
+    def fill(out) -> None:
+        sink.out = out
+        pq.write_table(table, sink, **kwargs)
+
+    write(location, fill)
+    return sink.size, sink.hash.hexdigest()
+
+
+def parquet_rows(location: str) -> int:
+    """Rows of a parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(location)
+    return pq.read_metadata(path, filesystem=fs).num_rows
 
 
 def write_png(location: str, image) -> None:

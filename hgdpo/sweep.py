@@ -3,15 +3,26 @@
 ``sweep(cfg)`` (the driver) expands the sweep into trials (``hgdpo.sweep_config``) and checks
 every one before any work: its train and evaluate configs, the pool (pool size, loser rank and
 dataset size against the pool's N and prompts), the model, the test prompts and the scorers.
-Then it opens the sweep's MLflow parent run and one nested run per trial (params under the
-common names: pool_size, loser_rank, dataset_size, beta, lambda_stat, objective, lan, alpha, ...),
-and runs the unfinished trials on Ray Tune: each is a function trainable holding no CPU, which
-runs ``hgdpo.trainer.train`` (a TorchTrainer inside) and ``hgdpo.evaluate.evaluate`` (Ray Data
-actors), both logging into the trial's MLflow run, and reports the win rates.
+Then it opens the sweep's MLflow parent run, makes baseline B's images and scores, and runs the
+unfinished trials on Ray Tune: each is a function trainable holding no CPU, which opens its
+nested MLflow run when it starts (params under the common names: pool_size, loser_rank,
+dataset_size, beta, lambda_stat, objective, lan, alpha, ...), runs ``hgdpo.trainer.train`` (a
+TorchTrainer inside) and ``hgdpo.evaluate.evaluate`` (Ray Data actors), both logging into that
+run, and reports the win rates.
 
-Resume: every trial folder holds ``trial.json`` (its settings and MLflow run) and, once done,
-``result.json``. A rerun of the same sweep runs only the trials without a result, and reuses the
-parent and trial runs it finds in MLflow, so nothing is retrained and no run is duplicated; an
+Work made once: B is the same for every trial (only A's settings are swept), so the driver makes
+B's rows once per distinct B, before any trial starts (no two trials can race to make them), into
+``<output>/baseline/<digest of B's settings and the test prompts>``; each trial's evaluation reads
+them there (its run's tag ``baseline_cache``, and its metric ``generated_images_b`` = 0) and makes
+only A's images. Trials whose training is the same (``hgdpo.trainer.fingerprint``: e.g. ``dpo`` and
+``dpo`` + LAN, which differ only at sampling time) share one adapter: one of them trains it in its
+own folder (the first, unless another has trained its own already), the others evaluate it (their
+runs' tags ``adapter``, ``adapter_trial`` and ``adapter_run_id`` name it and the run that trained
+it), after it when it is still to run: in a second round of Tune trials.
+
+Resume: every trial folder holds ``trial.json`` (its settings) and, once done, ``result.json``.
+A rerun of the same sweep runs only the trials without a result, and reuses the parent and trial
+runs it finds in MLflow (by their tags), so nothing is retrained and no run is duplicated; an
 interrupted trial resumes from its last training checkpoint (train and evaluate are idempotent).
 A trial folder written with other settings is refused.
 
@@ -38,10 +49,11 @@ from hgdpo.eval_config import EvalConfig
 from hgdpo.sweep_config import EVAL_PARAMETERS, TRAIN_PARAMETERS, SweepConfig, Trial, value_text
 from hgdpo.train_config import TrainConfig
 
-TRIAL_FILE = "trial.json"  # written before any work: the trial's settings and MLflow run
+TRIAL_FILE = "trial.json"  # written before any work: the trial's settings
 RESULT_FILE = "result.json"  # written when the trial is done: its parameters and metrics
 ERROR_FILE = "error.txt"  # the message of the trial's last failure
 SWEEP_FILE = "sweep.json"  # the sweep's resolved config, versions and MLflow parent run
+BASELINE_DIR = "baseline"  # baseline B's rows, one folder per distinct B (hgdpo.evaluate.build_baseline)
 # The Tune function trainable only waits on the workers and actors it starts, so it takes no CPU:
 # even 0.01 CPU would keep a trial whose training needs every CPU of the cluster from ever
 # starting its workers. Tune refuses an empty request; a nominal bit of memory satisfies it.
@@ -83,13 +95,45 @@ def fitting_trials(trials: list[Trial], cpus: float, gpus: float) -> int:
 
 @dataclass
 class Prepared:
-    """A checked sweep: its trials, their resolved parameters, and where it writes."""
+    """A checked sweep: its trials, their resolved parameters, what they share, and where it writes."""
 
     cfg: SweepConfig
-    trials: list[Trial]
+    trials: list[Trial]  # those that share an adapter evaluate the trial's that trains it
     params: dict[str, dict[str, Any]]  # trial name -> parameters under the common names
     output: str  # a local path or a URI
     mlflow_uri: str
+    trainings: dict[str, str] = field(default_factory=dict)  # trial name -> its training's fingerprint
+    shares: dict[str, str] = field(default_factory=dict)  # trial name -> the trial whose adapter it evaluates
+    baselines: dict[str, str] = field(default_factory=dict)  # trial name -> the key of its baseline B's rows
+    baseline_inputs: dict[str, tuple] = field(default_factory=dict)  # key -> (an EvalConfig of that B, its prompts)
+
+
+def share_adapters(trials: list[Trial], trainings: dict[str, str]) -> tuple[list[Trial], dict[str, str]]:
+    """Trials of the same training (fingerprint) evaluate one adapter: the first of them whose own
+    adapter is trained already keeps it, else the first of them trains it; a trial whose own adapter
+    is trained keeps its own. Returns the trials (the others now evaluating that adapter) and trial
+    name -> the trial whose adapter it evaluates."""
+    import dataclasses
+
+    from hgdpo.lora import INFO_FILE
+
+    def trained(trial: Trial) -> bool:
+        info = storage.join(trial.evaluate.adapter, INFO_FILE)
+        with storage.errors("sweep.output", trial.folder):
+            return (storage.is_file(info)
+                    and storage.read_json(info, "adapter info").get("fingerprint") == trainings[trial.name])
+
+    groups: dict[str, list[Trial]] = {}
+    for trial in trials:
+        groups.setdefault(trainings[trial.name], []).append(trial)
+    owners: dict[str, Trial] = {}
+    for members in groups.values():
+        done = [t for t in members if trained(t)]
+        owner = (done or members)[0]
+        owners.update({t.name: owner for t in members if t is not owner and t not in done})
+    rewired = [dataclasses.replace(t, evaluate=dataclasses.replace(t.evaluate, adapter=owners[t.name].evaluate.adapter))
+               if t.name in owners else t for t in trials]
+    return rewired, {name: owner.name for name, owner in owners.items()}
 
 
 def prepare(cfg: SweepConfig) -> Prepared:
@@ -106,34 +150,38 @@ def prepare(cfg: SweepConfig) -> Prepared:
         pool.read_meta(trials[0].train.pool)
     except HgdpoError as err:
         raise HgdpoError(f"sweep.{err}") from None  # "pool: x is not a pool" -> "sweep.pool: ..."
-    params = {}
+    params, trainings = {}, {}
     for trial in trials:
         try:
-            _, plan, _ = trainer.prepare(trial.train)
+            _, plan, fingerprint = trainer.prepare(trial.train)
         except HgdpoError as err:
             raise HgdpoError(f"sweep trial {trial.name!r}: {err}") from None
-        params[trial.name] = trial_params(trial, plan)
-    checked = set()
+        params[trial.name], trainings[trial.name] = trial_params(trial, plan), fingerprint
+    trials, shares = share_adapters(trials, trainings)
+    checked, baselines, baseline_inputs = {}, {}, {}
     for trial in trials:  # the test prompts and scorers; the adapter does not exist yet
         base = dataclasses.replace(trial.evaluate, adapter=None, lan=False, output="-")
         key = json.dumps(to_dict(base), sort_keys=True)
-        if key in checked:
-            continue
-        checked.add(key)
-        try:
-            evaluation.prepare(base)
-        except HgdpoError as err:
-            raise HgdpoError(f"sweep trial {trial.name!r}: evaluate: {err}") from None
+        if key not in checked:
+            try:
+                checked[key] = evaluation.prepare(base)
+            except HgdpoError as err:
+                raise HgdpoError(f"sweep trial {trial.name!r}: evaluate: {err}") from None
+        baselines[trial.name] = evaluation.baseline_key(evaluation.baseline_settings(trial.evaluate, checked[key]))
+        baseline_inputs.setdefault(baselines[trial.name], (trial.evaluate, checked[key]))
     for trial in trials:
         path = storage.join(trial.folder, TRIAL_FILE)
         if storage.is_file(path):
             stored = storage.read_json(path, "trial state")
             ours = {"train": to_dict(trial.train), "evaluate": to_dict(trial.evaluate)}
-            changed = [f"{stage}.{k}" for stage in ours for k in changed_settings(stored[stage], ours[stage])]
+            # Which adapter a trial evaluates (its own, or one of the same training) is the sweep's wiring.
+            changed = [f"{stage}.{k}" for stage in ours for k in changed_settings(stored[stage], ours[stage])
+                       if (stage, k) != ("evaluate", "adapter")]
             if changed:
                 raise HgdpoError(f"sweep.output: trial {trial.name!r} in {trial.folder} was run with other settings "
                                  f"({', '.join(changed[:5])}); use another output")
-    return Prepared(cfg, trials, params, storage.absolute(cfg.output), trials[0].train.mlflow_uri)
+    return Prepared(cfg, trials, params, storage.absolute(cfg.output), trials[0].train.mlflow_uri, trainings, shares,
+                    baselines, baseline_inputs)
 
 
 # --- MLflow: one parent run per sweep, one nested run per trial ---------------------------------
@@ -174,41 +222,64 @@ def parent_run(prep: Prepared) -> str:
     return run_id
 
 
-def trial_runs(prep: Prepared, parent_id: str) -> dict[str, str]:
-    """Trial name -> its nested MLflow run: the one under ``parent_id``, else a new one (params logged once)."""
-    uri = prep.mlflow_uri
-    client = _client(uri)
-    exp = client.get_run(parent_id).info.experiment_id
-    existing: dict[str, Any] = {}
-    for r in client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000):
-        name = r.data.tags.get("trial")
-        if name and (name not in existing or r.info.start_time < existing[name].info.start_time):
-            existing[name] = r
-    out = {}
-    for trial in prep.trials:
-        if trial.name in existing:
-            out[trial.name] = existing[trial.name].info.run_id
-            continue
-        run_id = client.create_run(exp, run_name=trial.name, tags={
-            PARENT_TAG: parent_id, "stage": "sweep-trial", "sweep": prep.cfg.name, "trial": trial.name,
-            "trial_index": str(trial.index), "trial_values": json.dumps(trial.values),
-            "output": str(trial.folder)}).info.run_id
-        params = {"trial": trial.name, **prep.params[trial.name],
-                  **{f"train.{k}": v for k, v in to_dict(trial.train).items()},
-                  **{f"evaluate.{k}": v for k, v in to_dict(trial.evaluate).items()}}
-        _log_params(client, run_id, params)
-        client.update_run(run_id, status="SCHEDULED")
-        out[trial.name] = run_id
-    return out
+def _trial_runs(client, experiment_id: str, parent_id: str, name: str | None = None) -> dict[str, str]:
+    """Trial name -> its nested run under ``parent_id`` (the first made, should there be two); only
+    trial ``name``'s when given."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_id}'" + (f" and tags.trial = '{name}'" if name else "")
+    found: dict[str, Any] = {}
+    for r in client.search_runs([experiment_id], filter_string=query, max_results=10000):
+        trial = r.data.tags.get("trial")
+        if trial and (trial not in found or r.info.start_time < found[trial].info.start_time):
+            found[trial] = r
+    return {trial: r.info.run_id for trial, r in found.items()}
+
+
+def trial_run(client, payload: dict) -> str:
+    """The trial's nested MLflow run, opened when the trial starts (so its duration is the trial's own):
+    the one an earlier run of the sweep opened for it, else a new one (tags and params logged once)."""
+    exp, parent_id, name = payload["experiment_id"], payload["parent_run_id"], payload["name"]
+    shared = {}
+    if payload["shares"] is not None:  # the adapter it evaluates, and the run that trained it
+        shared["adapter_trial"] = payload["shares"]
+        owner = _trial_runs(client, exp, parent_id, payload["shares"]).get(payload["shares"])
+        if owner is not None:
+            shared["adapter_run_id"] = owner
+    found = _trial_runs(client, exp, parent_id, name).get(name)
+    if found is not None:
+        client.update_run(found, status="RUNNING")
+        for key, value in shared.items():
+            client.set_tag(found, key, value)
+        return found
+    run_id = client.create_run(exp, run_name=name, tags={
+        PARENT_TAG: parent_id, "stage": "sweep-trial", "sweep": payload["sweep"], "trial": name,
+        "trial_index": str(payload["index"]), "trial_values": json.dumps(payload["values"]),
+        "output": payload["folder"], "training": payload["training"], "adapter": payload["evaluate"]["adapter"],
+        **shared}).info.run_id
+    _log_params(client, run_id, {"trial": name, **payload["params"],
+                                 **{f"train.{k}": v for k, v in payload["train"].items()},
+                                 **{f"evaluate.{k}": v for k, v in payload["evaluate"].items()}})
+    return run_id
 
 
 # --- The Tune trial ------------------------------------------------------------------------------
 
-def run_trial(config: dict, payloads: dict) -> None:
-    """One Tune trial (a function trainable): train, evaluate A (adapter) vs B (base), report.
+def _check_shared_adapter(payload: dict) -> None:
+    """Refuse to evaluate another trial's adapter that it has not trained (it failed, or was stopped)."""
+    from hgdpo.lora import INFO_FILE
 
-    ``config``: ``{"trial": name}``; ``payloads``: name -> plain data (the two stage configs,
-    the trial folder, the MLflow run), put in the object store by ``tune.with_parameters``.
+    info = storage.join(payload["evaluate"]["adapter"], INFO_FILE)
+    if not storage.is_file(info) or storage.read_json(info, "adapter info").get("fingerprint") != payload["training"]:
+        raise HgdpoError(f"trial {payload['shares']!r}, whose adapter this trial evaluates (the same training), has "
+                         f"not trained it; see that trial's error, then rerun the sweep")
+
+
+def run_trial(config: dict, payloads: dict) -> None:
+    """One Tune trial (a function trainable): open its MLflow run, train (unless it evaluates another
+    trial's adapter), evaluate A (adapter) vs B (base; its rows from the sweep's cache), report.
+
+    ``config``: ``{"trial": name}``; ``payloads``: name -> plain data (the two stage configs, the
+    trial folder, the MLflow parent run, the adapter it shares, the baseline cache), put in the
+    object store by ``tune.with_parameters``.
     """
     import mlflow
     import ray.data
@@ -222,7 +293,7 @@ def run_trial(config: dict, payloads: dict) -> None:
     train_cfg = from_dict(TrainConfig, payload["train"])
     eval_cfg = from_dict(EvalConfig, payload["evaluate"])
     quiet_libraries()
-    name, folder, run_id = payload["name"], payload["folder"], payload["run_id"]
+    name, folder, run_id = payload["name"], payload["folder"], None
     client = mlflow.MlflowClient(tracking_uri=train_cfg.mlflow_uri)
 
     def log(message: str) -> None:
@@ -230,21 +301,28 @@ def run_trial(config: dict, payloads: dict) -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one trial's bars would garble the others'
     storage.delete(storage.join(folder, ERROR_FILE))
-    log(f"trial {payload['index'] + 1}: training into {train_cfg.output}")
     try:
-        train(train_cfg, log=log, mlflow_run_id=run_id)
-        result = evaluate(eval_cfg, log=log, mlflow_run_id=run_id)
+        run_id = trial_run(client, payload)
+        if payload["shares"] is None:
+            log(f"trial {payload['index'] + 1}: training into {train_cfg.output}")
+            train(train_cfg, log=log, mlflow_run_id=run_id)
+        else:
+            _check_shared_adapter(payload)
+            log(f"trial {payload['index'] + 1}: the training of trial {payload['shares']}; evaluating its adapter "
+                f"{eval_cfg.adapter}")
+        result = evaluate(eval_cfg, log=log, mlflow_run_id=run_id, baseline_cache=payload["baseline_cache"])
         metrics = result.metrics()
         if result.skipped:  # evaluated before an interruption: make sure the trial run has the figures
             client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
                                               for k, v in metrics.items()])
+        client.set_terminated(run_id, "FINISHED")  # first: a trial stopped between the two is run again
         storage.write_json(storage.join(folder, RESULT_FILE), {
             "name": name, "params": payload["params"], "metrics": metrics, "run_id": run_id,
-            "adapter": storage.join(train_cfg.output, "adapter"), "evaluation": eval_cfg.output})
-        client.set_terminated(run_id, "FINISHED")
+            "adapter": eval_cfg.adapter, "adapter_trial": payload["shares"], "evaluation": eval_cfg.output})
     except BaseException as err:
         storage.write_text(storage.join(folder, ERROR_FILE), f"{type(err).__name__}: {err}\n")
-        client.set_terminated(run_id, "FAILED")
+        if run_id is not None:
+            client.set_terminated(run_id, "FAILED")
         raise
     log("done: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("win_rate_")
                               and not k.endswith(("_low", "_high"))))
@@ -267,6 +345,49 @@ def _credentials_stay_home():
         yield
     finally:
         class_cache.ENV_VARS_TO_PROPAGATE = kept
+
+
+def make_baselines(prep: Prepared, pending: list[Trial], cache: str, client, parent_id: str, log=print) -> None:
+    """Baseline B's images and scores for the pending trials, once per distinct B, into ``cache``: made
+    here, before any trial starts, so no two trials make them; the parent run records where they are
+    and how many images were made (``baseline_images_generated``, logged only when some were)."""
+    from hgdpo.evaluate import REPORT, build_baseline
+
+    keys = sorted({prep.baselines[t.name] for t in pending
+                   if not storage.is_file(storage.join(t.evaluate.output, REPORT))})  # not evaluated yet
+    made, locations = 0, []
+    for key in keys:
+        cfg, items = prep.baseline_inputs[key]
+        location, images = build_baseline(cfg, items, cache, log=log)
+        made, locations = made + images, locations + [location]
+    if locations:
+        client.set_tag(parent_id, "baseline_cache", ",".join(locations))
+    if made:
+        client.log_metric(parent_id, "baseline_images_generated", made)
+
+
+def _ended(trial: Trial) -> bool:
+    """The trial ran to its end (a result or a failure), not stopped from outside."""
+    return any(storage.is_file(storage.join(trial.folder, f)) for f in (RESULT_FILE, ERROR_FILE))
+
+
+def _run_round(trials: list[Trial], payloads: dict, concurrency: int, storage_path: str, name: str) -> None:
+    """``trials`` on Ray Tune, ``concurrency`` at a time: one Tune experiment (Tune's own records; ours
+    are the trial folders)."""
+    from ray import tune
+
+    by_name = {t.name: t for t in trials}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), TRIAL_RESOURCES)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([t.name for t in trials])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrency,
+            trial_name_creator=lambda tr: tr.config["trial"],
+            trial_dirname_creator=lambda tr: f"{by_name[tr.config['trial']].index:03d}-{tr.trial_id}"),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0))
+    with _credentials_stay_home():
+        tuner.fit()
 
 
 @dataclass
@@ -297,7 +418,6 @@ class SweepResult:
 def sweep(cfg: SweepConfig, log=print) -> SweepResult:
     """Run the sweep's unfinished trials on Ray Tune; every trial's result, and the MLflow runs."""
     import ray
-    from ray import tune
 
     from hgdpo.raycluster import ensure_ray, warn_if_not_shared
 
@@ -305,22 +425,32 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
     warn_if_not_shared(prep.output, "sweep.output", log)  # trials run on any node
     storage.probe_write(prep.output, "sweep.output")
     parent_id = parent_run(prep)
-    runs = trial_runs(prep, parent_id)
+    client = _client(prep.mlflow_uri)
+    experiment = client.get_run(parent_id).info.experiment_id
+    cache = storage.join(prep.output, BASELINE_DIR)
     storage.write_json(storage.join(prep.output, SWEEP_FILE), {
         "config": to_dict(cfg), "mlflow_uri": tracking.redact(prep.mlflow_uri), "parent_run_id": parent_id,
-        "versions": tracking.versions(), "trials": [t.name for t in prep.trials]})
+        "versions": tracking.versions(), "trials": [t.name for t in prep.trials], "shares": prep.shares})
     payloads = {}
     for trial in prep.trials:
         storage.makedirs(trial.folder)
         payload = {"name": trial.name, "index": trial.index, "values": trial.values, "folder": str(trial.folder),
-                   "train": to_dict(trial.train), "evaluate": to_dict(trial.evaluate), "run_id": runs[trial.name],
-                   "params": prep.params[trial.name]}
+                   "train": to_dict(trial.train), "evaluate": to_dict(trial.evaluate), "params": prep.params[trial.name],
+                   "training": prep.trainings[trial.name], "shares": prep.shares.get(trial.name),
+                   "baseline_cache": cache, "sweep": cfg.name, "parent_run_id": parent_id, "experiment_id": experiment}
         storage.write_json(storage.join(trial.folder, TRIAL_FILE), payload)
         payloads[trial.name] = payload
     pending = [t for t in prep.trials if not storage.is_file(storage.join(t.folder, RESULT_FILE))]
     for trial in prep.trials:
         if trial not in pending:
             log(f"sweep: trial {trial.name} finished earlier; not rerun")
+    # A trial sharing the adapter of a trial still to run runs after it, in a second round.
+    later = [t for t in pending if prep.shares.get(t.name) in {p.name for p in pending}]
+    rounds = [r for r in ([t for t in pending if t not in later], later) if r]
+    for trial in pending:
+        if trial.name in prep.shares:
+            log(f"sweep: trial {trial.name} has the training of trial {prep.shares[trial.name]}: it evaluates that "
+                f"trial's adapter{', after it' if trial in later else ''}")
 
     concurrency = 0
     if pending:
@@ -340,20 +470,17 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
                 f"other's actors")
         log(f"sweep: {len(pending)} of {len(prep.trials)} trials to run, {concurrency} at a time "
             f"(each at most {peak_cpu:g} CPUs, {peak_gpu:g} GPUs; cluster {cpus:g}, {gpus:g})")
-        by_name = {t.name: t for t in pending}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), TRIAL_RESOURCES)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search([t.name for t in pending])},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=concurrency,
-                trial_name_creator=lambda tr: tr.config["trial"],
-                trial_dirname_creator=lambda tr: f"{by_name[tr.config['trial']].index:03d}-{tr.trial_id}"),
-            # One Tune experiment per invocation (Tune's own records; ours are the trial folders).
-            run_config=tune.RunConfig(name=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                                      storage_path=storage.join(prep.output, "tune"), verbose=0))
-        with _credentials_stay_home():
-            tuner.fit()
+        try:
+            make_baselines(prep, pending, cache, client, parent_id, log)
+        except BaseException:
+            client.set_terminated(parent_id, "FAILED")
+            raise
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        for number, trials in enumerate(rounds, 1):
+            if number > 1 and not all(_ended(t) for t in rounds[0]):  # stopped from outside: start no more
+                break
+            _run_round(trials, payloads, min(concurrency, len(trials)), storage.join(prep.output, "tune"),
+                       f"{stamp}-{number}")
 
     results = []
     for trial in prep.trials:
@@ -369,11 +496,12 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
     swept = sorted({k for t in prep.trials for k in t.values}, key=list(TRAIN_PARAMETERS + EVAL_PARAMETERS).index)
     out = SweepResult(cfg.name, str(prep.output), parent_id, results, swept, list(prep.trials[0].evaluate.scorers),
                       concurrency)
-    client = _client(prep.mlflow_uri)
     failed = [t for t in results if t.status == "FAILED"]
     unfinished = [t for t in results if t.status == "UNFINISHED"]
+    runs = _trial_runs(client, experiment, parent_id) if unfinished else {}
     for trial in unfinished:
-        client.set_terminated(runs[trial.name], "KILLED")
+        if trial.name in runs:  # started, then stopped; one never started has no run
+            client.set_terminated(runs[trial.name], "KILLED")
     text = out.table()
     storage.write_text(storage.join(prep.output, "table.md"), text + "\n")
     client.log_text(parent_id, text + "\n", "sweep/table.md")

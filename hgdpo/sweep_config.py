@@ -5,7 +5,8 @@ under the parameters' common names. ``parameters`` is a grid (every combination)
 list of explicit trials (each a mapping of parameters, optionally with a ``name``); given both,
 each listed trial is crossed with the grid. Every trial trains into
 ``<output>/trials/<trial>/train`` and evaluates its adapter (model A) against the base model
-(baseline B) into ``<output>/trials/<trial>/eval``.
+(baseline B) into ``<output>/trials/<trial>/eval`` (``hgdpo.sweep`` then has trials of the same
+training share one adapter, and makes B's rows once for all).
 """
 
 from __future__ import annotations
@@ -178,8 +179,9 @@ class SweepConfig:
             train = {**self.train, **{k: v for k, v in values.items() if k in TRAIN_PARAMETERS}}
             evaluate = {**base_eval, **{k: v for k, v in values.items() if k in EVAL_PARAMETERS}}
             try:
-                train_cfg = from_dict(TrainConfig, {**train, **model, **mlflow, "pool": absolute(self.pool),
-                                                    "output": join(folder, "train")})
+                # pairs_folder: trials of the same selection share one pair dataset, <output>/pairs-<key>.
+                train_cfg = from_dict(TrainConfig, {"pairs_folder": output, **train, **model, **mlflow,
+                                                    "pool": absolute(self.pool), "output": join(folder, "train")})
                 eval_cfg = from_dict(EvalConfig, {**evaluate, **model, **mlflow, "output": join(folder, "eval"),
                                                   "adapter": join(folder, "train", "adapter")})
             except ConfigError as err:  # "train.beta: ..." -> "sweep trial 'beta=-1': train.beta: ..."

@@ -54,9 +54,18 @@ class TrainConfig:
     optimizer: Literal["auto", "adamw", "adamw8bit"] = doc(
         "`auto`: 8-bit Adam where bitsandbytes and CUDA are present (the paper's), else AdamW.", "auto")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = doc(
-        "Autocast on GPU (`auto`: bf16 where supported, else fp16); always off on CPU.", "auto")
-    gradient_checkpointing: bool = doc("Trade compute for memory in the UNet (GPU).", False)
+        "Compute dtype on GPU, also holding the frozen UNet weights (LoRA weights stay float32): `auto` is bf16 "
+        "where the GPU has it, else fp16, whose loss scaler skips a step that overflows and carries on; `no`: "
+        "float32. Always float32 on CPU.", "auto")
+    gradient_checkpointing: bool | None = doc(
+        "Recompute the UNet's activations in the backward pass (less memory, about a third more compute); "
+        "default: on when training on GPUs (gpus_per_worker > 0), off on CPU.", None)
     seed: int = doc("Seed of the LoRA initialisation, data order, timesteps and noise.", 0)
+
+    pairs_folder: str | None = doc(
+        "Folder or URI where the pair dataset (the selected pairs' latents and their prompts' text-encoder hidden "
+        "states, one per pool, base model, pool_size, loser_rank and dataset_size) is written once and reused; "
+        "default: the output's parent folder.", None)
 
     workers: int = doc("Data-parallel workers (one per GPU).", 1)
     gpus_per_worker: float = doc("GPUs per worker (0: CPU with gloo; >0: CUDA with NCCL).", 0.0)
@@ -74,7 +83,7 @@ class TrainConfig:
         for name in ("pool", "output"):
             if not getattr(self, name):
                 raise ConfigError(f"{s}.{name}: required")
-        check_locations(self, "pool", "output")
+        check_locations(self, "pool", "output", "pairs_folder")
         positive = ("lora_rank", "max_steps", "global_batch", "micro_batch", "data_shards", "workers",
                     "checkpoint_every", "metrics_every")
         for name in positive:
@@ -110,6 +119,18 @@ class TrainConfig:
     def accumulation_steps(self) -> int:
         """Micro-batches per worker per optimizer step."""
         return self.global_batch // self.workers // self.micro_batch
+
+    def checkpointing(self) -> bool:
+        """Whether the UNet recomputes its activations in the backward pass (``gradient_checkpointing``)."""
+        return self.gpus_per_worker > 0 if self.gradient_checkpointing is None else self.gradient_checkpointing
+
+    def pairs_root(self) -> str:
+        """The folder holding this run's pair dataset (``pairs_folder``, else beside ``output``)."""
+        from hgdpo import storage
+
+        if self.pairs_folder:
+            return storage.absolute(self.pairs_folder)
+        return storage.parent(storage.absolute(self.output))
 
     def resume_settings(self) -> dict:
         return {k: getattr(self, k) for k in RESUME_FIELDS}

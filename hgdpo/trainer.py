@@ -1,22 +1,31 @@
 """HG-DPO training on Ray Train: LoRA Diffusion-DPO + statistic matching, data parallel (paper §3.2).
 
 ``train(cfg)`` (the driver) checks the pool, the base model and any checkpoint before it starts,
-then runs ``train_loop`` on ``cfg.workers`` Ray Train workers (DDP: gloo on CPU, NCCL on GPU).
+finds or writes the pair dataset of the run's selection (``hgdpo.pair_data``: winner and loser
+latents and the prompts' text-encoder hidden states, once per selection, beside the output), then
+runs ``train_loop`` on ``cfg.workers`` Ray Train workers (DDP: gloo on CPU, NCCL on GPU).
 
-Per optimizer step, each worker takes its pairs of the global batch (``hgdpo.pairs``), and per
-micro-batch: encodes the prompts with the frozen text encoder; noises winner and loser with one
-shared timestep and noise draw (seeded by step and pair, so the draw does not depend on how the
-batch is split over workers); runs the reference (the same UNet, adapters disabled, no grad) and
-the policy on winner and loser as one batch; and takes eq. 3 (+ eq. 8 from the same predictions,
-eq. 9). Gradients are accumulated to the global batch, clipped, and applied with AdamW (8-bit
-Adam where bitsandbytes and CUDA are present).
+A worker loads the UNet alone (no VAE, no text encoder) and reads only the records of its own data
+shards, the next step's while the current one computes (``hgdpo.pairs`` fixes which pairs each
+step takes). Per micro-batch it noises winner and loser with one shared timestep and noise draw
+(seeded by step and pair, so the draw does not depend on how the batch is split over workers);
+runs the reference (the same UNet, adapters disabled, no grad) and the policy on winner and loser
+as one batch; and takes eq. 3 (+ eq. 8 from the same predictions, eq. 9). Gradients are accumulated
+to the global batch, clipped, and applied with AdamW (8-bit Adam where bitsandbytes and CUDA are
+present).
 
-Checkpoints (adapter, optimizer, schedule, step) go through ``ray.train.report`` every
+Precision (``precision``): float32 on CPU. On GPU the frozen UNet weights are held in the compute
+dtype (bf16 where the GPU has it, else fp16) under autocast, the LoRA weights and their optimizer
+state in float32; with fp16 a ``GradScaler`` scales the loss, and a step whose gradients overflow is
+skipped (``optimizer_step``: the scaler halves its scale and training carries on).
+
+Checkpoints (adapter, optimizer, schedule, loss scaler, step) go through ``ray.train.report`` every
 ``checkpoint_every`` steps into Ray Train's storage at ``<output>/checkpoints`` (a local folder or
 a URI: no file is left on a worker's disk); a worker failure restarts the group from the last one
 (``FailureConfig``), and rerunning the same command resumes from it too. The last checkpoint also
-holds the adapter, which the driver copies to ``<output>/adapter``. A non-finite loss or gradient
-stops the run cleanly (rank 0's return value tells the driver) and keeps the last good checkpoint.
+holds the adapter, which the driver copies to ``<output>/adapter``. A non-finite loss, or a
+non-finite gradient without a loss scaler to explain it, stops the run cleanly (rank 0's return
+value tells the driver) and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -34,11 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hgdpo import losses, models, pool, storage, tracking
+from hgdpo import losses, models, pair_data, pool, storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.lora import INFO_FILE, add_lora, load_lora_state, lora_state, save_adapter
-from hgdpo.pairs import PairPlan, pairs_dataset, plan as make_plan, worker_pairs
+from hgdpo.pairs import PairPlan
+from hgdpo.pairs import plan as make_plan
 from hgdpo.train_config import TrainConfig
 
 RUN_NAME = "train"  # Ray Train run folder inside <output>/checkpoints
@@ -89,23 +99,77 @@ def fingerprint(cfg: TrainConfig, meta: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
+@dataclass(frozen=True)
+class Precision:
+    """How a worker computes: the autocast dtype, which also holds the frozen UNet weights (LoRA weights
+    stay float32), and the fp16 loss scaler (None otherwise)."""
+
+    dtype: torch.dtype
+    device_type: str
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return torch.autocast(device_type=self.device_type, enabled=False)
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def precision(cfg: TrainConfig, device: torch.device) -> Precision:
+    """``mixed_precision`` on ``device``: float32 on CPU or with `no`; bf16 where the GPU has it (`auto`)
+    or when asked; else fp16 with a ``GradScaler`` (fp16 gradients underflow without one)."""
     if device.type != "cuda" or cfg.mixed_precision == "no":
-        return torch.autocast(device_type="cpu", enabled=False), None
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" or (
-        cfg.mixed_precision == "auto" and torch.cuda.is_bf16_supported()) else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast(device_type="cuda", dtype=dtype), scaler
+        return Precision(torch.float32, device.type)
+    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and torch.cuda.is_bf16_supported()):
+        return Precision(torch.bfloat16, "cuda")
+    return Precision(torch.float16, "cuda", torch.amp.GradScaler("cuda"))
 
 
-def micro_step(cfg: TrainConfig, model, unet, text_encoder, tokenizer, noise_scheduler, prompts, lat_w, lat_l,
-               t, noise, autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one micro-batch of m pairs. ``lat_*``, ``noise``: (m, C, h, w); ``t``: (m,)."""
+def hold_frozen_in(unet, dtype: torch.dtype) -> None:
+    """Cast the frozen (base) weights to ``dtype``, leaving the trainable (LoRA) ones in float32: half the
+    UNet's memory and weight reads under autocast, while the optimizer still updates float32 weights.
+    (After ``add_lora``, so the adapter's initial values are the same in every precision.)"""
+    for param in unet.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(dtype)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What ``optimizer_step`` did."""
+
+    grad_norm: float  # of the unscaled gradients, before clipping (inf/NaN when they were not finite)
+    applied: bool  # the optimizer updated the adapter
+    diverged: bool  # non-finite gradients with no loss scaler to explain them: the run must stop
+
+
+def optimizer_step(optimizer, params, max_grad_norm: float, scaler: torch.amp.GradScaler | None = None) -> StepOutcome:
+    """Clip and apply the accumulated gradients, deciding what non-finite gradients mean.
+
+    With a loss scaler (fp16), inf/NaN gradients are its normal overflow, not divergence: the step is
+    skipped, the scaler multiplies its scale by its backoff factor (a half) and training carries on
+    (the scale grows back after ``growth_interval`` good steps). Without one (float32, bf16) they mean
+    the run diverged: nothing is applied and the caller stops. Under DDP the gradients were all-reduced
+    before, so every worker decides alike."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+    if scaler is None:
+        if not math.isfinite(grad_norm):
+            return StepOutcome(grad_norm, applied=False, diverged=True)
+        optimizer.step()
+        return StepOutcome(grad_norm, applied=True, diverged=False)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skips optimizer.step() when unscale_ found inf/NaN
+    scaler.update()  # ...and then lowers the scale: it only falls after an overflow
+    return StepOutcome(grad_norm, applied=scaler.get_scale() >= scale, diverged=False)
+
+
+def micro_step(cfg: TrainConfig, model, unet, noise_scheduler, emb, lat_w, lat_l, t, noise,
+               autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch of m pairs. ``lat_*``, ``noise``: (m, C, h, w); ``t``: (m,); ``emb``:
+    (m, L, D) the prompts' text-encoder hidden states (``pair_data.encode_prompts``); ``model``: ``unet``
+    or its DDP wrapper; ``autocast``: a fresh ``Precision.autocast()``."""
     device = lat_w.device
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        emb = text_encoder(ids)[0]  # (m, 77, D)
     if cfg.objective == "sft":
         noisy_w = noise_scheduler.add_noise(lat_w, noise, t)
         with autocast:
@@ -138,15 +202,23 @@ def micro_step(cfg: TrainConfig, model, unet, text_encoder, tokenizer, noise_sch
     return loss, stats
 
 
-def _save_checkpoint(directory: Path, unet, optimizer, scheduler, step: int, fp: str) -> None:
+def save_checkpoint(directory: Path, unet, optimizer, scheduler, step: int, fp: str,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
+    """The training state of ``step`` in ``directory``: adapter, optimizer, LR schedule, loss scaler."""
     from safetensors.torch import save_file
 
     save_file(lora_state(unet), str(directory / "adapter.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "optimizer.pt")
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    torch.save(state, directory / "optimizer.pt")
     (directory / "state.json").write_text(json.dumps({"step": step, "fingerprint": fp}))
 
 
-def _load_checkpoint(directory: Path, unet, optimizer, scheduler, fp: str) -> int:
+def load_checkpoint(directory: Path, unet, optimizer, scheduler, fp: str,
+                    scaler: torch.amp.GradScaler | None = None) -> int:
+    """Restore what ``save_checkpoint`` wrote; returns its step. A checkpoint without a scaler's state (one
+    written in bf16 or float32, ``mixed_precision: auto`` on other GPUs) leaves ``scaler`` as it starts."""
     from safetensors.torch import load_file
 
     state = json.loads((directory / "state.json").read_text())
@@ -157,6 +229,8 @@ def _load_checkpoint(directory: Path, unet, optimizer, scheduler, fp: str) -> in
     opt = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
+    if scaler is not None and "scaler" in opt:
+        scaler.load_state_dict(opt["scaler"])
     return int(state["step"])
 
 
@@ -189,9 +263,22 @@ def _metrics_client(config: dict):
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+def _any_worker(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any worker (every worker must take the same decision, or the ones that
+    carry on wait forever for the ones that stopped)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def train_loop(config: dict) -> dict | None:
-    """One Ray Train worker. ``config``: plain data (the config, the pair plan, provenance). Returns
-    ``{"nonfinite_step": k}`` when step k's loss or gradient is not finite (rank 0's value is the run's)."""
+    """One Ray Train worker. ``config``: plain data (the config, the pair plan, the pair dataset,
+    provenance). Returns ``{"nonfinite_step": k}`` when step k's loss, or its gradient without a loss
+    scaler, is not finite (rank 0's value is the run's)."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -207,83 +294,91 @@ def train_loop(config: dict) -> dict | None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    prec = precision(cfg, device)
 
-    pipe = models.load_pipeline(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
-    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder.to(device).requires_grad_(False), pipe.tokenizer
+    # The UNet alone: the hidden states come with the pairs, and the latents need no VAE.
+    unet = models.load_unet(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
     # DDPM maths of the forward process and of eq. 8's sampler step; x0 clipping would make the
     # step non-linear in the prediction, and SD1.5's schedule has it off.
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    noise_scheduler = DDPMScheduler.from_config(models.scheduler_config(cfg.model, model_config=cfg.model_config),
+                                                clip_sample=False)
     params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    hold_frozen_in(unet, prec.dtype)
     unet.to(device)
-    if cfg.gradient_checkpointing and device.type == "cuda":
+    if cfg.checkpointing():
         unet.enable_gradient_checkpointing()
     model = ray.train.torch.prepare_model(unet, move_to_device=False) if world > 1 else unet
     optimizer = make_optimizer(cfg, params, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    autocast, scaler = _autocast(cfg, device)
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            start = _load_checkpoint(Path(d), unet, optimizer, scheduler, config["fingerprint"])
+            start = load_checkpoint(Path(d), unet, optimizer, scheduler, config["fingerprint"], prec.scaler)
 
-    shards = [v for v in range(plan_.data_shards) if v % world == rank]
-    batches = ray.train.get_dataset_shard("pairs").iter_batches(batch_format="pyarrow", batch_size=256)
-    data = worker_pairs(batches, plan_, shards, config["latent_shape"])
-    position = {int(i): k for k, i in enumerate(data["index"])}
+    shards = plan_.worker_shards(rank, world)
+    reader = pair_data.PairReader(config["pairs"], config["pairs_manifest"],
+                                  owned=lambda index: np.isin(index % plan_.data_shards, shards))
+
+    def load(step: int):
+        index = np.concatenate([plan_.step_indices(step, v) for v in shards])  # this worker's pairs
+        return index, reader.read(index)
+
     shape = tuple(config["latent_shape"])
     mlflow_client = _metrics_client(config) if rank == 0 else None
-
     per_worker = cfg.global_batch // world
     sums: dict[str, float] = {}
-    counted, tick = 0, time.perf_counter()
-    for step in range(start, cfg.max_steps):
-        index = np.concatenate([plan_.step_indices(step, v) for v in shards])  # this worker's pairs
-        rows = [position[int(i)] for i in index]
+    counted, applied, skipped, tick = 0, 0, 0, time.perf_counter()
+    steps = range(start, cfg.max_steps)
+    for step, (index, batch) in zip(steps, pair_data.prefetched(load, steps)):
         for k in range(0, per_worker, cfg.micro_batch):
-            chunk, ids = rows[k: k + cfg.micro_batch], index[k: k + cfg.micro_batch]
+            part = slice(k, k + cfg.micro_batch)
+            ids = index[part]
             drawn = [pair_noise(cfg.seed, step, int(i), shape, noise_scheduler.config.num_train_timesteps) for i in ids]
             t = torch.cat([d[0] for d in drawn]).to(device)
             noise = torch.stack([d[1] for d in drawn]).to(device)
-            lat_w = torch.from_numpy(data["latents_w"][chunk]).float().to(device)
-            lat_l = torch.from_numpy(data["latents_l"][chunk]).float().to(device)
+            lat_w = torch.from_numpy(batch.latents_w[part]).to(device, torch.float32)
+            lat_l = torch.from_numpy(batch.latents_l[part]).to(device, torch.float32)
+            emb = torch.from_numpy(batch.hidden[part]).to(device, torch.float32)  # (m, L, D)
             last = k + cfg.micro_batch >= per_worker
             sync = model.no_sync() if (world > 1 and not last) else _null()
             with sync:
-                loss, stats = micro_step(cfg, model, unet, text_encoder, tokenizer, noise_scheduler,
-                                         data["prompt"][chunk], lat_w, lat_l, t, noise, autocast)
-                scaled = loss * (len(chunk) / per_worker)
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                loss, stats = micro_step(cfg, model, unet, noise_scheduler, emb, lat_w, lat_l, t, noise,
+                                         prec.autocast())
+                scaled = loss * (len(ids) / per_worker)
+                (prec.scaler.scale(scaled) if prec.scaler else scaled).backward()
             for name, value in stats.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * len(chunk) / per_worker
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        # Gradients are all-reduced, so every worker sees the same norm and stops together; rank 0's
-        # return value reaches the driver as Result.return_value (no file on any node's disk).
-        if not torch.isfinite(grad_norm) or not all(math.isfinite(v) for v in sums.values()):
+                sums[name] = sums.get(name, 0.0) + float(value) * len(ids) / per_worker
+        # A non-finite loss is divergence (or a corrupt pair) in any precision; rank 0's return value
+        # reaches the driver as Result.return_value (no file on any node's disk).
+        if _any_worker(not all(math.isfinite(v) for v in sums.values()), world, device):
             return {"nonfinite_step": step + 1}
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        outcome = optimizer_step(optimizer, params, cfg.max_grad_norm, prec.scaler)
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        if outcome.diverged:
+            return {"nonfinite_step": step + 1}
+        if outcome.applied:
+            scheduler.step()  # the schedule counts updates made (as accelerate does for a skipped step)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + outcome.grad_norm
+            applied += 1
+        else:
+            skipped += 1
         counted += 1
         done = step + 1
         is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
         if done % cfg.metrics_every == 0 or is_ckpt:
-            values = torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64)
+            window = {k: v / (applied if k == "grad_norm" else counted) for k, v in sums.items()}
+            values = torch.tensor([window[k] for k in sorted(window)], dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(values)
                 values /= world
             now = time.perf_counter()
-            metrics = {k: float(v) / counted for k, v in zip(sorted(sums), values)}
+            metrics = {k: float(v) for k, v in zip(sorted(window), values.cpu())}
             metrics.update(step=done, lr=scheduler.get_last_lr()[0],
                            pairs_per_s=counted * cfg.global_batch / (now - tick))
+            if prec.scaler is not None:
+                metrics.update(loss_scale=prec.scaler.get_scale(), skipped_steps=float(skipped))
             if mlflow_client is not None:
                 from mlflow.entities import Metric
 
@@ -294,13 +389,15 @@ def train_loop(config: dict) -> dict | None:
                 sys.stdout.write(f"train: step {done}/{cfg.max_steps} loss {metrics.get('loss', float('nan')):.4f} "
                                  f"(dpo {metrics.get('dpo', 0):.4f}, stat {metrics.get('stat', 0):.3g}) accuracy "
                                  f"{metrics.get('accuracy', 0):.3f} lr {metrics['lr']:.3g} "
-                                 f"{metrics['pairs_per_s']:.1f} pairs/s\n")
+                                 f"{metrics['pairs_per_s']:.1f} pairs/s"
+                                 + (f", {skipped} steps skipped (fp16 overflow)" if skipped else "") + "\n")
                 sys.stdout.flush()
-            sums, counted, tick = {}, 0, time.perf_counter()
+            sums, counted, applied, skipped, tick = {}, 0, 0, 0, time.perf_counter()
             if is_ckpt:  # Ray Train uploads it to the run's storage (local or a URI); the last holds the adapter
                 with tempfile.TemporaryDirectory() as tmp:
                     if rank == 0:
-                        _save_checkpoint(Path(tmp), unet, optimizer, scheduler, done, config["fingerprint"])
+                        save_checkpoint(Path(tmp), unet, optimizer, scheduler, done, config["fingerprint"],
+                                        prec.scaler)
                         if done == cfg.max_steps:
                             save_adapter(unet, Path(tmp) / ADAPTER_DIR, cfg.lora_rank, cfg.lora_alpha,
                                          config["adapter_info"])
@@ -308,6 +405,7 @@ def train_loop(config: dict) -> dict | None:
                                      checkpoint_dir_name=f"checkpoint_{done:08d}")
             else:
                 ray.train.report(metrics)
+    reader.close()
     return None
 
 
@@ -347,14 +445,27 @@ def _checkpoint_state(checkpoint) -> dict:
         return json.loads(f.read())
 
 
+def check_prediction_type(cfg: TrainConfig) -> None:
+    """Refuse a model that does not predict the noise: eq. 3's errors, the SFT loss and eq. 8's sampler
+    step all compare the UNet's output with the noise, so a v-prediction model would train, silently,
+    against the wrong target."""
+    kind = models.scheduler_config(cfg.model, model_config=cfg.model_config).get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise HgdpoError(f"train.model: {cfg.model!r} is a {kind} model (prediction_type in its scheduler config); "
+                         f"training supports epsilon-prediction models only (SD1.5 and its fine-tunes), for every "
+                         f"objective: its losses compare the UNet's output with the noise")
+
+
 def prepare(cfg: TrainConfig) -> tuple[dict, PairPlan, str]:
     """Every check before work: storage, MLflow store, the pool, the base model, the ablation settings,
     the optimizer."""
     storage.check_reachable(cfg.pool, "train.pool")
     storage.check_writable(cfg.output, "train.output")
+    storage.check_writable(cfg.pairs_root(), "train.pairs_folder")
     tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "train.mlflow_uri")
-    meta = pool.read_meta(cfg.pool)
+    meta = pool.read_meta(cfg.pool, "train.pool")
     source = models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
+    check_prediction_type(cfg)
     base = meta.get("base_model", {})
     ours = models.fingerprint(source)
     if base.get("fingerprint") != ours:
@@ -404,9 +515,12 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
             raise HgdpoError(f"output: the checkpoint {storage.join(_run_dir(output), storage.name(latest.path))} was "
                              f"written with another config (pool, model or training settings differ); use another output")
         log(f"train: resuming from {storage.name(latest.path)} (step {state['step']})")
-    for location, setting in ((cfg.pool, "train.pool"), (output, "train.output")):  # read and written by workers
+    # Read and written by Ray tasks and workers on any node.
+    for location, setting in ((cfg.pool, "train.pool"), (output, "train.output"),
+                              (cfg.pairs_root(), "train.pairs_folder")):
         warn_if_not_shared(location, setting, log)
     storage.probe_write(output, "train.output")
+    storage.probe_write(cfg.pairs_root(), "train.pairs_folder")
 
     ensure_ray()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports cost ~0.1 s, not ~2 s
@@ -431,12 +545,13 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
             "driver_node": ray.get_runtime_context().get_node_id(),
         }
         use_gpu = cfg.gpus_per_worker > 0
-        # Pairs are selected by Ray Data now, while the CPUs are free; every worker reads the
-        # materialized rows and keeps its own shards (the data order needs fixed shards).
-        pairs = pairs_dataset(cfg.pool, plan_)
+        # Selected (once per selection) while the CPUs are free; workers then read only their shards' records.
+        pairs = pair_data.ensure(cfg, meta, plan_, models.fingerprint(models.resolve_model(
+            cfg.model, allow_pickle=cfg.allow_pickle)), log)
+        mlflow.set_tag("pairs", pairs.location)
+        loop_config.update(pairs=pairs.location, pairs_manifest=pairs.manifest)
         trainer = TorchTrainer(
-            train_loop, train_loop_config=loop_config, datasets={"pairs": pairs},
-            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+            train_loop, train_loop_config=loop_config,
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}),

@@ -11,7 +11,14 @@ On a Ray cluster:
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/build_pool.py --config pool.yaml
 
-Rerunning the same command finishes an interrupted pool; on a finished pool it does nothing.
+Rerunning the same command finishes an interrupted pool; on a finished pool it checks that every
+part has the size its manifest records and, if one is missing or cut short, deletes it and builds
+only that part's prompts again; otherwise it does nothing. `--verify` also reads every part and
+checks its sha256 (a part altered without changing size), repairing the same way:
+
+    python jobs/build_pool.py --config pool.yaml --verify
+
+(`hgdpo verify <pool>` checks a pool without repairing it.)
 Settings: `python jobs/build_pool.py --help`, or the README's configuration reference.
 """
 
@@ -36,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
     parser.add_argument("--no-ray", action="store_true",
                         help="build in this process without Ray (one model, torch's threads): the reference path")
+    parser.add_argument("--verify", action="store_true",
+                        help="on a finished pool, read every part and check its checksum; rebuild the bad ones")
     args = parser.parse_intermixed_args(argv)
     try:
         from hgdpo.pool_builder import build_pool
@@ -43,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_libraries()
         cfg = load_config(PoolConfig, args.config, args.overrides)
-        result = build_pool(cfg, mlflow=not args.no_mlflow, local=args.no_ray)
+        result = build_pool(cfg, mlflow=not args.no_mlflow, local=args.no_ray, verify=args.verify)
     except HgdpoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

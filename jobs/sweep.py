@@ -12,10 +12,11 @@ On a Ray cluster (trials run side by side as the cluster's CPUs and GPUs allow):
         train.workers=4 train.gpus_per_worker=1 mlflow_uri=http://mlflow:5000
 
 Settings are overridden as key=value, and a stage's base settings as train.key=value or
-evaluate.key=value. Each trial writes <output>/trials/<trial>/{train,eval}; MLflow gets a parent
-run named after the sweep with one nested run per trial. Rerunning the same command runs only
-the trials that have not finished. The table is printed at the end; `hgdpo table --sweep NAME`
-prints it again from MLflow.
+evaluate.key=value. Each trial writes <output>/trials/<trial>/{train,eval}; baseline B's images
+and scores are made once, into <output>/baseline, and trials of the same training share one
+adapter. MLflow gets a parent run named after the sweep with one nested run per trial, opened
+when the trial starts. Rerunning the same command runs only the trials that have not finished.
+The table is printed at the end; `hgdpo table --sweep NAME` prints it again from MLflow.
 """
 
 from __future__ import annotations

@@ -136,6 +136,40 @@ def test_rerun_does_nothing_and_other_settings_are_refused(work, a_vs_base, adap
     assert "other settings (alpha)" in capsys.readouterr().err
 
 
+def test_baseline_rows_made_once_give_the_evaluation_that_makes_both_sides(ray_local, work, a_vs_base, adapter):
+    """B's rows made alone into a cache, then read by an evaluation that makes only A's images, give the
+    scores file (every score, colour and both images) and the figures of the evaluation that made both."""
+    import mlflow
+
+    from hgdpo import evaluate as evaluation
+    from hgdpo.config import from_dict, to_dict
+    from hgdpo.eval_config import EvalConfig
+
+    cfg = from_dict(EvalConfig, {"prompts": str(work / "test.txt"), "output": str(work / "cached"),
+                                 "adapter": str(adapter), "alpha": 1.0, "images_per_prompt": 2, "steps": 4,
+                                 "bootstrap": 200, "picture_prompts": 2, "mlflow_uri": f"sqlite:///{work / 'mlflow.db'}"})
+    items = evaluation.prepare(cfg)
+    cache = str(work / "baselines")
+    location, made = evaluation.build_baseline(cfg, items, cache)
+    assert made == 8 and evaluation.build_baseline(cfg, items, cache) == (location, 0)  # made once
+    result = evaluation.evaluate(cfg, baseline_cache=cache)
+    assert result.baseline_cache == location and result.generated == {"a": 8, "b": 0}
+    assert pq.read_table(work / "cached" / "scores.parquet").to_pylist() == \
+        pq.read_table(a_vs_base / "scores.parquet").to_pylist()
+    whole = json.loads((a_vs_base / "report.json").read_text())["result"]["metrics"]
+    assert whole["generated_images_b"] == 8
+    assert {k: v for k, v in result.metrics().items() if not k.startswith("generated_")} == \
+        {k: v for k, v in whole.items() if not k.startswith("generated_")}
+    assert f"images and scores read from {location}" in (work / "cached" / "table.md").read_text()
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow_uri)
+    exp = client.get_experiment_by_name("hgdpo-evaluate")
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("output") == cfg.output)
+    assert run.data.tags["baseline_cache"] == location and run.data.metrics["generated_images_b"] == 0
+    # Other sampling settings are another B: not in the cache.
+    other = from_dict(EvalConfig, {**to_dict(cfg), "steps": 3})
+    assert evaluation.read_baseline(cache, other, items) is None
+
+
 def _other_base_adapter(tmp: Path) -> Path:
     pipe = models.load_pipeline("embedded")
     lora.add_lora(pipe.unet, rank=2, alpha=2, seed=0)

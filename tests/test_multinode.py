@@ -55,7 +55,8 @@ SWEEP_ARGS = ["jobs/sweep.py", "--config", "sweeps/pool_size.yaml", f"pool={RUN}
 OUTPUT_NAMES = re.compile(r"^(pool\.json|_COMPLETE\.json|part-\d+-\w+\.parquet|state\.json|adapter\.safetensors|"
                           r"optimizer\.pt|pytorch_lora_weights\.safetensors|hgdpo_adapter\.json|report\.json|"
                           r"scores\.parquet|table\.md|side_by_side\.png|trial\.json|sweep\.json|"
-                          r"checkpoint_manager_snapshot\.json|s3:)$")
+                          r"checkpoint_manager_snapshot\.json|pairs\.json|index\.parquet|records-.+\.(bin|parquet)|"
+                          r"s3:)$")
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +113,16 @@ def test_every_stage_writes_to_the_bucket(world, finished):
     assert checkpoints == ["checkpoint_00000036", "checkpoint_00000040"]  # num_to_keep = 2
     assert "train/checkpoints/train/checkpoint_00000040/adapter/hgdpo_adapter.json" in rel  # the final one
     assert {f"evaluate/{f}" for f in ("report.json", "table.md", "scores.parquet", "side_by_side.png")} <= set(rel)
+    # The pair dataset the training workers read (by ranged GETs), beside train/.
+    pairs = {k.split("/")[0] for k in rel if re.fullmatch(r"pairs-\w+/pairs\.json", k)}
+    assert len(pairs) == 1 and {f"{next(iter(pairs))}/index.parquet"} <= set(rel)
     assert not [k for k in keys if "/.tmp-" in k], "a temporary object was left behind"
     sweep = [k.removeprefix("sweeps/pool-size/") for k in s3.keys(BUCKET, "sweeps/pool-size/")]
     assert {"sweep.json", "table.md"} <= set(sweep)
     assert {f"trials/pool_size=2/{f}" for f in ("trial.json", "result.json", "eval/report.json",
                                                 "train/adapter/hgdpo_adapter.json")} <= set(sweep)
     assert any(k.startswith("tune/") for k in sweep), "Tune's own state is not in the bucket"
+    assert any(re.fullmatch(r"pairs-\w+/pairs\.json", k) for k in sweep), "the sweep's pair dataset is not in the bucket"
     assert "| pool_size=2 | 2 |" in finished["sweep_log"]
 
 

@@ -122,7 +122,7 @@ def test_run_is_recorded_in_mlflow(built, work):
 def test_rerun_of_a_finished_pool_does_nothing(built, capsys):
     before = sorted(p.name for p in built.iterdir())
     assert build_pool.main(settings(built.parent, built)) == 0
-    assert "already complete (10 prompts); nothing to do" in capsys.readouterr().out
+    assert "already complete (10 prompts, every part has its recorded size); nothing to do" in capsys.readouterr().out
     assert sorted(p.name for p in built.iterdir()) == before
 
 

@@ -82,6 +82,20 @@ def test_round_trip_weights_and_images(exported, no_network):
     np.testing.assert_array_equal(_generate(loaded), images)
 
 
+def test_the_trainers_components_load_alone_from_a_single_file(exported, no_network):
+    """What training loads: the UNet (workers), the tokenizer and text encoder (pair selection), the scheduler
+    config (the prediction_type check), each without the rest of the pipeline."""
+    pipe, file, folder = exported
+    unet = models.load_unet(str(file), model_config=str(folder))
+    tokenizer, encoder = models.load_text_encoder(str(file), model_config=str(folder))
+    for name, module in (("unet", unet), ("text_encoder", encoder)):
+        original, back = getattr(pipe, name).state_dict(), module.state_dict()
+        assert original.keys() == back.keys(), name
+        assert all(torch.equal(back[k], v) for k, v in original.items()), name
+    assert tokenizer("a photo of a cat").input_ids == pipe.tokenizer("a photo of a cat").input_ids
+    assert models.scheduler_config(str(file), model_config=str(folder))["prediction_type"] == "epsilon"
+
+
 def test_mapping_inverts_diffusers_for_sd15_layout():
     """An SD1.5-shaped (4 blocks, 2 layers each) but tiny UNet/VAE: diffusers' converters undo the export."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

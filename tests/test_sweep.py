@@ -1,9 +1,11 @@
-"""Sweeps on Ray Tune: trials end to end, resume after a kill, MLflow parent/nested runs over REST, bad input."""
+"""Sweeps on Ray Tune: trials end to end, resume after a kill, baseline B made once, one adapter per training,
+MLflow parent/nested runs over REST, bad input."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -38,7 +40,11 @@ TRAIN = {"max_steps": 2, "global_batch": 4, "micro_batch": 2, "data_shards": 2, 
          "lora_rank": 4, "metrics_every": 1, "cpus_per_worker": 0.5}
 EVAL = {"scorers": ["judge", "pickscore"], "steps": 4, "images_per_prompt": 1, "bootstrap": 200,
         "picture_prompts": 2, "generator_cpus": 0.5, "scorer_cpus": 0.5}
-TRIALS = ["pool_size=2", "pool_size=4"]
+# The tiny sweep's trials: the last two differ only at sampling time (LAN), so they share one adapter.
+LISTED = [{"pool_size": 2}, {"pool_size": 4}, {"name": "pool_size=4+lan", "pool_size": 4, "lan": True}]
+TRIALS = ["pool_size=2", "pool_size=4", "pool_size=4+lan"]
+LAN = (False, False, True)
+POOL_SIZES = (2, 4, 4)
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +115,12 @@ def run_main(*args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def resumed(work, server) -> dict:
     """The tiny sweep killed (as a job) once its first trial is done, then rerun by the same command."""
-    config = sweep_file(work, "tiny.yaml", max_concurrent_trials=1, mlflow_uri=server)
+    config = sweep_file(work, "tiny.yaml", max_concurrent_trials=1, mlflow_uri=server, parameters={}, trials=LISTED)
     trials = work / "out" / "trials"
     with open(work / "killed.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", str(config)], cwd=work,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         try:
             while time.time() < deadline and proc.poll() is None and not (trials / TRIALS[0] / "result.json").exists():
                 time.sleep(0.1)
@@ -127,11 +133,12 @@ def resumed(work, server) -> dict:
     before = {"adapter": adapter.stat().st_mtime_ns, "result": (trials / TRIALS[0] / "result.json").read_text()}
     code, out, err = run_main("--config", str(config))
     assert code == 0, err
-    return {"config": config, "out": out, "before": before, "adapter": adapter, "trials": trials, "url": server}
+    return {"config": config, "out": out, "before": before, "adapter": adapter, "trials": trials, "url": server,
+            "killed_log": (work / "killed.log").read_text()}
 
 
 def test_each_trial_trains_evaluates_and_reports_the_evaluation(resumed):
-    for name, n in zip(TRIALS, (2, 4)):
+    for name, n, lan in zip(TRIALS, POOL_SIZES, LAN):
         folder = resumed["trials"] / name
         result = json.loads((folder / "result.json").read_text())
         report = json.loads((folder / "eval" / "report.json").read_text())
@@ -139,20 +146,60 @@ def test_each_trial_trains_evaluates_and_reports_the_evaluation(resumed):
         assert {"win_rate_judge", "win_rate_judge_low", "win_rate_pickscore_high", "h_change_pct"} <= set(
             result["metrics"])
         assert result["params"]["pool_size"] == n and result["params"]["loser_rank"] == n
-        assert report["config"]["adapter"] == str(folder / "train" / "adapter")
+        assert report["config"]["adapter"] == result["adapter"] and report["config"]["lan"] == lan
         assert report["config"]["baseline_adapter"] is None and report["result"]["prompts"] == 4
-        info = json.loads((folder / "train" / "adapter" / "hgdpo_adapter.json").read_text())
+        info = json.loads((Path(result["adapter"]) / "hgdpo_adapter.json").read_text())
         assert info["plan"]["pool_size"] == n and info["config"]["max_steps"] == 2
     table = (resumed["trials"].parent / "table.md").read_text()
-    assert "| pool_size=2 | 2 | " in table and "| pool_size=4 | 4 | " in table and "judge win rate" in table
+    assert "| pool_size=2 | 2 | false | " in table and "| pool_size=4+lan | 4 | true | " in table
+    assert "judge win rate" in table
+
+
+def test_baseline_b_is_made_once_per_sweep_and_read_by_every_trial(resumed):
+    """B's images and scores are made by the driver once, before the first trial, and never again (not by the
+    trials, not by the rerun); every trial's evaluation reads them and makes only A's images."""
+    import pyarrow.parquet as pq
+
+    output = resumed["trials"].parent
+    caches = sorted((output / "baseline").iterdir())
+    assert len(caches) == 1  # one B for the three trials
+    info = json.loads((caches[0] / "baseline.json").read_text())
+    assert (info["prompts"], info["images"]) == (4, 4)  # 4 test prompts x 1 seed, once
+    assert resumed["killed_log"].count("baseline B (") == 1 and "baseline B (" not in resumed["out"]
+    assert f"baseline B's images and scores for these settings are in {caches[0]}" in resumed["out"]
+    cached = pq.read_table(caches[0] / "rows.parquet").to_pylist()
+    for name in TRIALS:
+        report = json.loads((resumed["trials"] / name / "eval" / "report.json").read_text())["result"]
+        assert report["baseline_cache"] == str(caches[0])
+        assert report["metrics"]["generated_images_a"] == 4 and report["metrics"]["generated_images_b"] == 0
+        rows = pq.read_table(resumed["trials"] / name / "eval" / "scores.parquet").to_pylist()
+        assert [r["image_b"] for r in rows] == [r["png_b"][0] for r in cached]
+        assert [r["score_b_pickscore"] for r in rows] == [r["score_b_pickscore"][0] for r in cached]
+        assert [r["image_a"] for r in rows] != [r["png_b"][0] for r in cached]  # A's own images
+    parent = search(resumed["url"], "hgdpo-sweep", "tags.stage = 'sweep'")[0]
+    assert tags(parent)["baseline_cache"] == str(caches[0])
+    history = rest(resumed["url"], "metrics/get-history", run_id=parent["info"]["run_id"],
+                   metric_key="baseline_images_generated")["metrics"]
+    assert [h["value"] for h in history] == [4]  # made by the first invocation only
+
+
+def test_trials_of_the_same_training_share_one_adapter(resumed):
+    trials = resumed["trials"]
+    assert sorted(p.parents[2].name for p in trials.glob("*/train/adapter/hgdpo_adapter.json")) == TRIALS[:2]
+    assert not (trials / TRIALS[2] / "train").exists()  # it trained nothing
+    shared = json.loads((trials / TRIALS[2] / "result.json").read_text())
+    assert shared["adapter"] == str(trials / TRIALS[1] / "train" / "adapter") and shared["adapter_trial"] == TRIALS[1]
+    assert "has the training of trial pool_size=4: it evaluates that trial's adapter, after it" in resumed["out"]
+    metrics = {name: json.loads((trials / name / "result.json").read_text())["metrics"] for name in TRIALS[1:]}
+    assert metrics[TRIALS[2]]["h_change_pct"] != metrics[TRIALS[1]]["h_change_pct"]  # with and without LAN
 
 
 def test_rerun_after_a_kill_finishes_the_rest_and_does_not_retrain_finished_trials(resumed):
     assert f"trial {TRIALS[0]} finished earlier; not rerun" in resumed["out"]
-    assert "1 of 2 trials to run" in resumed["out"]
+    assert "2 of 3 trials to run" in resumed["out"]
     assert resumed["adapter"].stat().st_mtime_ns == resumed["before"]["adapter"]
     assert (resumed["trials"] / TRIALS[0] / "result.json").read_text() == resumed["before"]["result"]
-    assert "sweep tiny: 1 trial(s) run, 1 finished earlier" in resumed["out"]
+    assert "sweep tiny: 2 trial(s) run, 1 finished earlier" in resumed["out"]
 
 
 def test_mlflow_has_one_parent_run_and_one_nested_run_per_trial(resumed):
@@ -160,37 +207,56 @@ def test_mlflow_has_one_parent_run_and_one_nested_run_per_trial(resumed):
     parents = search(url, "hgdpo-sweep", "tags.stage = 'sweep'")
     assert len(parents) == 1 and parents[0]["info"]["status"] == "FINISHED"
     parent = parents[0]["info"]["run_id"]
-    assert tags(parents[0])["sweep"] == "tiny" and tags(parents[0])["swept"] == "pool_size"
+    assert tags(parents[0])["sweep"] == "tiny" and tags(parents[0])["swept"] == "pool_size,lan"
     children = search(url, "hgdpo-sweep", f"tags.`mlflow.parentRunId` = '{parent}'")
-    assert sorted(tags(c)["trial"] for c in children) == TRIALS  # no duplicate from the rerun
-    for child in children:
-        name = tags(child)["trial"]
-        n = name.split("=")[1]
+    children.sort(key=lambda c: int(tags(c)["trial_index"]))
+    assert [tags(c)["trial"] for c in children] == TRIALS  # no duplicate from the rerun
+    for child, name, n, lan in zip(children, TRIALS, POOL_SIZES, LAN):
         assert child["info"]["status"] == "FINISHED" and child["info"]["run_name"] == name
         p = params(child)
         assert {k: p[k] for k in ("pool_size", "loser_rank", "dataset_size", "beta", "lambda_stat", "objective",
                                   "lan", "alpha")} == {
-            "pool_size": n, "loser_rank": n, "dataset_size": "8", "beta": "2500.0", "lambda_stat": "10000.0",
-            "objective": "hgdpo", "lan": "False", "alpha": "0.5"}
+            "pool_size": str(n), "loser_rank": str(n), "dataset_size": "8", "beta": "2500.0", "lambda_stat": "10000.0",
+            "objective": "hgdpo", "lan": str(lan), "alpha": "0.5"}
         result = json.loads((resumed["trials"] / name / "result.json").read_text())
         m = metrics(child)
         assert m["win_rate_judge"] == pytest.approx(result["metrics"]["win_rate_judge"])
         assert m["win_rate_pickscore_low"] == pytest.approx(result["metrics"]["win_rate_pickscore_low"])
-        assert "loss" in m and "dpo" in m  # the trial's training logged into the same run
-    first = next(c for c in children if tags(c)["trial"] == TRIALS[0])
+        report = json.loads((resumed["trials"] / name / "eval" / "report.json").read_text())["result"]
+        assert m["generated_images_b"] == 0 and tags(child)["baseline_cache"] == report["baseline_cache"]
+        assert tags(child)["adapter"] == result["adapter"]
+    first, trainer, sharer = children
+    for child in (first, trainer):
+        assert "loss" in metrics(child) and "dpo" in metrics(child)  # the trial's training logged into its run
     history = rest(url, "metrics/get-history", run_id=first["info"]["run_id"], metric_key="loss")["metrics"]
     assert sorted(h["step"] for h in history) == [1, 2]  # trained once, not again by the rerun
+    # The trial sharing an adapter trained nothing; its run names the adapter and the run that trained it.
+    assert "loss" not in metrics(sharer) and tags(sharer)["training"] == tags(trainer)["training"]
+    assert tags(sharer)["adapter_trial"] == TRIALS[1] and tags(sharer)["adapter_run_id"] == trainer["info"]["run_id"]
+    assert tags(first)["training"] != tags(trainer)["training"] and "adapter_trial" not in tags(trainer)
+
+
+def test_a_trial_run_starts_when_the_trial_starts(resumed):
+    """One trial at a time: each trial's run starts after the one before it has ended, so a run's duration
+    is its trial's own, not the time it waited for the others."""
+    parent = search(resumed["url"], "hgdpo-sweep", "tags.stage = 'sweep'")[0]
+    children = search(resumed["url"], "hgdpo-sweep", f"tags.`mlflow.parentRunId` = '{parent['info']['run_id']}'")
+    runs = sorted((c["info"] for c in children), key=lambda r: int(r["start_time"]))
+    assert [r["run_name"] for r in runs] == TRIALS
+    assert int(parent["info"]["start_time"]) < int(runs[0]["start_time"])
+    for before, after in itertools.pairwise(runs):
+        assert int(after["start_time"]) >= int(before["end_time"]), (before, after)
 
 
 def test_rerun_of_a_finished_sweep_runs_nothing(resumed):
     code, out, err = run_main("--config", str(resumed["config"]))
     assert code == 0, err
-    assert "sweep tiny: 0 trial(s) run, 2 finished earlier" in out
+    assert "sweep tiny: 0 trial(s) run, 3 finished earlier" in out
     assert resumed["adapter"].stat().st_mtime_ns == resumed["before"]["adapter"]
     parent = search(resumed["url"], "hgdpo-sweep", "tags.stage = 'sweep'")
     assert len(parent) == 1
     children = search(resumed["url"], "hgdpo-sweep", f"tags.`mlflow.parentRunId` = '{parent[0]['info']['run_id']}'")
-    assert len(children) == 2
+    assert len(children) == 3
 
 
 def test_table_command_prints_the_sweep_from_mlflow(resumed):
@@ -198,10 +264,10 @@ def test_table_command_prints_the_sweep_from_mlflow(resumed):
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert "| trial | pool_size | judge win rate [interval] | pickscore win rate [interval] | H change | S change " \
-           "| V change |" in lines
+    assert "| trial | pool_size | lan | judge win rate [interval] | pickscore win rate [interval] | H change " \
+           "| S change | V change |" in lines
     rows = [line for line in lines if line.startswith("| pool_size=")]
-    assert [r.split(" | ")[1] for r in rows] == ["2", "4"]
+    assert [r.split(" | ")[1:3] for r in rows] == [["2", "false"], ["4", "false"], ["4", "true"]]
     result = json.loads((resumed["trials"] / TRIALS[1] / "result.json").read_text())["metrics"]
     assert f"{100 * result['win_rate_judge']:.1f}% [{100 * result['win_rate_judge_low']:.1f}, " in rows[1]
     assert rows[1].endswith(f"{result['v_change_pct']:+.2f}% |")
@@ -313,6 +379,22 @@ def test_the_paper_values_are_swept():
     lan = {t.name: (t.train.objective, t.evaluate.lan) for t in sweep_job.load(str(REPO / "sweeps" / "lan_vs_sml.yaml"),
                                                                                 []).expand()}
     assert lan["dpo+lan"] == ("dpo", True) and lan["hgdpo-sml"] == ("hgdpo", False)
+
+
+def test_dpo_and_dpo_with_lan_share_one_adapter(monkeypatch):
+    """In the LAN ablation, dpo and dpo+lan differ only at sampling time: one training, whose adapter both
+    evaluate; hgdpo-sml trains its own."""
+    from hgdpo.sweep import share_adapters
+    from hgdpo.trainer import fingerprint
+
+    monkeypatch.chdir(REPO)
+    trials = sweep_job.load(str(REPO / "sweeps" / "lan_vs_sml.yaml"), []).expand()
+    trainings = {t.name: fingerprint(t.train, {"fingerprint": {"pool": "demo"}}) for t in trials}
+    rewired, shares = share_adapters(trials, trainings)
+    assert shares == {"dpo+lan": "dpo"}
+    adapters = {t.name: t.evaluate.adapter for t in rewired}
+    assert adapters["dpo+lan"] == adapters["dpo"] == trials[0].evaluate.adapter != adapters["hgdpo-sml"]
+    assert [t.evaluate.lan for t in rewired] == [False, True, False]
 
 
 # --- Trial names and concurrency ---------------------------------------------------------------------

@@ -98,6 +98,100 @@ def test_metrics_reach_mlflow(work, one_worker):
     assert f"adapter/{ADAPTER_FILE}" in artifacts
 
 
+def plain_loop_adapter(work: Path, out: Path, *, round_hidden: bool, steps: int = 6) -> dict[str, torch.Tensor]:
+    """The adapter of BASE + max_steps=``steps``, trained as the trainer did before pair datasets: one
+    process, no Ray, the whole pipeline loaded, the pool's pairs chosen in memory, every micro-batch's
+    prompts tokenised and run through the text encoder (float32; ``round_hidden``: rounded to float16,
+    as the pair dataset stores them), clip, AdamW, LR schedule."""
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    from hgdpo import models, pool, trainer
+    from hgdpo.lora import add_lora, save_adapter
+    from hgdpo.pairs import choose_pair
+    from hgdpo.pairs import plan as make_plan
+    from hgdpo.train_config import TrainConfig
+
+    cfg = TrainConfig(pool=str(work / "pool"), output=str(out), global_batch=4, micro_batch=2, data_shards=2,
+                      learning_rate=1e-3, lora_rank=4, max_steps=steps)
+    meta = pool.read_meta(cfg.pool)
+    plan_ = make_plan(meta, pool_size=None, loser_rank=None, dataset_size=None, data_shards=2, global_batch=4, seed=0)
+    table = pool.read(cfg.pool)
+    latents = pool.latents_of(table)
+    pairs = {}
+    for row, i in enumerate(table.column("prompt_index").to_pylist()):
+        w, l = choose_pair(np.asarray(table.column("scores")[row].as_py()), plan_.pool_size, plan_.loser_rank)
+        held = table.column("latent_index")[row].as_py()
+        pairs[i] = (table.column("prompt")[row].as_py(), latents[row, held.index(w)], latents[row, held.index(l)])
+    pipe = models.load_pipeline("embedded")
+    unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder.requires_grad_(False)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    optimizer = trainer.make_optimizer(cfg, params, torch.device("cpu"))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_factor(cfg))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (cpus_per_worker=1): the same float sums
+    try:
+        for step in range(steps):
+            index = np.concatenate([plan_.step_indices(step, v) for v in range(plan_.data_shards)])
+            for k in range(0, cfg.global_batch, cfg.micro_batch):
+                ids = index[k: k + cfg.micro_batch]
+                tokens = tokenizer([pairs[int(i)][0] for i in ids], padding="max_length", truncation=True,
+                                   max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+                with torch.no_grad():
+                    emb = text_encoder(tokens)[0]
+                if round_hidden:
+                    emb = emb.half().float()
+                drawn = [trainer.pair_noise(cfg.seed, step, int(i), (4, 16, 16), 1000) for i in ids]
+                lat_w = torch.from_numpy(np.stack([pairs[int(i)][1] for i in ids])).float()
+                lat_l = torch.from_numpy(np.stack([pairs[int(i)][2] for i in ids])).float()
+                loss, _ = trainer.micro_step(cfg, unet, unet, noise_scheduler, emb, lat_w, lat_l,
+                                             torch.cat([d[0] for d in drawn]), torch.stack([d[1] for d in drawn]),
+                                             torch.autocast("cpu", enabled=False))
+                (loss * (len(ids) / cfg.global_batch)).backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+    finally:
+        torch.set_num_threads(threads)
+    save_adapter(unet, out, cfg.lora_rank, cfg.lora_alpha, {})
+    return load_file(str(out / ADAPTER_FILE))
+
+
+def test_the_streamed_pairs_give_the_adapter_of_a_plain_loop(work, one_worker, tmp_path):
+    # With the hidden states rounded as the pair dataset stores them: the same maths (bit-identical on the
+    # machine this was written on; float rounding allowed).
+    assert_same_adapter(one_worker, plain_loop_adapter(work, tmp_path / "rounded", round_hidden=True),
+                        rtol=1e-5, atol=1e-7)
+    # Against float32 hidden states (the trainer before pair datasets, which this loop reproduces bit for
+    # bit): float16's rounding of the text encoder's output (relative 2^-11) changes the gradients in their
+    # last digits, and Adam's first steps, which normalise each gradient element, turn that into up to
+    # ~2e-4 on the adapter's smallest entries here (lr 1e-3, 6 steps; entries up to ~1).
+    assert_same_adapter(one_worker, plain_loop_adapter(work, tmp_path / "float32", round_hidden=False),
+                        rtol=1e-3, atol=5e-4)
+
+
+def test_the_pair_dataset_is_written_once_beside_the_outputs_and_reused(work, one_worker, capsys):
+    def datasets(**selection) -> list[Path]:
+        found = []
+        for folder in sorted(work.glob("pairs-*")):
+            manifest = json.loads((folder / "pairs.json").read_text())
+            if manifest["selection"] == selection and manifest["pool"] == str(work / "pool"):
+                found.append(folder)
+        return found
+
+    (default,) = datasets(pool_size=4, loser_rank=4, dataset_size=8)
+    stamps = {p.name: p.stat().st_mtime_ns for p in default.iterdir()}
+    assert run(work, "reuse", "max_steps=2", "seed=3", "objective=dpo") == 0
+    assert f"train: pairs: reusing {default}" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in default.iterdir()} == stamps
+    assert run(work, "other-selection", "max_steps=2", "pool_size=3", "loser_rank=2") == 0
+    assert "train: pairs: selecting 8 pairs (n=3, loser rank 2)" in capsys.readouterr().out
+    assert len(datasets(pool_size=3, loser_rank=2, dataset_size=8)) == 1
+    assert datasets(pool_size=4, loser_rank=4, dataset_size=8) == [default]
+
+
 def test_two_workers_give_the_adapter_of_one(work, one_worker):
     assert run(work, "w2", "max_steps=6", "checkpoint_every=3", "workers=2") == 0
     # Same global batches and noise; only the order of float sums differs.
@@ -199,6 +293,23 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, caps
     assert not (work / "nan" / "adapter").exists()
     kept = sorted(p.name for p in (work / "nan" / "checkpoints" / "train").glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000001"]
+
+
+@pytest.mark.parametrize("objective", ["hgdpo", "dpo", "sft"])
+def test_a_v_prediction_model_is_refused_for_every_objective(work, tmp_path, capsys, objective):
+    from hgdpo import embedded
+
+    model = tmp_path / "v-model"
+    shutil.copytree(embedded.pipeline_dir(), model)
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"epsilon"', '"v_prediction"'))
+    output = tmp_path / "out"
+    assert train_job.main([f"pool={work / 'pool'}", f"output={output}", *BASE, f"model={model}",
+                           f"objective={objective}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: train.model: '{model}' is a v_prediction model (prediction_type in its "
+                          f"scheduler config); training supports epsilon-prediction models only"), err
+    assert not output.exists()
 
 
 @pytest.mark.parametrize("case, message", [

@@ -1,0 +1,161 @@
+"""The trainer's precision on CPU: the loss scaler's skip-or-stop decision, its state in checkpoints,
+frozen weights in a lower dtype with LoRA in float32, gradient checkpointing.
+
+The CUDA paths (bf16/fp16 autocast, ``GradScaler("cuda")``) cannot run without a GPU; their logic is
+the same code driven here by CPU equivalents: ``GradScaler("cpu")`` and CPU bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from hgdpo import models, trainer
+from hgdpo.lora import add_lora
+from hgdpo.train_config import TrainConfig
+
+SHAPE = (4, 16, 16)  # the embedded model's latents
+
+
+def config(**kw) -> TrainConfig:
+    return TrainConfig(pool="-", output="-", lora_rank=4, learning_rate=1e-3, **kw)
+
+
+@pytest.fixture()
+def setup():
+    """The embedded UNet with LoRA, its AdamW, LR schedule and DDPM scheduler, and a micro-batch."""
+    cfg = config()
+    unet = models.load_unet("embedded")
+    params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    optimizer = trainer.make_optimizer(cfg, params, torch.device("cpu"))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_factor(cfg))
+    noise_scheduler = DDPMScheduler.from_config(models.scheduler_config("embedded"), clip_sample=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA's B starts at zero: give it values, so the loss has a non-zero gradient
+        for p in params:
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    batch = {"emb": torch.randn(2, 77, 32, generator=gen), "lat_w": torch.randn(2, *SHAPE, generator=gen),
+             "lat_l": torch.randn(2, *SHAPE, generator=gen), "t": torch.tensor([100, 700]),
+             "noise": torch.randn(2, *SHAPE, generator=gen)}
+    return cfg, unet, params, optimizer, schedule, noise_scheduler, batch
+
+
+def backward(cfg, unet, noise_scheduler, batch, scaler=None, autocast=None) -> torch.Tensor:
+    loss, _ = trainer.micro_step(cfg, unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"],
+                                 batch["t"], batch["noise"], autocast or torch.autocast("cpu", enabled=False))
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss
+
+
+def snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def unchanged(params, before) -> bool:
+    return all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_with_a_scaler_an_inf_gradient_skips_that_step_halves_the_scale_and_training_carries_on(setup, tmp_path):
+    cfg, unet, params, optimizer, schedule, noise_scheduler, batch = setup
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    outcomes = []
+    for step in range(4):
+        before = snapshot(params)
+        backward(cfg, unet, noise_scheduler, batch, scaler)
+        if step == 1:  # an overflow in the backward pass, as fp16 gives when the scale is too high
+            params[3].grad[0, 0] = float("inf")
+        outcome = trainer.optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
+        optimizer.zero_grad(set_to_none=True)
+        outcomes.append(outcome)
+        assert not outcome.diverged
+        assert unchanged(params, before) == (step == 1), step  # only the overflowing step leaves the adapter as is
+    assert [o.applied for o in outcomes] == [True, False, True, True]
+    assert not math.isfinite(outcomes[1].grad_norm) and all(math.isfinite(o.grad_norm) for o in outcomes[2:])
+    assert scaler.get_scale() == 2.0**9  # halved once (growth needs 2000 good steps in a row)
+    assert scaler.state_dict()["_growth_tracker"] == 2  # the two good steps since the overflow
+
+    # The scaler's state travels in the checkpoint and comes back on resume.
+    trainer.save_checkpoint(tmp_path, unet, optimizer, schedule, 4, "fp", scaler)
+    fresh = models.load_unet("embedded")
+    fresh_params = add_lora(fresh, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    fresh_opt = trainer.make_optimizer(cfg, fresh_params, torch.device("cpu"))
+    fresh_schedule = torch.optim.lr_scheduler.LambdaLR(fresh_opt, trainer.lr_factor(cfg))
+    restored = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    assert trainer.load_checkpoint(tmp_path, fresh, fresh_opt, fresh_schedule, "fp", restored) == 4
+    assert restored.state_dict() == scaler.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(fresh_params, params))
+
+    # ...and the resumed run continues exactly as the uninterrupted one.
+    backward(cfg, unet, noise_scheduler, batch, scaler)
+    trainer.optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
+    backward(cfg, fresh, noise_scheduler, batch, restored)
+    trainer.optimizer_step(fresh_opt, fresh_params, cfg.max_grad_norm, restored)
+    assert all(torch.equal(a, b) for a, b in zip(fresh_params, params))
+    assert restored.get_scale() == scaler.get_scale()
+
+
+def test_without_a_scaler_a_nonfinite_gradient_is_divergence(setup):
+    cfg, unet, params, optimizer, _, noise_scheduler, batch = setup
+    before = snapshot(params)
+    backward(cfg, unet, noise_scheduler, batch)
+    params[0].grad[0, 0] = float("nan")
+    outcome = trainer.optimizer_step(optimizer, params, cfg.max_grad_norm)
+    assert outcome.diverged and not outcome.applied and unchanged(params, before)
+    optimizer.zero_grad(set_to_none=True)
+    backward(cfg, unet, noise_scheduler, batch)
+    outcome = trainer.optimizer_step(optimizer, params, cfg.max_grad_norm)
+    assert outcome.applied and not outcome.diverged and not unchanged(params, before)
+
+
+def test_a_checkpoint_without_scaler_state_leaves_the_scaler_as_it_starts(setup, tmp_path):
+    _, unet, _, optimizer, schedule, _, _ = setup
+    trainer.save_checkpoint(tmp_path, unet, optimizer, schedule, 3, "fp")  # written in float32 or bf16
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**7)
+    assert trainer.load_checkpoint(tmp_path, unet, optimizer, schedule, "fp", scaler) == 3
+    backward_ready = scaler.scale(torch.ones(()))  # the scale is initialised on first use
+    assert float(backward_ready) == 2.0**7
+
+
+def test_on_cpu_training_is_float32_without_a_scaler():
+    for setting in ("auto", "fp16", "bf16", "no"):
+        prec = trainer.precision(config(mixed_precision=setting), torch.device("cpu"))
+        assert prec.dtype == torch.float32 and prec.scaler is None
+        with prec.autocast():
+            assert not torch.is_autocast_enabled("cpu")
+
+
+def test_frozen_weights_in_the_compute_dtype_lora_in_float32(setup):
+    """What the GPU path does with bf16/fp16, on CPU with bf16 (CPU autocast supports it)."""
+    cfg, unet, params, optimizer, _, noise_scheduler, batch = setup
+    lora = {name for name, p in unet.named_parameters() if p.requires_grad}
+    trainer.hold_frozen_in(unet, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in unet.named_parameters()}
+    assert {dtypes[n] for n in lora} == {torch.float32}
+    assert {d for n, d in dtypes.items() if n not in lora} == {torch.bfloat16}
+    before = snapshot(params)
+    loss = backward(cfg, unet, noise_scheduler, batch, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert math.isfinite(float(loss.detach()))
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    outcome = trainer.optimizer_step(optimizer, params, cfg.max_grad_norm)
+    assert outcome.applied and not unchanged(params, before)
+    assert {p.dtype for p in params} == {torch.float32}
+
+
+def test_gradient_checkpointing_is_on_by_default_on_gpu_only_and_changes_no_gradient(setup):
+    assert config(gpus_per_worker=1).checkpointing() and not config().checkpointing()
+    assert config(gradient_checkpointing=True).checkpointing()
+    assert not config(gpus_per_worker=1, gradient_checkpointing=False).checkpointing()
+    cfg, unet, params, _, _, noise_scheduler, batch = setup
+    plain = backward(cfg, unet, noise_scheduler, batch)
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    unet.enable_gradient_checkpointing()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in unet.modules())
+    recomputed = backward(cfg, unet, noise_scheduler, batch)
+    assert torch.equal(plain, recomputed)
+    for a, p in zip(grads, params):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-8)
