@@ -41,6 +41,7 @@ from measure import (
     peak_memory,
     ratio,
     save,
+    timed_method,
     wait_quiet,
 )
 from synthetic import SD15_704x1024 as PAPER
@@ -216,22 +217,14 @@ def calls_child(args, work: Path, threads: int) -> dict:
     maker.make("warm", 0, prompts[0])
     spent: dict[str, float] = {}
 
-    def timed(obj, method: str, label: str) -> None:
-        inner = getattr(obj, method)
+    def add(label: str, seconds: float) -> None:
+        spent[label] = spent.get(label, 0.0) + seconds
 
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return inner(*a, **kw)
-            finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
-        setattr(obj, method, wrapper)
-
-    timed(maker.pipe.unet, "forward", "unet")
-    timed(maker.pipe.vae, "decode", "vae")
-    timed(maker.pipe.text_encoder, "forward", "text_encoder")
-    timed(maker.scorer, "get_image_features", "pickscore")
-    timed(maker.scorer, "get_text_features", "pickscore")
+    for obj, method, label in ((maker.pipe.unet, "forward", "unet"), (maker.pipe.vae, "decode", "vae"),
+                               (maker.pipe.text_encoder, "forward", "text_encoder"),
+                               (maker.scorer, "get_image_features", "pickscore"),
+                               (maker.scorer, "get_text_features", "pickscore")):
+        timed_method(obj, method, add, label)
     t0 = time.perf_counter()
     for i, text in enumerate(prompts[1:]):
         maker.make(f"p{i}", i, text)

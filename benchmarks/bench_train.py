@@ -52,7 +52,16 @@ from pathlib import Path
 # This file runs as a script: its own folder goes on the path for the shared helpers.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_scale
-from measure import MIB, LoadMonitor, machine, median, peak_memory, ratio, save
+from measure import (
+    MIB,
+    LoadMonitor,
+    machine,
+    median,
+    peak_memory,
+    ratio,
+    save,
+    timed_method,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(tempfile.gettempdir()) / "hgdpo-bench-train.json"
@@ -170,18 +179,6 @@ class TimedTokenizer:
         return getattr(self._tok, name)
 
 
-def timed_method(obj, name: str, timings: Timings, label: str) -> None:
-    fn = getattr(obj, name)
-
-    def wrapper(*a, **kw):
-        t0 = time.perf_counter()
-        try:
-            return fn(*a, **kw)
-        finally:
-            timings.add(label, time.perf_counter() - t0)
-    setattr(obj, name, wrapper)
-
-
 def unet_part(reference: bool | None = None):
     import torch
 
@@ -216,7 +213,7 @@ class Step:
         self.tok = TimedTokenizer(pipe.tokenizer, self.timings)
         if not self.naive:  # the reference pass toggles the adapters of every LoRA layer off and on
             for method in ("disable_adapters", "enable_adapters"):
-                timed_method(unet, method, self.timings, "adapters off/on")
+                timed_method(unet, method, self.timings.add, "adapters off/on")
 
     def lora_b(self):
         return [p for n, p in self.unet.named_parameters() if p.requires_grad and "lora_B" in n]

@@ -176,6 +176,23 @@ def peak_memory(fn) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Timing calls
+
+
+def timed_method(obj, name: str, add, label: str) -> None:
+    """Wrap ``obj.name`` so that every call's wall time goes to ``add(label, seconds)``."""
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            add(label, time.perf_counter() - t0)
+    setattr(obj, name, wrapper)
+
+
+# ---------------------------------------------------------------------------------------------
 # Figures and results
 
 
