@@ -38,11 +38,14 @@ def tiny_sd15(dst: Path) -> Path:
     return dst
 
 
-def write_pool(dst: Path, prompts_file: Path, model: Path, rows: int, rows_per_file: int = 64, seed: int = 0) -> Path:
+def write_pool(dst: Path, prompts_file: Path, model: Path, rows: int, rows_per_file: int = 64, seed: int = 0,
+               format_1: bool = False) -> Path:
     """A complete pool of ``rows`` prompts at the paper's shapes, written with the pool library (no
     generation): standard-normal float16 latents for all N images, random scores, tiny PNGs (training
     never reads the images). Its metadata is the pool job's own (``pool_builder.prepare``), so training
-    accepts it for ``model``. Kept and reused when it is already complete."""
+    accepts it for ``model``. Kept and reused when it is already complete. ``format_1``: in the earlier
+    format (``hgdpo-pool/1``: one ``latents`` column, one row group a part), for a baseline revision
+    that reads only that."""
     from hgdpo import pool
     from hgdpo.pool_builder import prepare
     from hgdpo.pool_config import PoolConfig
@@ -52,7 +55,7 @@ def write_pool(dst: Path, prompts_file: Path, model: Path, rows: int, rows_per_f
     cfg = PoolConfig(prompts=str(prompts_file), output=str(dst), model=str(model), max_prompts=rows,
                      rows_per_file=rows_per_file, **SD15_704x1024)
     items, meta = prepare(cfg, log=lambda *_: None, mlflow=False)
-    pool.init(str(dst), meta)
+    pool.init(str(dst), meta | ({"format": "hgdpo-pool/1"} if format_1 else {}))
     shape, n = tuple(meta["latent_shape"]), cfg.images_per_prompt
     rng = np.random.default_rng(seed)
     png = pool.png_bytes(np.zeros((8, 8, 3), np.uint8))
@@ -68,8 +71,23 @@ def write_pool(dst: Path, prompts_file: Path, model: Path, rows: int, rows_per_f
             "latent_index": np.tile(np.arange(n, dtype=np.int32), (len(chunk), 1)),
             "latents": rng.standard_normal((len(chunk), *shape), dtype=np.float32).astype(np.float16),
             "image_w": [png] * len(chunk), "image_l": [png] * len(chunk)}, shape)
-        name, entry = pool.write_part_file(str(dst), table)
+        name, entry = _write_format_1(dst, table) if format_1 else pool.write_part_file(str(dst), table)
         names.append(name)
         files[name] = entry
     pool.mark_complete(str(dst), sorted(names), len(items), files)
     return dst
+
+
+def _write_format_1(dst: Path, table) -> tuple[str, dict]:
+    """A part as ``hgdpo-pool/1`` wrote it: all K latents of a row in one ``latents`` column."""
+    import pyarrow as pa
+
+    from hgdpo import pool, storage
+
+    latents = pool.latents_of(table)
+    column = pa.ExtensionArray.from_storage(pool.latents_type(latents.shape[1:]), pa.FixedSizeListArray.from_arrays(
+        pa.array(latents.reshape(-1)), int(np.prod(latents.shape[1:]))))
+    table = pool.without_latents(table).append_column("latents", column)
+    name = pool.part_name(table.column("prompt_id").to_pylist(), table.column("prompt_index").to_pylist())
+    size, sha256 = storage.write_parquet(storage.join(str(dst), name), table, compression="zstd")
+    return name, {"rows": table.num_rows, "bytes": size, "sha256": sha256}

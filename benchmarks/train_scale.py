@@ -161,12 +161,13 @@ def run_scale(args, work: Path) -> dict:
     sources = {"today": ROOT} | ({"baseline": worktree(work, args.baseline)} if args.baseline else {})
     res: dict = {"sizes": sizes, "runs": {}}
     for rows in sizes:
-        t = time.perf_counter()
-        pool_dir = write_pool(work / f"pool-{rows}", prompts, model, rows)
-        print(f"  pool of {rows} prompts ready ({time.perf_counter() - t:.0f} s)", flush=True)
         for name, src in sources.items():
             if name == "baseline" and rows not in [int(r) for r in args.baseline_rows.split(",")]:
                 continue
+            t = time.perf_counter()  # the baseline reads the earlier pool format: the same rows, written in it
+            pool_dir = write_pool(work / f"pool-{rows}" + ("-v1" if name == "baseline" else ""), prompts, model, rows,
+                                  format_1=name == "baseline")
+            print(f"  {name}: pool of {rows} prompts ready ({time.perf_counter() - t:.0f} s)", flush=True)
             out = work / f"scale-{name}-{rows}-{time.time_ns()}"
             r = run_job(args, src, pool_dir, model, out)
             res["runs"][f"{name}@{rows}"] = r

@@ -26,9 +26,9 @@ Layout (a local folder or a URI; every file written atomically through ``hgdpo.s
 
 Selection streams: Ray tasks (``select_part`` inside), each loading the text encoder once, read
 their pool parts a row group at a time, first the small columns (``prompt_index``, ``scores``,
-``latent_index``), then, for a row group holding some of the first D prompts, the ``latents``
-column, of which only the winner's and the loser's slices are kept; the PNG columns are never read.
-(Parquet reads a column chunk whole: the K latents of a row cannot be read in part, whatever n is.)
+``latent_index``), then, for a row group holding some of the first D prompts, only the latent
+columns holding some kept row's winner or loser (``pool.read_latents``): a selection among the first
+n < N images reads at most n of the N columns; the PNG columns are never read.
 
 Workers read with random access (``PairReader``): each looks up only its own shards' prompts in
 ``index.parquet`` and reads their records with ``read_at`` (a pread on a local disk, a ranged GET on
@@ -155,7 +155,8 @@ def read_selection(source, plan_: PairPlan) -> Iterator[Selected]:
     """The pairs ``plan_`` selects from one pool part, a row group at a time.
 
     ``source``: the part opened for random access (a pyarrow file). Per row group the small columns
-    are read first; the ``latents`` column only when a row is among the first D prompts."""
+    are read first; then, when a row is among the first D prompts, the latent columns its kept rows' pairs
+    are in."""
     import pyarrow.parquet as pq
 
     part = pq.ParquetFile(source)
@@ -166,16 +167,17 @@ def read_selection(source, plan_: PairPlan) -> Iterator[Selected]:
             continue
         scores, held = small.column("scores").to_pylist(), small.column("latent_index").to_pylist()
         chosen = [choose_pair(np.asarray(scores[r]), plan_.pool_size, plan_.loser_rank) for r in keep]
-        latents = pool.latents_of(part.read_row_group(group, columns=["latents"]))  # (rows, K, C, h, w)
         at_w = [held[r].index(w) for r, (w, _) in zip(keep, chosen)]
         at_l = [held[r].index(l) for r, (_, l) in zip(keep, chosen)]
+        latents = pool.read_latents(part, group, sorted(set(at_w) | set(at_l)))  # position -> (rows, C, h, w)
         rows = {"index": small.column("prompt_index").to_numpy()[keep].tolist(),
                 "prompt_id": [small.column("prompt_id")[int(r)].as_py() for r in keep],
                 "prompt": [small.column("prompt")[int(r)].as_py() for r in keep],
                 "winner": [w for w, _ in chosen], "loser": [l for _, l in chosen],
                 "score_w": [scores[r][w] for r, (w, _) in zip(keep, chosen)],
                 "score_l": [scores[r][l] for r, (_, l) in zip(keep, chosen)]}
-        yield Selected(rows, latents[keep, at_w], latents[keep, at_l])
+        yield Selected(rows, np.stack([latents[k][r] for r, k in zip(keep, at_w)]),
+                       np.stack([latents[k][r] for r, k in zip(keep, at_l)]))
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]):

@@ -21,8 +21,15 @@ part's prompts (``hgdpo.pool_builder``).
 
 Row columns (the data contract of DESIGN.md): ``prompt_id``, ``prompt_index``, ``prompt``,
 ``seeds`` (N), ``scores`` (N), ``rank`` (N indices, best first), ``winner`` and ``loser``
-(indices into seeds), ``latent_index`` (which seeds ``latents`` holds: all N, or winner and
-loser), ``latents`` (K x C x h x w float16), ``image_w`` / ``image_l`` (PNG bytes).
+(indices into seeds), ``latent_index`` (which seeds the latent columns hold: all N, or winner and
+loser), ``latent_00`` ... ``latent_<K-1>`` (C x h x w float16 each: the latents of seed
+``latent_index[k]``), ``image_w`` / ``image_l`` (PNG bytes).
+
+One column per kept latent, and row groups of ``GROUP_ROWS`` rows, because parquet reads a column
+chunk whole: a reader that needs two latents of a row (a pair selection) reads, per row group, only
+the columns some of its rows need, and a selection among the first n < N images reads at most n of
+the N columns. Format ``hgdpo-pool/1`` (all K latents of a row in one ``latents`` column, one row
+group per part) is still read; ``latents_of`` and ``read_latents`` serve both.
 """
 
 from __future__ import annotations
@@ -40,7 +47,10 @@ import pyarrow as pa
 from hgdpo import storage
 from hgdpo.errors import HgdpoError
 
-FORMAT = "hgdpo-pool/1"
+FORMAT = "hgdpo-pool/2"
+READABLE = ("hgdpo-pool/1", FORMAT)
+LATENTS_V1 = "latents"  # format 1's single column of all K latents
+GROUP_ROWS = 8  # rows per row group: at 704x1024 and N = 20, 14 MB of latents
 META = "pool.json"
 COMPLETE = "_COMPLETE.json"
 PART_PREFIX = "part-"
@@ -52,8 +62,20 @@ def latents_type(shape: tuple[int, ...]) -> pa.DataType:
     return pa.fixed_shape_tensor(pa.float16(), list(shape))
 
 
+def latent_column(k: int) -> str:
+    """The column holding the k-th kept latent of each row (the seed ``latent_index[k]``)."""
+    return f"latent_{k:02d}"
+
+
+def latent_names(names: list[str] | pa.Schema) -> list[str]:
+    """The columns of a pool table (or schema) that hold latents, in either format."""
+    names = names.names if isinstance(names, pa.Schema) else names
+    return [n for n in names if n == LATENTS_V1 or (n.startswith("latent_") and n[7:].isdigit())]
+
+
 def schema(latent_shape: tuple[int, ...]) -> pa.Schema:
     """The pool's schema; ``latent_shape`` is (K, C, h, w) with K = N or 2."""
+    k, *shape = latent_shape
     return pa.schema([
         ("prompt_id", pa.string()),
         ("prompt_index", pa.int64()),
@@ -64,22 +86,33 @@ def schema(latent_shape: tuple[int, ...]) -> pa.Schema:
         ("winner", pa.int32()),
         ("loser", pa.int32()),
         ("latent_index", pa.list_(pa.int32())),
-        ("latents", latents_type(latent_shape)),
+        *[(latent_column(i), latents_type(tuple(shape))) for i in range(k)],
         ("image_w", pa.binary()),
         ("image_l", pa.binary()),
     ])
 
 
+def _tensor_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    flat = np.ascontiguousarray(values, dtype=np.float16).reshape(-1)
+    return pa.ExtensionArray.from_storage(type_, pa.FixedSizeListArray.from_arrays(
+        pa.array(flat), int(np.prod(type_.shape))))
+
+
+def _tensor_values(column) -> np.ndarray:
+    """A fixed-shape tensor column as a (rows, *shape) float16 array."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return col.storage.flatten().to_numpy(zero_copy_only=False).reshape(len(col), *col.type.shape)
+
+
 def to_table(rows: dict[str, Any], latent_shape: tuple[int, ...]) -> pa.Table:
-    """Build a pool table from a column batch (numpy arrays / lists), in the pool's schema."""
+    """Build a pool table from a column batch (numpy arrays / lists; ``latents`` as (rows, K, C, h, w)),
+    in the pool's schema."""
     sch = schema(latent_shape)
-    latents = np.ascontiguousarray(np.asarray(rows["latents"], dtype=np.float16))
+    latents = np.asarray(rows["latents"], dtype=np.float16)
     arrays = []
     for field in sch:
-        if field.name == "latents":
-            arrays.append(pa.ExtensionArray.from_storage(
-                field.type, pa.FixedSizeListArray.from_arrays(pa.array(latents.reshape(-1)),
-                                                              int(np.prod(latent_shape)))))
+        if field.name in latent_names(sch):
+            arrays.append(_tensor_array(latents[:, int(field.name[7:])], field.type))
         else:
             values = rows[field.name]
             values = [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
@@ -88,11 +121,22 @@ def to_table(rows: dict[str, Any], latent_shape: tuple[int, ...]) -> pa.Table:
 
 
 def latents_of(table: pa.Table) -> np.ndarray:
-    """The ``latents`` column as a (rows, K, C, h, w) float16 array."""
-    col = table.column("latents").combine_chunks()
-    shape = col.type.shape
-    flat = col.storage.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(len(table), *shape)
+    """A pool table's latents as a (rows, K, C, h, w) float16 array (either format)."""
+    if LATENTS_V1 in table.column_names:
+        return _tensor_values(table.column(LATENTS_V1))
+    names = latent_names(table.column_names)
+    return np.stack([_tensor_values(table.column(n)) for n in names], axis=1)
+
+
+def read_latents(part, group: int, positions: list[int]) -> dict[int, np.ndarray]:
+    """From an open ``pyarrow.parquet.ParquetFile`` of a pool part, the latents at ``positions`` (indices
+    into ``latent_index``) of every row of row group ``group``: position -> (rows, C, h, w) float16.
+    Only those positions' columns are read (format 1: its one column of all K, whole)."""
+    if LATENTS_V1 in part.schema_arrow.names:
+        block = latents_of(part.read_row_group(group, columns=[LATENTS_V1]))
+        return {k: block[:, k] for k in positions}
+    table = part.read_row_group(group, columns=[latent_column(k) for k in positions])
+    return {k: _tensor_values(table.column(latent_column(k))) for k in positions}
 
 
 def part_name(prompt_ids: list[str], prompt_indexes: list[int]) -> str:
@@ -110,7 +154,7 @@ def write_part_file(uri: str, table: pa.Table) -> tuple[str, dict]:
     """``write_part``, also returning the part's manifest entry: rows, bytes and sha256, from the bytes
     as they were written (the job never reads a part back to record it)."""
     name = part_name(table.column("prompt_id").to_pylist(), table.column("prompt_index").to_pylist())
-    size, sha256 = storage.write_parquet(storage.join(uri, name), table, compression="zstd")
+    size, sha256 = storage.write_parquet(storage.join(uri, name), table, compression="zstd", row_group_size=GROUP_ROWS)
     return name, {"rows": table.num_rows, "bytes": size, "sha256": sha256}
 
 
@@ -138,8 +182,8 @@ def state(uri: str | os.PathLike) -> PoolState:
     meta = _read_json(uri, META)
     if meta is None and names:
         raise HgdpoError(f"{uri} is not empty and holds no pool ({META} missing)")
-    if meta is not None and meta.get("format") != FORMAT:
-        raise HgdpoError(f"{uri}/{META}: not a pool of format {FORMAT} (found {meta.get('format')!r})")
+    if meta is not None and meta.get("format") not in READABLE:
+        raise HgdpoError(f"{uri}/{META}: not a pool of format {' or '.join(READABLE)} (found {meta.get('format')!r})")
     parts = [n for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")]
     return PoolState(meta, parts, _read_json(uri, COMPLETE), sizes)
 
@@ -319,13 +363,25 @@ def read_meta(uri: str | os.PathLike, setting: str = "pool") -> dict:
 
 
 def read(uri: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """Read a finished pool, rows in prompt order."""
+    """Read a finished pool, rows in prompt order. In ``columns``, ``"latents"`` stands for the latent
+    columns of either format (``latents_of`` turns them into one array)."""
     st = check_parts(uri)
-    tables = [storage.read_parquet(storage.join(os.fspath(uri), name), columns=columns) for name in st.complete["parts"]]
+    tables = []
+    for name in st.complete["parts"]:
+        location = storage.join(os.fspath(uri), name)
+        wanted = columns
+        if columns is not None and LATENTS_V1 in columns:
+            names = storage.parquet_schema(location).names
+            wanted = [c for c in columns if c != LATENTS_V1] + latent_names(names)
+        tables.append(storage.read_parquet(location, columns=wanted))
     table = pa.concat_tables(tables)
     if "prompt_index" in table.column_names:
         table = table.sort_by("prompt_index")
     return table
+
+
+def without_latents(table: pa.Table) -> pa.Table:
+    return table.drop_columns(latent_names(table.column_names))
 
 
 def png_bytes(image: np.ndarray) -> bytes:

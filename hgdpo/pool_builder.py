@@ -341,6 +341,10 @@ def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = Fa
             checked = "every part's checksum matches" if verify else "every part has its recorded size"
             log(f"pool: {cfg.output} is already complete ({st.complete['rows']} prompts, {checked}); nothing to do")
             return PoolResult(cfg.output, len(items), 0, 0.0, cfg.images_per_prompt, skipped=True)
+    if st.meta is not None and st.meta["format"] != pool.FORMAT:
+        raise HgdpoError(f"output: {cfg.output} holds a pool of format {st.meta['format']} (an earlier version), which "
+                         f"is read as it is but not extended or repaired in format {pool.FORMAT}: build the pool "
+                         f"again in another output")
     storage.probe_write(cfg.output, "pool.output")
     if st.meta is None:
         pool.init(cfg.output, meta)

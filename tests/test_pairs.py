@@ -103,15 +103,43 @@ def test_selection_reads_the_small_columns_then_only_the_latents_of_rows_it_keep
     half = PairPlan(pool_size=4, loser_rank=4, dataset_size=4, data_shards=2, global_batch=4, seed=0)
     kept, read_all = read_counted(part, full)
     none, read_small = read_counted(part, half)
-    latents = column_bytes(part, "latents")
+    latents = sum(column_bytes(part, name) for name in pool.latent_names(pq.read_schema(part)))
     images = column_bytes(part, "image_w") + column_bytes(part, "image_l")
     assert none == [] and [r for s in kept for r in s.rows["index"]] == [4, 5, 6, 7]
     assert latents > 500_000 and images > 800_000
     # D = 4 keeps no row of this part: only the small columns and the footer are read, not its latents.
     assert read_small < latents / 4
-    assert read_all - read_small >= latents
+    assert read_all - read_small >= 0.45 * latents  # D = 8: at least the winner's and the loser's 2 of 4 columns
     # The PNG columns are never read (at most the footer's speculative read of the file's last 64 KiB).
     assert read_all < part.stat().st_size - images + 2**16
+
+
+def test_selecting_among_the_first_n_reads_only_the_latent_columns_its_pairs_are_in(tmp_path):
+    from hgdpo.pairs import PairPlan
+
+    n_images, rows = 8, 2 * pool.GROUP_ROWS
+    part = synthetic_part(tmp_path, first=0, rows=rows, n=n_images)
+    meta = pq.ParquetFile(str(part)).metadata
+    assert meta.num_row_groups == 2
+    scores = pq.read_table(str(part), columns=["scores"]).column("scores").to_pylist()
+    chunk = {(g, meta.row_group(g).column(c).path_in_schema.split(".")[0]): meta.row_group(g).column(c).total_compressed_size
+             for g in range(meta.num_row_groups) for c in range(meta.num_columns)}
+    # Besides latents: the small columns, the footer and the reader's speculative read of the last 64 KiB.
+    small = sum(size for (g, name), size in chunk.items() if name in pair_data.SMALL_COLUMNS) + meta.serialized_size
+    latents = sum(size for (g, name), size in chunk.items() if name.startswith("latent_") and name != "latent_index")
+    read = {}
+    for n in (2, 4, n_images):
+        plan_ = PairPlan(pool_size=n, loser_rank=n, dataset_size=rows, data_shards=2, global_batch=4, seed=0)
+        selected, read[n] = read_counted(part, plan_)
+        assert [i for s in selected for i in s.rows["index"]] == list(range(rows))
+        # What must be read: in each row group, the columns holding some row's winner or loser.
+        needed = sum(chunk[g, pool.latent_column(k)] for g in range(2)
+                     for k in {k for r in range(g * pool.GROUP_ROWS, (g + 1) * pool.GROUP_ROWS)
+                               for k in choose_pair(np.asarray(scores[r]), n, n)})
+        assert needed <= read[n] <= needed + small + 2**16, (n, needed, read[n])
+    assert read[2] < read[4] < read[n_images]
+    assert read[2] < latents * 2 / n_images + small + 2**16  # at most 2 of the 8 latent columns
+    assert read[n_images] < latents  # even n = N skips the columns no row of a group needs
 
 
 def test_selection_picks_the_winner_and_the_loser_among_the_first_n(pool_dir):
@@ -133,6 +161,49 @@ def test_selection_picks_the_winner_and_the_loser_among_the_first_n(pool_dir):
         assert got[i][:2] == (w, l)
         np.testing.assert_array_equal(got[i][2], latents[row, held.index(w)])
         np.testing.assert_array_equal(got[i][3], latents[row, held.index(l)])
+
+
+def as_format_1(pool_dir: Path, dest: Path) -> Path:
+    """A copy of the pool as the earlier format wrote it: all K latents of a row in one ``latents`` column."""
+    import json
+
+    dest.mkdir()
+    meta = json.loads((pool_dir / pool.META).read_text())
+    (dest / pool.META).write_text(json.dumps(meta | {"format": "hgdpo-pool/1"}))
+    names = []
+    for path in parts(pool_dir):
+        table = pq.read_table(str(path))
+        latents = pool.latents_of(table)
+        column = pa.ExtensionArray.from_storage(pool.latents_type(latents.shape[1:]), pa.FixedSizeListArray.from_arrays(
+            pa.array(latents.reshape(-1)), int(np.prod(latents.shape[1:]))))
+        table = pool.without_latents(table).append_column("latents", column)
+        pq.write_table(table, str(dest / path.name), compression="zstd")
+        names.append(path.name)
+    pool.mark_complete(str(dest), names, sum(pq.read_metadata(str(dest / n)).num_rows for n in names))
+    return dest
+
+
+def test_a_pool_of_format_1_is_read_as_before_and_not_extended(pool_dir, tmp_path, capsys):
+    old = as_format_1(pool_dir, tmp_path / "v1")
+    assert pool.latent_names(pq.read_schema(str(min(old.glob("part-*"))))) == ["latents"]
+    np.testing.assert_array_equal(pool.latents_of(pool.read(str(old))), pool.latents_of(pool.read(str(pool_dir))))
+    _, plan_ = selection(old, pool_size=3, loser_rank=2)
+    want = {}
+    for path in parts(pool_dir):
+        with pa.OSFile(str(path)) as source:
+            want.update({i: (s.latents_w[k], s.latents_l[k]) for s in pair_data.read_selection(source, plan_)
+                         for k, i in enumerate(s.rows["index"])})
+    for path in parts(old):
+        with pa.OSFile(str(path)) as source:
+            for s in pair_data.read_selection(source, plan_):
+                for k, i in enumerate(s.rows["index"]):
+                    np.testing.assert_array_equal(s.latents_w[k], want[i][0])
+                    np.testing.assert_array_equal(s.latents_l[k], want[i][1])
+    # The pool job does not mix formats: an unfinished pool of format 1 is refused, naming it.
+    (old / pool.COMPLETE).unlink()
+    assert build_pool.main([f"prompts={pool_dir.parent / 'prompts.txt'}", f"output={old}", "images_per_prompt=4", "steps=4",
+                            "rows_per_file=4", "--no-mlflow", "--no-ray"]) == 2
+    assert f"{old} holds a pool of format hgdpo-pool/1" in capsys.readouterr().err
 
 
 def ensure(pool_dir: Path, output: Path, **settings):

@@ -60,7 +60,7 @@ def test_pool_follows_the_data_contract(built, work):
     assert table.column("prompt_index").to_pylist() == list(range(len(PROMPTS)))
     latents = pool.latents_of(table)
     assert latents.shape == (len(PROMPTS), N, 4, 16, 16) and latents.dtype == np.float16
-    for row in table.drop_columns(["latents"]).to_pylist():
+    for row in pool.without_latents(table).to_pylist():
         assert row["seeds"] == image_seeds(0, row["prompt_id"], N)
         assert len(set(row["seeds"])) == N
         scores = np.asarray(row["scores"])
@@ -88,7 +88,7 @@ def test_any_row_regenerates_alone(built):
     from hgdpo.scoring import pickscore
 
     row = pool.read(str(built)).slice(3, 1)
-    record = row.drop_columns(["latents"]).to_pylist()[0]
+    record = pool.without_latents(row).to_pylist()[0]
     pipe = models.load_pipeline("embedded")
     set_sampler(pipe, "dpm_multistep")
     threads = torch.get_num_threads()
@@ -236,7 +236,7 @@ def test_keep_pair_with_loser_rank_and_long_prompt_warning(ray_local, work, tmp_
     assert "1 prompt(s) are longer than the text encoder's 77 tokens and will be truncated" in capsys.readouterr().err
     table = pool.read(str(output))
     assert pool.latents_of(table).shape == (2, 2, 4, 16, 16)
-    for row in table.drop_columns(["latents"]).to_pylist():
+    for row in pool.without_latents(table).to_pylist():
         assert row["loser"] == row["rank"][1] and row["latent_index"] == [row["winner"], row["loser"]]
 
 

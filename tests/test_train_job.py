@@ -280,7 +280,7 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, caps
     bad.mkdir()
     shutil.copy(work / "pool" / "pool.json", bad)
     table = pool.read(str(work / "pool"))
-    rows = table.drop_columns(["latents"]).to_pydict()
+    rows = pool.without_latents(table).to_pydict()
     rows["latents"] = pool.latents_of(table).copy()
     rows["latents"][target] = np.nan
     part = pool.write_part(str(bad), pool.to_table(rows, rows["latents"].shape[1:]))
