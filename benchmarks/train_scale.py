@@ -165,7 +165,7 @@ def run_scale(args, work: Path) -> dict:
             if name == "baseline" and rows not in [int(r) for r in args.baseline_rows.split(",")]:
                 continue
             t = time.perf_counter()  # the baseline reads the earlier pool format: the same rows, written in it
-            pool_dir = write_pool(work / f"pool-{rows}" + ("-v1" if name == "baseline" else ""), prompts, model, rows,
+            pool_dir = write_pool(work / (f"pool-{rows}" + ("-v1" if name == "baseline" else "")), prompts, model, rows,
                                   format_1=name == "baseline")
             print(f"  {name}: pool of {rows} prompts ready ({time.perf_counter() - t:.0f} s)", flush=True)
             out = work / f"scale-{name}-{rows}-{time.time_ns()}"
