@@ -503,6 +503,14 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
         if trial.name in runs:  # started, then stopped; one never started has no run
             client.set_terminated(runs[trial.name], "KILLED")
     text = out.table()
+    duels = head_to_head([t for t, r in zip(prep.trials, results) if r.status == "FINISHED"])
+    if duels:
+        text += "\n\n" + format_duels(duels, out.scorers)
+        import mlflow
+
+        stamp = int(time.time() * 1000)
+        client.log_batch(parent_id, metrics=[mlflow.entities.Metric(key, value, stamp, 0)
+                                             for d in duels for key, value in duel_metrics(d).items()])
     storage.write_text(storage.join(prep.output, "table.md"), text + "\n")
     client.log_text(parent_id, text + "\n", "sweep/table.md")
     client.set_terminated(parent_id, "FAILED" if failed else "KILLED" if unfinished else "FINISHED")
@@ -550,6 +558,74 @@ def format_table(rows: list[dict], swept: list[str], scorers: list[str]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Duel:
+    """Trial ``a``'s adapter against trial ``b``'s, on the same prompts and seeds (their A sides)."""
+
+    a: Trial
+    b: Trial
+    rates: dict[str, Any]  # scorer -> winrates.WinRate
+
+
+def _a_scores(trial: Trial) -> Any:
+    columns = ["prompt_id", "k", "seed", *(f"score_a_{s}" for s in trial.evaluate.scorers)]
+    table = storage.read_parquet(storage.join(trial.evaluate.output, "scores.parquet"), columns=columns)
+    return table.sort_by([("prompt_id", "ascending"), ("k", "ascending")])
+
+
+def duel_pairs(trials: list[Trial]) -> list[tuple[Trial, Trial]]:
+    """Which trials meet head to head: each with the one before it in the sweep's order, and (with more than
+    two) the last with the first: N-20 against N-2, the tables' extremes."""
+    pairs = list(zip(trials[1:], trials[:-1]))
+    return pairs + ([(trials[-1], trials[0])] if len(trials) > 2 else [])
+
+
+def head_to_head(trials: list[Trial]) -> list[Duel]:
+    """The paired comparisons of finished trials (``duel_pairs``): every trial is evaluated on the same
+    prompts and seeds, so the win rate of one adapter over another is measured on the same comparisons,
+    with a bootstrap interval over prompts (the evaluate config's ``bootstrap``, ``confidence``,
+    ``seed``). Trials evaluated on other prompts or seeds, or with other scorers, are not paired."""
+    from hgdpo.winrates import win_rate
+
+    scores = {t.name: _a_scores(t) for t in trials}
+    duels = []
+    for a, b in duel_pairs(trials):
+        sa, sb = scores[a.name], scores[b.name]
+        same = [sa.column(c).equals(sb.column(c)) for c in ("prompt_id", "k", "seed")]
+        common = [s for s in a.evaluate.scorers if s in b.evaluate.scorers]
+        if not all(same) or not common:
+            continue
+        ev = a.evaluate
+        rates = {s: win_rate(sa.column(f"score_a_{s}").to_numpy(), sb.column(f"score_a_{s}").to_numpy(),
+                             sa.column("prompt_id").to_numpy(), resamples=ev.bootstrap, confidence=ev.confidence,
+                             seed=ev.seed) for s in common}
+        duels.append(Duel(a, b, rates))
+    return duels
+
+
+def duel_metrics(duel: Duel) -> dict[str, float]:
+    """A duel as the parent run's metrics: ``h2h_<a index>_over_<b index>_<scorer>`` and its ``_low`` / ``_high``."""
+    out = {}
+    for scorer, r in duel.rates.items():
+        key = f"h2h_{duel.a.index}_over_{duel.b.index}_{scorer}"
+        out.update({key: r.rate, f"{key}_low": r.low, f"{key}_high": r.high})
+    return out
+
+
+def format_duels(duels: list[Duel], scorers: list[str]) -> str:
+    return _duel_table([(d.a.name, d.b.name, d.rates) for d in duels], scorers)
+
+
+def _duel_table(rows: list[tuple[str, str, dict]], scorers: list[str]) -> str:
+    """The head-to-head table: one row per (A trial, B trial, scorer -> WinRate)."""
+    head = ["A", "B", *(f"{s} win rate of A [interval]" for s in scorers)]
+    lines = ["Head to head (A's adapter against B's, on the same prompts and seeds):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a, b, rates in rows:
+        lines.append("| " + " | ".join([a, b, *(_rate_cell(rates[s]) if s in rates else "-" for s in scorers)]) + " |")
+    return "\n".join(lines)
+
+
 def table_from_mlflow(name: str, uri: str | None = None, experiment: str = "hgdpo-sweep") -> str:
     """The table of sweep ``name`` as MLflow holds it (its latest parent run of that name)."""
     import ast
@@ -581,4 +657,27 @@ def table_from_mlflow(name: str, uri: str | None = None, experiment: str = "hgdp
             f"A = the trial's adapter, B = the base model")
     if len(parents) > 1:
         head += f"\n(the latest of {len(parents)} sweeps named {name!r}; the others wrote elsewhere)"
-    return head + "\n\n" + format_table(rows, swept, scorers)
+    text = head + "\n\n" + format_table(rows, swept, scorers)
+    names = {int(c.data.tags.get("trial_index", 0)): rows[i]["trial"] for i, c in enumerate(children)}
+    duels = duels_from_metrics(parent.data.metrics, names, scorers)
+    return text + ("\n\n" + duels if duels else "")
+
+
+def duels_from_metrics(metrics: dict[str, float], names: dict[int, str], scorers: list[str]) -> str:
+    """``format_duels``'s table again, from the parent run's ``h2h_*`` metrics."""
+    from hgdpo.winrates import WinRate
+
+    found: dict[tuple[int, int], dict] = {}
+    for key, value in metrics.items():
+        parts = key.split("_")
+        if key.startswith("h2h_") and len(parts) >= 5 and parts[2] == "over" and parts[-1] not in ("low", "high"):
+            a, b, scorer = int(parts[1]), int(parts[3]), "_".join(parts[4:])
+            found.setdefault((a, b), {})[scorer] = WinRate(value, metrics[f"{key}_low"], metrics[f"{key}_high"],
+                                                           0, 0, 0, 0)
+    order = sorted(found, key=lambda ab: (ab[0] - ab[1] != 1, ab[0]))  # neighbours, then the last against the first
+    rows = [(names.get(a, str(a)), names.get(b, str(b)), found[a, b]) for a, b in order]
+    return _duel_table(rows, scorers) if rows else ""
+
+
+def _rate_cell(r) -> str:
+    return f"{100 * r.rate:.1f}% [{100 * r.low:.1f}, {100 * r.high:.1f}]"

@@ -25,8 +25,8 @@ from hgdpo.storage import absolute as absolute_location, join, parent
 from hgdpo.train_config import TrainConfig
 
 # The parameters a trial may set, under the names the paper's tables use, and their stage.
-TRAIN_PARAMETERS = ("objective", "pool_size", "loser_rank", "dataset_size", "beta", "lambda_stat",
-                    "learning_rate", "max_steps", "lora_rank")
+TRAIN_PARAMETERS = ("objective", "pool_size", "loser_rank", "dataset_size", "beta", "lambda_stat", "stat_step",
+                    "stat_sampler_steps", "learning_rate", "max_steps", "lora_rank")
 EVAL_PARAMETERS = ("lan", "alpha")
 PARAMETERS = TRAIN_PARAMETERS + EVAL_PARAMETERS
 

@@ -14,6 +14,7 @@ RESUME_FIELDS = (
     "pool", "model", "model_config", "objective", "pool_size", "loser_rank", "dataset_size", "beta",
     "lambda_stat", "lora_rank", "lora_alpha", "learning_rate", "lr_schedule", "warmup_steps", "max_steps",
     "global_batch", "data_shards", "max_grad_norm", "weight_decay", "optimizer", "seed", "mixed_precision",
+    "stat_step", "stat_sampler_steps",
 )
 
 
@@ -38,6 +39,13 @@ class TrainConfig:
     dataset_size: int | None = doc("D: train on the first D prompts of the pool (paper Table 6); default all.", None)
     beta: float = doc("Diffusion-DPO beta; 2500 is the paper's value in the diffusers convention.", 2500.0)
     lambda_stat: float = doc("Weight of the statistic-matching loss (eq. 9; paper: 10000).", 10000.0)
+    stat_step: Literal["ddpm", "sampler"] = doc(
+        "The sampler step l^t -> l^(t-1) of eq. 8, whose two outcomes (policy, reference) statistic matching "
+        "compares: `ddpm`, one step of the training schedule, t -> t-1 (the noise prediction's coefficient is "
+        "0.004-0.012); `sampler`, one deterministic DDIM step of a `stat_sampler_steps`-step sampling schedule, "
+        "t -> t - 1000/stat_sampler_steps (at 50 steps about ten times the coefficient, a hundred times the term).",
+        "ddpm")
+    stat_sampler_steps: int = doc("Steps of the sampling schedule that `stat_step: sampler` takes one step of.", 50)
 
     lora_rank: int = doc("LoRA rank on every attention projection of the UNet (paper: 8).", 8)
     lora_alpha: float | None = doc("LoRA alpha (scale = alpha / rank); default: the rank.", None)
@@ -72,6 +80,9 @@ class TrainConfig:
     cpus_per_worker: float = doc("CPUs per worker.", 1.0)
     checkpoint_every: int = doc("Steps between checkpoints (adapter, optimizer, schedule, step).", 100)
     metrics_every: int = doc("Steps between metric reports (MLflow, console).", 10)
+    probe_every: int = doc("Steps between measurements of `stat_dpo_grad_ratio` (hgdpo: the norm of the weighted "
+                           "statistic-matching term's gradient over the DPO term's; two extra backward passes of one "
+                           "micro-batch each; 0: never).", 100)
     max_failures: int = doc("Worker failures survived by resuming from the last checkpoint.", 2)
 
     mlflow_uri: str | None = doc("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).", None)
@@ -85,7 +96,7 @@ class TrainConfig:
                 raise ConfigError(f"{s}.{name}: required")
         check_locations(self, "pool", "output", "pairs_folder")
         positive = ("lora_rank", "max_steps", "global_batch", "micro_batch", "data_shards", "workers",
-                    "checkpoint_every", "metrics_every")
+                    "checkpoint_every", "metrics_every", "stat_sampler_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
@@ -104,8 +115,8 @@ class TrainConfig:
             raise ConfigError(f"{s}.lambda_stat: must be >= 0 (got {self.lambda_stat})")
         if self.learning_rate <= 0:
             raise ConfigError(f"{s}.learning_rate: must be positive (got {self.learning_rate})")
-        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.max_failures < 0:
-            raise ConfigError(f"{s}: warmup_steps, max_grad_norm and max_failures must be >= 0")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.max_failures < 0 or self.probe_every < 0:
+            raise ConfigError(f"{s}: warmup_steps, max_grad_norm, max_failures and probe_every must be >= 0")
         if self.data_shards % self.workers:
             raise ConfigError(f"{s}.data_shards: must be a multiple of workers={self.workers} (got {self.data_shards})")
         if self.global_batch % self.data_shards:

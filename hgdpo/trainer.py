@@ -54,6 +54,7 @@ from hgdpo.train_config import TrainConfig
 RUN_NAME = "train"  # Ray Train run folder inside <output>/checkpoints
 ADAPTER_DIR = "adapter"
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
+PROBES = ("stat_dpo_grad_ratio",)  # metrics measured once a metrics window, not averaged over its steps
 
 
 def lr_factor(cfg: TrainConfig):
@@ -164,11 +165,32 @@ def optimizer_step(optimizer, params, max_grad_norm: float, scaler: torch.amp.Gr
     return StepOutcome(grad_norm, applied=scaler.get_scale() >= scale, diverged=False)
 
 
+def stat_coefficient(cfg: TrainConfig, noise_scheduler, t: torch.Tensor) -> torch.Tensor:
+    """(m,) the noise prediction's coefficient in eq. 8's sampler step (``cfg.stat_step``): one step of the
+    training DDPM schedule, or one deterministic DDIM step of the sampling schedule."""
+    if cfg.stat_step == "ddpm":
+        return losses.ddpm_eps_coefficient(noise_scheduler, t)
+    prev = losses.sampling_prev_timestep(noise_scheduler, t, cfg.stat_sampler_steps)
+    return losses.ddim_eps_coefficient(noise_scheduler, t, prev)
+
+
+def grad_norm_ratio(a: torch.Tensor, b: torch.Tensor, params) -> torch.Tensor:
+    """``||d a / d params|| / ||d b / d params||``, leaving the graph for the step's own backward pass
+    (two extra backward passes: taken only at a metrics step). Under fp16 autocast the unscaled
+    gradients can underflow: the ratio is then rough."""
+    def norm(loss):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+    return (norm(a) / norm(b).clamp_min(1e-30)).detach()
+
+
 def micro_step(cfg: TrainConfig, model, unet, noise_scheduler, emb, lat_w, lat_l, t, noise,
-               autocast) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               autocast, probe=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch of m pairs. ``lat_*``, ``noise``: (m, C, h, w); ``t``: (m,); ``emb``:
     (m, L, D) the prompts' text-encoder hidden states (``pair_data.encode_prompts``); ``model``: ``unet``
-    or its DDP wrapper; ``autocast``: a fresh ``Precision.autocast()``."""
+    or its DDP wrapper; ``autocast``: a fresh ``Precision.autocast()``. ``probe``: the LoRA parameters,
+    to measure (``hgdpo``) the ratio of the weighted statistic-matching term's gradient norm to the DPO
+    term's, ``stat_dpo_grad_ratio``: how much eq. 9's second term steers the update."""
     device = lat_w.device
     if cfg.objective == "sft":
         noisy_w = noise_scheduler.add_noise(lat_w, noise, t)
@@ -194,10 +216,12 @@ def micro_step(cfg: TrainConfig, model, unet, noise_scheduler, emb, lat_w, lat_l
     stats = dict(stats, dpo=loss_dpo.detach())
     loss = loss_dpo
     if cfg.objective == "hgdpo":
-        coef = losses.ddpm_eps_coefficient(noise_scheduler, t).to(device)
+        coef = stat_coefficient(cfg, noise_scheduler, t).to(device)
         loss_stat = losses.stat_matching_loss(policy[:m], ref[:m], coef)
         loss = losses.total_loss(loss_dpo, loss_stat, cfg.lambda_stat)
         stats["stat"] = loss_stat.detach()
+        if probe is not None:
+            stats["stat_dpo_grad_ratio"] = grad_norm_ratio(cfg.lambda_stat * loss_stat, loss_dpo, probe)
     stats["loss"] = loss.detach()
     return loss, stats
 
@@ -329,6 +353,7 @@ def train_loop(config: dict) -> dict | None:
     mlflow_client = _metrics_client(config) if rank == 0 else None
     per_worker = cfg.global_batch // world
     sums: dict[str, float] = {}
+    probes: dict[str, float] = {}  # measured once a window (every worker alike: their all-reduce needs one key set)
     counted, applied, skipped, tick = 0, 0, 0, time.perf_counter()
     steps = range(start, cfg.max_steps)
     for step, (index, batch) in zip(steps, pair_data.prefetched(load, steps)):
@@ -343,13 +368,17 @@ def train_loop(config: dict) -> dict | None:
             emb = torch.from_numpy(batch.hidden[part]).to(device, torch.float32)  # (m, L, D)
             last = k + cfg.micro_batch >= per_worker
             sync = model.no_sync() if (world > 1 and not last) else _null()
+            probing = k == 0 and cfg.probe_every > 0 and step % cfg.probe_every == 0 and cfg.objective == "hgdpo"
             with sync:
                 loss, stats = micro_step(cfg, model, unet, noise_scheduler, emb, lat_w, lat_l, t, noise,
-                                         prec.autocast())
+                                         prec.autocast(), probe=params if probing else None)
                 scaled = loss * (len(ids) / per_worker)
                 (prec.scaler.scale(scaled) if prec.scaler else scaled).backward()
             for name, value in stats.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * len(ids) / per_worker
+                if name in PROBES:
+                    probes[name] = float(value)
+                else:
+                    sums[name] = sums.get(name, 0.0) + float(value) * len(ids) / per_worker
         # A non-finite loss is divergence (or a corrupt pair) in any precision; rank 0's return value
         # reaches the driver as Result.return_value (no file on any node's disk).
         if _any_worker(not all(math.isfinite(v) for v in sums.values()), world, device):
@@ -368,7 +397,7 @@ def train_loop(config: dict) -> dict | None:
         done = step + 1
         is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.max_steps
         if done % cfg.metrics_every == 0 or is_ckpt:
-            window = {k: v / (applied if k == "grad_norm" else counted) for k, v in sums.items()}
+            window = {k: v / (applied if k == "grad_norm" else counted) for k, v in sums.items()} | probes
             values = torch.tensor([window[k] for k in sorted(window)], dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(values)
@@ -392,7 +421,7 @@ def train_loop(config: dict) -> dict | None:
                                  f"{metrics['pairs_per_s']:.1f} pairs/s"
                                  + (f", {skipped} steps skipped (fp16 overflow)" if skipped else "") + "\n")
                 sys.stdout.flush()
-            sums, counted, applied, skipped, tick = {}, 0, 0, 0, time.perf_counter()
+            sums, probes, counted, applied, skipped, tick = {}, {}, 0, 0, 0, time.perf_counter()
             if is_ckpt:  # Ray Train uploads it to the run's storage (local or a URI); the last holds the adapter
                 with tempfile.TemporaryDirectory() as tmp:
                     if rank == 0:

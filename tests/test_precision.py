@@ -1,5 +1,6 @@
-"""The trainer's precision on CPU: the loss scaler's skip-or-stop decision, its state in checkpoints,
-frozen weights in a lower dtype with LoRA in float32, gradient checkpointing.
+"""The trainer's micro-step and precision on CPU: the loss scaler's skip-or-stop decision, its state in
+checkpoints, frozen weights in a lower dtype with LoRA in float32, gradient checkpointing, eq. 8's sampler
+step (``stat_step``) and the gradient-norm probe.
 
 The CUDA paths (bf16/fp16 autocast, ``GradScaler("cuda")``) cannot run without a GPU; their logic is
 the same code driven here by CPU equivalents: ``GradScaler("cpu")`` and CPU bf16 autocast.
@@ -159,3 +160,71 @@ def test_gradient_checkpointing_is_on_by_default_on_gpu_only_and_changes_no_grad
     assert torch.equal(plain, recomputed)
     for a, p in zip(grads, params):
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-8)
+
+
+def test_the_probe_measures_the_ratio_of_the_two_terms_gradient_norms_and_changes_no_gradient(setup):
+    """``stat_dpo_grad_ratio`` = ||grad(lambda * L_stat)|| / ||grad(L_DPO)|| over the LoRA parameters, here from
+    the two terms built directly (eq. 3 and 8); the probe leaves the step's own gradient as it is without it."""
+    from hgdpo import losses
+
+    cfg, unet, params, _, _, noise_scheduler, batch = setup
+    m = len(batch["lat_w"])
+    noise2, t2, emb2 = torch.cat([batch["noise"]] * 2), torch.cat([batch["t"]] * 2), torch.cat([batch["emb"]] * 2)
+    noisy = noise_scheduler.add_noise(torch.cat([batch["lat_w"], batch["lat_l"]]), noise2, t2)
+    with torch.no_grad():
+        unet.disable_adapters()
+        ref = unet(noisy, t2, encoder_hidden_states=emb2).sample
+        unet.enable_adapters()
+    policy = unet(noisy, t2, encoder_hidden_states=emb2).sample
+    pe, re = losses.per_sample_error(noise2, policy), losses.per_sample_error(noise2, ref)
+    dpo, _ = losses.dpo_loss(pe[:m], pe[m:], re[:m], re[m:], beta=cfg.beta)
+    stat = losses.stat_matching_loss(policy[:m], ref[:m], losses.ddpm_eps_coefficient(noise_scheduler, batch["t"]))
+
+    def norm(loss):
+        return torch.sqrt(sum((g ** 2).sum() for g in torch.autograd.grad(loss, params, retain_graph=True)))
+
+    want = float(norm(cfg.lambda_stat * stat) / norm(dpo))
+    args = (cfg, unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"], batch["t"], batch["noise"])
+    loss, stats = trainer.micro_step(*args, torch.autocast("cpu", enabled=False), probe=params)
+    loss.backward()
+    probed = [p.grad.clone() for p in params]
+    assert want > 0 and float(stats["stat_dpo_grad_ratio"]) == pytest.approx(want, rel=1e-4)
+    for p in params:
+        p.grad = None
+    backward(cfg, unet, noise_scheduler, batch)
+    assert all(torch.equal(a, p.grad) for a, p in zip(probed, params))
+
+
+def test_stat_step_sampler_takes_one_ddim_step_of_the_sampling_schedule(setup):
+    """With ``stat_step: sampler`` eq. 8's coefficient is that of one DDIM step t -> t - 1000/stat_sampler_steps:
+    the statistic-matching term is the DDPM one with each sample's squared coefficient swapped, about 100x at
+    50 steps."""
+    from hgdpo import losses
+
+    _, unet, _, _, _, noise_scheduler, batch = setup
+    args = (unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"], batch["t"], batch["noise"],
+            torch.autocast("cpu", enabled=False))
+    _, ddpm = trainer.micro_step(config(), *args)
+    _, ddim = trainer.micro_step(config(stat_step="sampler", stat_sampler_steps=50), *args)
+    prev = batch["t"] - 20
+    coef = losses.ddim_eps_coefficient(noise_scheduler, batch["t"], prev)
+    assert torch.allclose(trainer.stat_coefficient(config(stat_step="sampler"), noise_scheduler, batch["t"]), coef)
+    ratio = coef / losses.ddpm_eps_coefficient(noise_scheduler, batch["t"])
+    assert bool((ratio > 8).all())
+    assert float(ddim["dpo"]) == float(ddpm["dpo"])  # the DPO term does not depend on it
+    # one sample per call isolates each coefficient: the term scales by its square
+    for i in range(2):
+        one = (unet, unet, noise_scheduler, batch["emb"][i:i + 1], batch["lat_w"][i:i + 1], batch["lat_l"][i:i + 1],
+               batch["t"][i:i + 1], batch["noise"][i:i + 1], torch.autocast("cpu", enabled=False))
+        _, a = trainer.micro_step(config(), *one)
+        _, b = trainer.micro_step(config(stat_step="sampler"), *one)
+        assert float(b["stat"]) == pytest.approx(float(a["stat"]) * float(ratio[i]) ** 2, rel=1e-4)
+
+
+def test_bad_stat_step_settings_are_refused():
+    from hgdpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.stat_sampler_steps: must be at least 1"):
+        config(stat_sampler_steps=0)
+    with pytest.raises(ConfigError, match="probe_every"):
+        config(probe_every=-1)

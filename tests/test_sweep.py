@@ -259,11 +259,39 @@ def test_rerun_of_a_finished_sweep_runs_nothing(resumed):
     assert len(children) == 3
 
 
+def test_neighbouring_trials_meet_head_to_head_on_the_same_prompts_and_seeds(resumed):
+    """Each trial's adapter against the one before it, and the last against the first: the win rate of A's
+    scores over B's on the same (prompt, seed) comparisons, recomputed here from the trials' scores."""
+    import pyarrow.parquet as pq
+
+    from hgdpo.winrates import win_rate
+
+    def scores(name):
+        return pq.read_table(resumed["trials"] / name / "eval" / "scores.parquet").sort_by(
+            [("prompt_id", "ascending"), ("k", "ascending")])
+
+    table = (resumed["trials"].parent / "table.md").read_text().split("Head to head")[1]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| pool_size=")]
+    pairs = [(TRIALS[1], TRIALS[0]), (TRIALS[2], TRIALS[1]), (TRIALS[2], TRIALS[0])]
+    assert [(r[0].lstrip("| "), r[1]) for r in rows] == pairs
+    parent = json.loads((resumed["trials"].parent / "sweep.json").read_text())["parent_run_id"]
+    logged = metrics(rest(resumed["url"], "runs/get", run_id=parent)["run"])
+    for row, (a, b) in zip(rows, pairs):
+        sa, sb = scores(a), scores(b)
+        assert sa.column("seed").equals(sb.column("seed")) and sa.num_rows == 4 * EVAL["images_per_prompt"]
+        want = win_rate(sa.column("score_a_judge").to_numpy(), sb.column("score_a_judge").to_numpy(),
+                        sa.column("prompt_id").to_numpy(), resamples=EVAL["bootstrap"])
+        assert row[2] == f"{100 * want.rate:.1f}% [{100 * want.low:.1f}, {100 * want.high:.1f}]"
+        key = f"h2h_{TRIALS.index(a)}_over_{TRIALS.index(b)}_judge"
+        assert logged[key] == pytest.approx(want.rate) and logged[f"{key}_low"] == pytest.approx(want.low)
+
+
 def test_table_command_prints_the_sweep_from_mlflow(resumed):
     proc = subprocess.run([sys.executable, "-m", "hgdpo", "table", "--sweep", "tiny", "--mlflow-uri", resumed["url"]],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    main, duels = proc.stdout.split("Head to head")
+    lines = main.splitlines()
     assert "| trial | pool_size | lan | judge win rate [interval] | pickscore win rate [interval] | H change " \
            "| S change | V change |" in lines
     rows = [line for line in lines if line.startswith("| pool_size=")]
@@ -271,6 +299,7 @@ def test_table_command_prints_the_sweep_from_mlflow(resumed):
     result = json.loads((resumed["trials"] / TRIALS[1] / "result.json").read_text())["metrics"]
     assert f"{100 * result['win_rate_judge']:.1f}% [{100 * result['win_rate_judge_low']:.1f}, " in rows[1]
     assert rows[1].endswith(f"{result['v_change_pct']:+.2f}% |")
+    assert duels == (resumed["trials"].parent / "table.md").read_text().split("Head to head")[1].rstrip("\n") + "\n"
     missing = subprocess.run([sys.executable, "-m", "hgdpo", "table", "--sweep", "nope", "--mlflow-uri",
                               resumed["url"]], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert missing.returncode == 2 and "no sweep named 'nope'" in missing.stderr
