@@ -14,7 +14,7 @@ RESUME_FIELDS = (
     "pool", "model", "model_config", "objective", "pool_size", "loser_rank", "dataset_size", "beta",
     "lambda_stat", "lora_rank", "lora_alpha", "learning_rate", "lr_schedule", "warmup_steps", "max_steps",
     "global_batch", "data_shards", "max_grad_norm", "weight_decay", "optimizer", "seed", "mixed_precision",
-    "stat_step", "stat_sampler_steps",
+    "stat_step", "stat_sampler_steps", "focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo", "focus_t_hi",
 )
 
 
@@ -31,9 +31,11 @@ class TrainConfig:
     model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
     allow_pickle: bool = doc("Allow pickle weight formats. Off: safetensors only.", False)
 
-    objective: Literal["hgdpo", "dpo", "sft"] = doc(
+    objective: Literal["hgdpo", "dpo", "sft", "focus"] = doc(
         "hgdpo: Diffusion-DPO + statistic matching (eq. 9); dpo: Diffusion-DPO alone (eq. 3); "
-        "sft: noise-prediction loss on winners (the paper's SFT baseline).", "hgdpo")
+        "sft: noise-prediction loss on winners (the paper's SFT baseline); focus: Diffusion-DPO with FocusDPO's "
+        "region weight on both errors (hgdpo.focus: where winner and loser differ, the winner's detail at low "
+        "noise, less where the reference is unsure).", "hgdpo")
     pool_size: int | None = doc("n: use the first n images of each prompt (paper Table 3); default all N.", None)
     loser_rank: int | None = doc("Rank (2..n) of the loser among the first n (paper Table 5); default n.", None)
     dataset_size: int | None = doc("D: train on the first D prompts of the pool (paper Table 6); default all.", None)
@@ -46,6 +48,11 @@ class TrainConfig:
         "t -> t - 1000/stat_sampler_steps (at 50 steps about ten times the coefficient, a hundred times the term).",
         "ddpm")
     stat_sampler_steps: int = doc("Steps of the sampling schedule that `stat_step: sampler` takes one step of.", 50)
+    focus_alpha_d: float = doc("focus: weight of the map of where winner and loser differ.", 1.0)
+    focus_alpha_c: float = doc("focus: weight of the winner's local complexity, at low noise.", 0.5)
+    focus_gamma_c: float = doc("focus: exponent of the reference's confidence (0: off).", 1.0)
+    focus_t_lo: int = doc("focus: timestep at and below which the complexity term is at full strength.", 300)
+    focus_t_hi: int = doc("focus: timestep at and above which the complexity term is off.", 600)
 
     lora_rank: int = doc("LoRA rank on every attention projection of the UNet (paper: 8).", 8)
     lora_alpha: float | None = doc("LoRA alpha (scale = alpha / rank); default: the rank.", None)
@@ -122,10 +129,22 @@ class TrainConfig:
         if self.global_batch % self.data_shards:
             raise ConfigError(f"{s}.global_batch: must be a multiple of data_shards={self.data_shards} "
                               f"(got {self.global_batch})")
+        for name in ("focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{s}.{name}: must be >= 0 (got {getattr(self, name)})")
+        if self.focus_t_lo > self.focus_t_hi:
+            raise ConfigError(f"{s}.focus_t_lo: must be at most focus_t_hi={self.focus_t_hi} (got {self.focus_t_lo})")
         per_worker = self.global_batch // self.workers
         if per_worker % self.micro_batch:
             raise ConfigError(f"{s}.micro_batch: must divide the pairs per worker and step, global_batch / workers "
                               f"= {per_worker} (got {self.micro_batch})")
+
+    def focus_settings(self):
+        """The ``focus`` objective's weight settings (``hgdpo.focus.FocusSettings``)."""
+        from hgdpo.focus import FocusSettings
+
+        return FocusSettings(alpha_d=self.focus_alpha_d, alpha_c=self.focus_alpha_c, gamma_c=self.focus_gamma_c,
+                             complexity_t_lo=self.focus_t_lo, complexity_t_hi=self.focus_t_hi)
 
     def accumulation_steps(self) -> int:
         """Micro-batches per worker per optimizer step."""

@@ -209,9 +209,16 @@ def micro_step(cfg: TrainConfig, model, unet, noise_scheduler, emb, lat_w, lat_l
             unet.enable_adapters()
     with autocast:
         policy = model(noisy, t2, encoder_hidden_states=emb2).sample.float()
-    policy_err = losses.per_sample_error(noise2, policy)
-    ref_err = losses.per_sample_error(noise2, ref)
     m = len(lat_w)
+    if cfg.objective == "focus":  # one weight per pair, on the winner's and the loser's errors alike
+        from hgdpo.focus import focus_weight
+
+        weight = torch.cat([focus_weight(lat_w, lat_l, t, ref[:m], noise, cfg.focus_settings())] * 2)
+        policy_err = losses.weighted_per_sample_error(noise2, policy, weight)
+        ref_err = losses.weighted_per_sample_error(noise2, ref, weight)
+    else:
+        policy_err = losses.per_sample_error(noise2, policy)
+        ref_err = losses.per_sample_error(noise2, ref)
     loss_dpo, stats = losses.dpo_loss(policy_err[:m], policy_err[m:], ref_err[:m], ref_err[m:], beta=cfg.beta)
     stats = dict(stats, dpo=loss_dpo.detach())
     loss = loss_dpo

@@ -228,3 +228,43 @@ def test_bad_stat_step_settings_are_refused():
         config(stat_sampler_steps=0)
     with pytest.raises(ConfigError, match="probe_every"):
         config(probe_every=-1)
+
+
+def test_the_focus_objective_is_dpo_on_errors_weighted_by_the_pairs_focus_map(setup):
+    """``objective: focus``: eq. 3 with each error weighted by ``focus.focus_weight`` of its pair (the same map for
+    winner and loser, policy and reference); with every focus term off it is exactly ``dpo``."""
+    from hgdpo import losses
+    from hgdpo.focus import focus_weight
+
+    _, unet, _, _, _, noise_scheduler, batch = setup
+    args = (unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"], batch["t"], batch["noise"])
+    cfg = config(objective="focus", focus_alpha_d=2.0)
+    loss, stats = trainer.micro_step(cfg, *args, torch.autocast("cpu", enabled=False))
+    noise2, t2, emb2 = torch.cat([batch["noise"]] * 2), torch.cat([batch["t"]] * 2), torch.cat([batch["emb"]] * 2)
+    noisy = noise_scheduler.add_noise(torch.cat([batch["lat_w"], batch["lat_l"]]), noise2, t2)
+    with torch.no_grad():
+        unet.disable_adapters()
+        ref = unet(noisy, t2, encoder_hidden_states=emb2).sample
+        unet.enable_adapters()
+        policy = unet(noisy, t2, encoder_hidden_states=emb2).sample
+    weight = focus_weight(batch["lat_w"], batch["lat_l"], batch["t"], ref[:2], batch["noise"], cfg.focus_settings())
+    assert float(weight.max()) > 1.2  # the pair's map is not flat
+    w2 = torch.cat([weight, weight])
+    pe, re = losses.weighted_per_sample_error(noise2, policy, w2), losses.weighted_per_sample_error(noise2, ref, w2)
+    want, _ = losses.dpo_loss(pe[:2], pe[2:], re[:2], re[2:], beta=cfg.beta)
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5) and "stat" not in stats
+    off = config(objective="focus", focus_alpha_d=0.0, focus_alpha_c=0.0, focus_gamma_c=0.0)
+    flat, _ = trainer.micro_step(off, *args, torch.autocast("cpu", enabled=False))
+    dpo, _ = trainer.micro_step(config(objective="dpo"), *args, torch.autocast("cpu", enabled=False))
+    assert torch.equal(flat, dpo) and not torch.equal(loss, dpo)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("focus_alpha_d", -1.0, "train.focus_alpha_d: must be >= 0"),
+    ("focus_t_lo", 700, "train.focus_t_lo: must be at most focus_t_hi=600"),
+])
+def test_bad_focus_settings_are_refused_naming_the_setting(field, value, message):
+    from hgdpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config(objective="focus", **{field: value})

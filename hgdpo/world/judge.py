@@ -419,6 +419,22 @@ def _relation_sat(a: Blob, rel: str, b: Blob) -> float:
     return _sig((along - across) / REL_TAU)
 
 
+def size_satisfaction(blob: Blob, size: Optional[str]) -> float:
+    """``s_size`` of the module docstring: how well ``blob`` has the stated ``size`` (None: only
+    plausibility), in [0, 1].  The value the matching charges ``1 - s`` for."""
+    return _size_sat(blob.extent, size)
+
+
+def position_satisfaction(blob: Blob, position: str) -> float:
+    """``s_pos`` of the module docstring: how well ``blob`` is at ``position``, in [0, 1]."""
+    return _position_sat(blob, position)
+
+
+def relation_satisfaction(subject: Blob, relation: str, obj: Blob) -> float:
+    """``s_rel`` of the module docstring: how well ``subject`` is ``relation`` ``obj``, in [0, 1]."""
+    return _relation_sat(subject, relation, obj)
+
+
 def _object_cost(o, b: Optional[Blob]) -> float:
     if b is None:
         return W_MISSING + W_COLOR + W_SHAPE + (W_SIZE if o.size else 0.0) + (W_POS if o.position else 0.0)
