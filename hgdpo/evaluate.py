@@ -145,6 +145,7 @@ class EvalResult:
     mean_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # scorer -> side -> mean
     hsv: dict[str, list[float]] = field(default_factory=dict)  # side -> mean (H, S, V)
     hsv_change: list[float] = field(default_factory=list)  # A against B, percent
+    objects: dict[str, float] = field(default_factory=dict)  # the world's object-level rates (object_metrics)
     generated: dict[str, int] = field(default_factory=dict)  # side -> images this evaluation made of it
     baseline_cache: str | None = None  # where B's images and scores were read from (None: made here)
     skipped: bool = False  # the output already held this evaluation
@@ -164,6 +165,7 @@ class EvalResult:
             out[f"{channel}_change_pct"] = value
         for side, images in self.generated.items():
             out[f"generated_images_{side}"] = float(images)
+        out.update(self.objects)
         return out
 
     def to_json(self) -> dict:
@@ -203,6 +205,14 @@ def table(cfg: EvalConfig, result: EvalResult) -> str:
         lines.append(f"| {side.upper()} | {h:.4f} | {s:.4f} | {v:.4f} |")
     h, s, v = result.hsv_change
     lines.append(f"| A vs B | {h:+.2f}% | {s:+.2f}% | {v:+.2f}% |")
+    if result.objects:
+        lines += ["", f"| objects (the world's judge) | A | B | A - B [{pct}% interval] |", "|---|---|---|---|"]
+        for rate, label in OBJECT_RATES:
+            o = result.objects
+            if f"{rate}_a" in o:
+                lines.append(f"| {label} | {100 * o[f'{rate}_a']:.1f}% | {100 * o[f'{rate}_b']:.1f}% | "
+                             f"{100 * o[f'{rate}_diff']:+.1f} [{100 * o[f'{rate}_diff_low']:+.1f}, "
+                             f"{100 * o[f'{rate}_diff_high']:+.1f}] |")
     return "\n".join(lines)
 
 
@@ -372,7 +382,33 @@ def summarize(cfg: EvalConfig, rows: list[dict]) -> EvalResult:
     for side in SIDES:
         result.hsv[side] = np.concatenate([r[f"hsv_{side}"] for r in rows]).mean(axis=0).tolist()
     result.hsv_change = percent_change(result.hsv["a"], result.hsv["b"]).tolist()
+    if "judge" in cfg.scorers:
+        result.objects = object_metrics(cfg, rows)
     return result
+
+
+OBJECT_RATES = (("object_colour_acc", "colour right"), ("object_shape_acc", "shape right"),
+                ("object_size_acc", "size right (where stated)"), ("object_position_acc", "position right (where stated)"),
+                ("relation_acc", "relation right"), ("leakage", "attribute leakage"))
+
+
+def object_metrics(cfg: EvalConfig, rows: list[dict]) -> dict[str, float]:
+    """The world's object-level report of A's and B's images (``hgdpo.world.objects``): per-object colour,
+    shape, size and position accuracy, relation accuracy and attribute leakage, paired by (prompt, seed),
+    with bootstrap intervals over prompts. From the PNGs, in the driver: the judge reads each image again
+    (a few milliseconds each)."""
+    from hgdpo.pool import png_image
+    from hgdpo.world.objects import object_report, summarize as summarize_objects
+
+    reports: dict[str, list] = {side: [] for side in SIDES}
+    groups = []
+    for r in rows:
+        for k in range(len(r["seeds"])):
+            groups.append(str(r["prompt_id"]))
+            for side in SIDES:
+                reports[side].append(object_report(png_image(bytes(r[f"png_{side}"][k])), str(r["prompt"])))
+    return summarize_objects(reports["a"], reports["b"], groups, resamples=cfg.bootstrap, confidence=cfg.confidence,
+                             seed=cfg.seed)
 
 
 def write_scores(path: str, cfg: EvalConfig, rows: list[dict]) -> None:

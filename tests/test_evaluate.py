@@ -102,6 +102,27 @@ def test_report_figures_follow_from_the_scores(work, a_vs_base):
     assert "| colour | H | S | V |" in (a_vs_base / "table.md").read_text()
 
 
+def test_the_world_object_report_of_both_sides_follows_from_their_images(work, a_vs_base):
+    """With the judge among the scorers, the report holds the world's object-level rates of A and B and their
+    paired difference, recomputed here from the stored images."""
+    from hgdpo.world.objects import object_report
+
+    rows = pq.read_table(a_vs_base / "scores.parquet").to_pylist()
+    result = json.loads((a_vs_base / "report.json").read_text())["result"]
+    objects = result["objects"]
+    for side in ("a", "b"):
+        reports = [object_report(png_image(r[f"image_{side}"]), r["prompt"]) for r in rows]
+        colour = sum(x.colour_ok for x in reports) / sum(x.objects for x in reports)
+        leaks = sum(x.leaks for x in reports) / sum(x.objects for x in reports)
+        assert objects[f"object_colour_acc_{side}"] == pytest.approx(colour)
+        assert objects[f"leakage_{side}"] == pytest.approx(leaks)
+        assert objects[f"object_colour_acc_{side}_low"] <= colour <= objects[f"object_colour_acc_{side}_high"]
+    assert objects["object_colour_acc_diff"] == pytest.approx(objects["object_colour_acc_a"] -
+                                                              objects["object_colour_acc_b"])
+    assert "| colour right |" in (a_vs_base / "table.md").read_text()
+    assert result["metrics"]["object_shape_acc_a"] == objects["object_shape_acc_a"]
+
+
 def test_swapping_sides_mirrors_the_win_rates(work, a_vs_base, adapter):
     assert run(work, "ba", f"baseline_adapter={adapter}", "baseline_alpha=1.0") == 0
     ab = json.loads((a_vs_base / "report.json").read_text())["result"]["win_rates"]
