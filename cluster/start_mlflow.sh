@@ -61,5 +61,6 @@ for i in $(seq 16 31); do allowed+=",172.$i.*"; done
 echo "MLflow tracking server: mlflow_uri=http://$HOST:$PORT (backend $(echo "$BACKEND" | sed -E 's#//([^:/@]*):[^@/]*@#//\1:***@#'), artifacts $ARTIFACTS)"
 # The job-execution workers cost ~2 GiB and hgdpo does not use them.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
-exec "$MLFLOW" server --host "$HOST" --port "$PORT" --backend-store-uri "$BACKEND" \
+# MLFLOW_WORKERS: request-serving processes (mlflow's default, 4; each loads mlflow, ~150 MB).
+exec "$MLFLOW" server --host "$HOST" --port "$PORT" --backend-store-uri "$BACKEND" --workers "${MLFLOW_WORKERS:-4}" \
   --serve-artifacts --artifacts-destination "$ARTIFACTS" --allowed-hosts "$allowed"

@@ -163,8 +163,10 @@ def start_mlflow(workdir: Path, backend: str, artifacts: str, env: dict | None =
     """The tracking server as the cluster runs it (``cluster/start_mlflow.sh``); its URL. ``host=None``:
     the script's default, this machine's private address (what the nodes of a cluster reach)."""
     (port,) = free_ports(1)
+    # One serving process: four start slowly on a loaded 2-core machine (one died there, the server never came up).
     env = clean_env(MLFLOW_PORT=str(port), MLFLOW_BACKEND_STORE_URI=backend, MLFLOW_ARTIFACTS_DESTINATION=artifacts,
-                    MLFLOW_BIN=str(BIN / "mlflow"), **({"MLFLOW_HOST": host} if host else {}), **(env or {}))
+                    MLFLOW_BIN=str(BIN / "mlflow"), MLFLOW_WORKERS="1", **({"MLFLOW_HOST": host} if host else {}),
+                    **(env or {}))
     server = start(["bash", str(REPO / "cluster" / "start_mlflow.sh")], workdir / f"mlflow-{port}.log", env, workdir)
     url = {}
 

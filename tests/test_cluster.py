@@ -328,7 +328,7 @@ def test_mlflow_server_script_passes_its_settings_and_prints_no_password(tmp_pat
     (args,) = [line for line in result.stdout.splitlines() if line.startswith("ARGS:")]
     words = args.split()[1:]
     assert words[:-1] == ["server", "--host", "10.1.2.3", "--port", "5000", "--backend-store-uri",
-                          "postgresql://hg:db-password-77@db:5432/mlflow", "--serve-artifacts",
+                          "postgresql://hg:db-password-77@db:5432/mlflow", "--workers", "4", "--serve-artifacts",
                           "--artifacts-destination", "s3://bucket/mlflow", "--allowed-hosts"]
     allowed = words[-1].split(",")
     assert {"10.1.2.3:*", "localhost:*", "172.31.*", "mlflow.svc:5000"} <= set(allowed) and "*" not in allowed
