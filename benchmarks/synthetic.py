@@ -80,13 +80,10 @@ def write_pool(dst: Path, prompts_file: Path, model: Path, rows: int, rows_per_f
 
 def _write_format_1(dst: Path, table) -> tuple[str, dict]:
     """A part as ``hgdpo-pool/1`` wrote it: all K latents of a row in one ``latents`` column."""
-    import pyarrow as pa
-
     from hgdpo import pool, storage
 
     latents = pool.latents_of(table)
-    column = pa.ExtensionArray.from_storage(pool.latents_type(latents.shape[1:]), pa.FixedSizeListArray.from_arrays(
-        pa.array(latents.reshape(-1)), int(np.prod(latents.shape[1:]))))
+    column = pool.tensor_array(latents, pool.latents_type(latents.shape[1:]))
     table = pool.without_latents(table).append_column("latents", column)
     name = pool.part_name(table.column("prompt_id").to_pylist(), table.column("prompt_index").to_pylist())
     size, sha256 = storage.write_parquet(storage.join(str(dst), name), table, compression="zstd")

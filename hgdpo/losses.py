@@ -332,8 +332,6 @@ def ddim_eps_coefficient(scheduler, timesteps: torch.Tensor, prev_timesteps: tor
     Returns:
         ``(B,)`` float32 on ``timesteps.device``.
     """
-    from diffusers import DDIMScheduler
-
     _require_affine_in_eps(scheduler)
     n = scheduler.alphas_cumprod.shape[0]
     _require_timesteps("timesteps", timesteps, n)
@@ -350,7 +348,9 @@ def ddim_eps_coefficient(scheduler, timesteps: torch.Tensor, prev_timesteps: tor
     if bool((a_t <= 0).any()):
         raise ValueError(f"alphabar_t = 0 at timesteps {t[a_t <= 0].tolist()} (a zero-SNR schedule's last "
                          "timestep): the DDIM step divides by sqrt(alphabar_t)")
-    final = DDIMScheduler.from_config(scheduler.config).final_alpha_cumprod.double().to(alphas_cumprod.device)
+    # DDIMScheduler's final_alpha_cumprod (its set_alpha_to_one defaults to True)
+    final = torch.ones((), dtype=torch.float64, device=alphas_cumprod.device) \
+        if scheduler.config.get("set_alpha_to_one", True) else alphas_cumprod[0]
     a_p = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final)  # (B,)
     coef = a_p.sqrt() * (((1.0 - a_t) / a_t).sqrt() - ((1.0 - a_p) / a_p).sqrt())  # (B,)
     return coef.to(device=timesteps.device, dtype=torch.float32)

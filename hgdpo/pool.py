@@ -92,7 +92,8 @@ def schema(latent_shape: tuple[int, ...]) -> pa.Schema:
     ])
 
 
-def _tensor_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+def tensor_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """(rows, *shape) values as a fixed-shape float16 tensor column of ``type_``."""
     flat = np.ascontiguousarray(values, dtype=np.float16).reshape(-1)
     return pa.ExtensionArray.from_storage(type_, pa.FixedSizeListArray.from_arrays(
         pa.array(flat), int(np.prod(type_.shape))))
@@ -112,7 +113,7 @@ def to_table(rows: dict[str, Any], latent_shape: tuple[int, ...]) -> pa.Table:
     arrays = []
     for field in sch:
         if field.name in latent_names(sch):
-            arrays.append(_tensor_array(latents[:, int(field.name[7:])], field.type))
+            arrays.append(tensor_array(latents[:, int(field.name[7:])], field.type))
         else:
             values = rows[field.name]
             values = [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
@@ -366,14 +367,10 @@ def read(uri: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """Read a finished pool, rows in prompt order. In ``columns``, ``"latents"`` stands for the latent
     columns of either format (``latents_of`` turns them into one array)."""
     st = check_parts(uri)
-    tables = []
-    for name in st.complete["parts"]:
-        location = storage.join(os.fspath(uri), name)
-        wanted = columns
-        if columns is not None and LATENTS_V1 in columns:
-            names = storage.parquet_schema(location).names
-            wanted = [c for c in columns if c != LATENTS_V1] + latent_names(names)
-        tables.append(storage.read_parquet(location, columns=wanted))
+    if columns is not None and LATENTS_V1 in columns and st.meta["format"] != READABLE[0]:
+        k = st.meta["latent_shape"][0]
+        columns = [c for c in columns if c != LATENTS_V1] + [latent_column(i) for i in range(k)]
+    tables = [storage.read_parquet(storage.join(os.fspath(uri), name), columns=columns) for name in st.complete["parts"]]
     table = pa.concat_tables(tables)
     if "prompt_index" in table.column_names:
         table = table.sort_by("prompt_index")

@@ -272,14 +272,6 @@ def write_parquet(location: str, table, **kwargs) -> tuple[int, str]:
     return sink.size, sink.hash.hexdigest()
 
 
-def parquet_schema(location: str):
-    """The arrow schema of a parquet file, from its footer."""
-    import pyarrow.parquet as pq
-
-    fs, path = resolve(location)
-    return pq.read_schema(path, filesystem=fs)
-
-
 def parquet_rows(location: str) -> int:
     """Rows of a parquet file, from its footer."""
     import pyarrow.parquet as pq

@@ -174,8 +174,7 @@ def as_format_1(pool_dir: Path, dest: Path) -> Path:
     for path in parts(pool_dir):
         table = pq.read_table(str(path))
         latents = pool.latents_of(table)
-        column = pa.ExtensionArray.from_storage(pool.latents_type(latents.shape[1:]), pa.FixedSizeListArray.from_arrays(
-            pa.array(latents.reshape(-1)), int(np.prod(latents.shape[1:]))))
+        column = pool.tensor_array(latents, pool.latents_type(latents.shape[1:]))
         table = pool.without_latents(table).append_column("latents", column)
         pq.write_table(table, str(dest / path.name), compression="zstd")
         names.append(path.name)

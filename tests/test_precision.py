@@ -162,6 +162,18 @@ def test_gradient_checkpointing_is_on_by_default_on_gpu_only_and_changes_no_grad
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-8)
 
 
+def predictions(unet, noise_scheduler, batch) -> tuple[torch.Tensor, ...]:
+    """The doubled noise and the policy's and reference's predictions on the noisy winners and losers, built
+    here as eq. 3 describes them (what ``micro_step`` must match)."""
+    noise2, t2, emb2 = torch.cat([batch["noise"]] * 2), torch.cat([batch["t"]] * 2), torch.cat([batch["emb"]] * 2)
+    noisy = noise_scheduler.add_noise(torch.cat([batch["lat_w"], batch["lat_l"]]), noise2, t2)
+    with torch.no_grad():
+        unet.disable_adapters()
+        ref = unet(noisy, t2, encoder_hidden_states=emb2).sample
+        unet.enable_adapters()
+    return noise2, unet(noisy, t2, encoder_hidden_states=emb2).sample, ref
+
+
 def test_the_probe_measures_the_ratio_of_the_two_terms_gradient_norms_and_changes_no_gradient(setup):
     """``stat_dpo_grad_ratio`` = ||grad(lambda * L_stat)|| / ||grad(L_DPO)|| over the LoRA parameters, here from
     the two terms built directly (eq. 3 and 8); the probe leaves the step's own gradient as it is without it."""
@@ -169,13 +181,7 @@ def test_the_probe_measures_the_ratio_of_the_two_terms_gradient_norms_and_change
 
     cfg, unet, params, _, _, noise_scheduler, batch = setup
     m = len(batch["lat_w"])
-    noise2, t2, emb2 = torch.cat([batch["noise"]] * 2), torch.cat([batch["t"]] * 2), torch.cat([batch["emb"]] * 2)
-    noisy = noise_scheduler.add_noise(torch.cat([batch["lat_w"], batch["lat_l"]]), noise2, t2)
-    with torch.no_grad():
-        unet.disable_adapters()
-        ref = unet(noisy, t2, encoder_hidden_states=emb2).sample
-        unet.enable_adapters()
-    policy = unet(noisy, t2, encoder_hidden_states=emb2).sample
+    noise2, policy, ref = predictions(unet, noise_scheduler, batch)
     pe, re = losses.per_sample_error(noise2, policy), losses.per_sample_error(noise2, ref)
     dpo, _ = losses.dpo_loss(pe[:m], pe[m:], re[:m], re[m:], beta=cfg.beta)
     stat = losses.stat_matching_loss(policy[:m], ref[:m], losses.ddpm_eps_coefficient(noise_scheduler, batch["t"]))
@@ -240,13 +246,8 @@ def test_the_focus_objective_is_dpo_on_errors_weighted_by_the_pairs_focus_map(se
     args = (unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"], batch["t"], batch["noise"])
     cfg = config(objective="focus", focus_alpha_d=2.0)
     loss, stats = trainer.micro_step(cfg, *args, torch.autocast("cpu", enabled=False))
-    noise2, t2, emb2 = torch.cat([batch["noise"]] * 2), torch.cat([batch["t"]] * 2), torch.cat([batch["emb"]] * 2)
-    noisy = noise_scheduler.add_noise(torch.cat([batch["lat_w"], batch["lat_l"]]), noise2, t2)
     with torch.no_grad():
-        unet.disable_adapters()
-        ref = unet(noisy, t2, encoder_hidden_states=emb2).sample
-        unet.enable_adapters()
-        policy = unet(noisy, t2, encoder_hidden_states=emb2).sample
+        noise2, policy, ref = predictions(unet, noise_scheduler, batch)
     weight = focus_weight(batch["lat_w"], batch["lat_l"], batch["t"], ref[:2], batch["noise"], cfg.focus_settings())
     assert float(weight.max()) > 1.2  # the pair's map is not flat
     w2 = torch.cat([weight, weight])
