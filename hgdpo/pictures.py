@@ -42,3 +42,55 @@ def captioned_grid(rows: list[tuple[str, list[np.ndarray]]], cell: int = 96):
             grid.paste(Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST),
                        (text_w + pad + j * (cell + pad), y))
     return grid
+
+
+def interval_chart(title: str, categories: list[str], series: dict[str, list[tuple[float, float, float] | None]],
+                   ylabel: str, reference: float | None = None, width: int = 560, height: int = 320):
+    """A PIL chart of values with intervals: one column per category, one marker per series
+    (``series[name][i]`` = (value, low, high) of category i, or None), and an optional dashed
+    reference line (e.g. 50% for a win rate). Values equal to their interval's ends draw as plain
+    points, so the chart also shows quantities without an interval."""
+    from PIL import Image, ImageDraw
+
+    colours = ["#1f5fa8", "#c2501d", "#2e8b3a", "#7a3fa0"]
+    left, right, top, bottom = 64, 16, 40, 48
+    chart = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(chart)
+    points = [v for values in series.values() for v in values if v is not None]
+    ends = [x for v in points for x in (v[1], v[2])] + ([reference] if reference is not None else [])
+    lo, hi = (min(ends), max(ends)) if ends else (0.0, 1.0)
+    margin = 0.08 * ((hi - lo) or 1.0)
+    lo, hi = lo - margin, hi + margin
+
+    def y(value: float) -> float:
+        return top + (hi - value) / (hi - lo) * (height - top - bottom)
+
+    draw.text((left, 8), title, fill="black")
+    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
+    for k in range(5):
+        value = lo + (hi - lo) * k / 4
+        draw.line([(left - 4, y(value)), (left, y(value))], fill="black")
+        draw.text((4, y(value) - 6), f"{value:.3g}", fill="black")
+    draw.text((4, top - 16), ylabel, fill="black")
+    if reference is not None:
+        for x in range(left, width - right, 8):
+            draw.line([(x, y(reference)), (x + 4, y(reference))], fill="#888888")
+    step = (width - left - right) / max(1, len(categories))
+    for i, category in enumerate(categories):
+        centre = left + step * (i + 0.5)
+        draw.text((centre - 3 * len(category), height - bottom + 6), category, fill="black")
+        for j, values in enumerate(series.values()):
+            if values[i] is None:
+                continue
+            value, low, high = values[i]
+            x = centre + (j - (len(series) - 1) / 2) * 14
+            colour = colours[j % len(colours)]
+            draw.line([(x, y(low)), (x, y(high))], fill=colour, width=2)
+            for end in (low, high):
+                draw.line([(x - 4, y(end)), (x + 4, y(end))], fill=colour, width=2)
+            draw.ellipse([x - 4, y(value) - 4, x + 4, y(value) + 4], fill=colour)
+    for j, name in enumerate(series):
+        x = left + 8 + j * 140
+        draw.rectangle([x, height - 18, x + 10, height - 8], fill=colours[j % len(colours)])
+        draw.text((x + 14, height - 20), name, fill="black")
+    return chart

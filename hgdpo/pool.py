@@ -39,7 +39,7 @@ import io
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -366,15 +366,21 @@ def read_meta(uri: str | os.PathLike, setting: str = "pool") -> dict:
 def read(uri: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """Read a finished pool, rows in prompt order. In ``columns``, ``"latents"`` stands for the latent
     columns of either format (``latents_of`` turns them into one array)."""
+    table = pa.concat_tables(list(read_parts(uri, columns)))
+    if "prompt_index" in table.column_names:
+        table = table.sort_by("prompt_index")
+    return table
+
+
+def read_parts(uri: str | os.PathLike, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """A finished pool one part at a time (for work whose memory must not grow with the pool);
+    ``columns`` as for ``read``."""
     st = check_parts(uri)
     if columns is not None and LATENTS_V1 in columns and st.meta["format"] != READABLE[0]:
         k = st.meta["latent_shape"][0]
         columns = [c for c in columns if c != LATENTS_V1] + [latent_column(i) for i in range(k)]
-    tables = [storage.read_parquet(storage.join(os.fspath(uri), name), columns=columns) for name in st.complete["parts"]]
-    table = pa.concat_tables(tables)
-    if "prompt_index" in table.column_names:
-        table = table.sort_by("prompt_index")
-    return table
+    for name in st.complete["parts"]:
+        yield storage.read_parquet(storage.join(os.fspath(uri), name), columns=columns)
 
 
 def without_latents(table: pa.Table) -> pa.Table:

@@ -47,18 +47,19 @@ class RunConfig:
     mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)
 
     def __post_init__(self) -> None:
+        s = self.SECTION
         for name in ("output", "train_prompts", "test_prompts"):
             if not getattr(self, name):
-                raise ConfigError(f"run.{name}: required")
+                raise ConfigError(f"{s}.{name}: required")
         check_locations(self, "output")
         for section, wired in WIRED.items():
             settings = getattr(self, section)
             if not isinstance(settings, dict):
-                raise ConfigError(f"run.{section}: expected a mapping of {section} settings")
+                raise ConfigError(f"{s}.{section}: expected a mapping of {section} settings")
             for key in wired:
                 if key in settings:
-                    raise ConfigError(f"run.{section}.{key}: set by the run itself (see run.output, "
-                                      f"run.train_prompts, run.test_prompts, run.model); remove it")
+                    raise ConfigError(f"{s}.{section}.{key}: set by the {s} itself (see {s}.output, "
+                                      f"{s}.train_prompts, {s}.test_prompts, {s}.model); remove it")
         self.stages()  # every stage's own checks, now
 
     def stages(self) -> tuple[PoolConfig, TrainConfig, EvalConfig]:
@@ -76,7 +77,7 @@ class RunConfig:
             eval_cfg = from_dict(EvalConfig, {**mlflow, **self.evaluate, **model, "prompts": self.test_prompts,
                                               "output": join(out, "evaluate"), "adapter": join(out, "train", "adapter")})
         except ConfigError as err:  # "pool.steps: ..." -> "run.pool.steps: ..."
-            raise ConfigError(f"run.{err}") from None
+            raise ConfigError(f"{self.SECTION}.{err}") from None
         return pool_cfg, train_cfg, eval_cfg
 
 

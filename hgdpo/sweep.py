@@ -409,6 +409,7 @@ class SweepResult:
     swept: list[str]
     scorers: list[str]
     concurrency: int = 0
+    duels: list = field(default_factory=list)  # Duel, in the table's order
 
     def table(self) -> str:
         rows = [{"trial": t.name, "params": t.params, "metrics": t.metrics, "status": t.status} for t in self.trials]
@@ -503,7 +504,8 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
         if trial.name in runs:  # started, then stopped; one never started has no run
             client.set_terminated(runs[trial.name], "KILLED")
     text = out.table()
-    duels = head_to_head([t for t, r in zip(prep.trials, results) if r.status == "FINISHED"])
+    duels = head_to_head([t for t, r in zip(prep.trials, results) if r.status == "FINISHED"], cfg.duels)
+    out.duels = duels
     if duels:
         text += "\n\n" + format_duels(duels, out.scorers)
         import mlflow
@@ -573,23 +575,28 @@ def _a_scores(trial: Trial) -> Any:
     return table.sort_by([("prompt_id", "ascending"), ("k", "ascending")])
 
 
-def duel_pairs(trials: list[Trial]) -> list[tuple[Trial, Trial]]:
-    """Which trials meet head to head: each with the one before it in the sweep's order, and (with more than
-    two) the last with the first: N-20 against N-2, the tables' extremes."""
+def duel_pairs(trials: list[Trial], named: list[list[str]] | None = None) -> list[tuple[Trial, Trial]]:
+    """Which trials meet head to head: the ``named`` [A, B] pairs whose trials are both among ``trials``;
+    by default each with the one before it in the sweep's order, and (with more than two) the last with
+    the first: N-20 against N-2, the tables' extremes."""
+    if named:
+        by_name = {t.name: t for t in trials}
+        return [(by_name[a], by_name[b]) for a, b in named if a in by_name and b in by_name]
     pairs = list(zip(trials[1:], trials[:-1]))
     return pairs + ([(trials[-1], trials[0])] if len(trials) > 2 else [])
 
 
-def head_to_head(trials: list[Trial]) -> list[Duel]:
+def head_to_head(trials: list[Trial], named: list[list[str]] | None = None) -> list[Duel]:
     """The paired comparisons of finished trials (``duel_pairs``): every trial is evaluated on the same
     prompts and seeds, so the win rate of one adapter over another is measured on the same comparisons,
     with a bootstrap interval over prompts (the evaluate config's ``bootstrap``, ``confidence``,
     ``seed``). Trials evaluated on other prompts or seeds, or with other scorers, are not paired."""
     from hgdpo.winrates import win_rate
 
-    scores = {t.name: _a_scores(t) for t in trials}
+    pairs = duel_pairs(trials, named)
+    scores = {t.name: _a_scores(t) for pair in pairs for t in pair}
     duels = []
-    for a, b in duel_pairs(trials):
+    for a, b in pairs:
         sa, sb = scores[a.name], scores[b.name]
         same = [sa.column(c).equals(sb.column(c)) for c in ("prompt_id", "k", "seed")]
         common = [s for s in a.evaluate.scorers if s in b.evaluate.scorers]

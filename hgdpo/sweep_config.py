@@ -92,6 +92,8 @@ class SweepConfig:
                            f"{', '.join(PARAMETERS)} (`lan: true`: A samples with LAN).", {})
     trials: list[dict] = doc("Explicit trials, each a mapping of parameters (and an optional `name`); crossed "
                              "with `parameters` when both are given.", [])
+    duels: list[list[str]] = doc("Head-to-head comparisons, each [A trial, B trial] by name; default: every trial "
+                                 "against the one before it, and the last against the first.", [])
     model: str = doc("Base model of the pool, the training and the evaluation's A and B.", "embedded")
     model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
     max_concurrent_trials: int | None = doc("Trials running at once; default: as many as fit in the cluster's CPUs "
@@ -134,7 +136,13 @@ class SweepConfig:
             raise ConfigError(f"{s}.parameters: nothing to sweep; give `parameters` (a grid) or `trials` (a list)")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ConfigError(f"{s}.max_concurrent_trials: must be at least 1 (got {self.max_concurrent_trials})")
-        self.expand()  # every trial's own checks, now
+        names = {t.name for t in self.expand()}  # every trial's own checks, now
+        for i, duel in enumerate(self.duels):
+            if not (isinstance(duel, list) and len(duel) == 2 and duel[0] != duel[1]):
+                raise ConfigError(f"{s}.duels[{i}]: must be [A trial, B trial], two different names (got {duel!r})")
+            unknown = [n for n in duel if n not in names]
+            if unknown:
+                raise ConfigError(f"{s}.duels[{i}]: no trial named {unknown[0]!r}; trials: {', '.join(sorted(names))}")
 
     @staticmethod
     def _check_name(key: str, where: str) -> None:
