@@ -161,7 +161,9 @@ def _latent_shape(cfg: PoolConfig, source: models.ModelSource) -> tuple[list[int
 
 
 def _fingerprint_mismatch(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
+    """The settings that differ; not where the prompt file is (a moved checkout resumes): its
+    ``prompts_digest`` compares what it holds."""
+    keys = sorted((set(old) | set(new)) - {"prompts"})
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
