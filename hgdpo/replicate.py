@@ -10,7 +10,7 @@ The trials (names as in the report):
 
 * ``hgdpo``: the runbook's defaults (N = 20, loser rank 20, every prompt, lambda_stat 1e4);
 * ``n=2``, ``n=5``, ``n=10``: pool size (Table 3); ``l=2``, ``l=10``: loser rank (Table 5);
-  ``d=10%``, ``d=50%``: dataset size (Table 6), as shares of the pool's prompts;
+  ``d=0.1``, ``d=0.5``: dataset size (Table 6), as shares of the pool's prompts;
 * ``dpo``: Diffusion-DPO alone; ``dpo-beta4``, ``dpo-beta20``: with beta x4 and x20; ``sft``: the
   noise-prediction loss on the winners (Table 1); ``hgdpo-sampler``: eq. 8 with one step of the
   sampling schedule instead of the training DDPM step (Table 2, with ``dpo`` and ``hgdpo``).
@@ -65,7 +65,7 @@ def trials(prompts: int) -> list[dict[str, Any]]:
     out = [{"name": "hgdpo"}]
     out += [{"name": f"n={n}", "pool_size": n} for n in POOL_SIZES[:-1]]
     out += [{"name": f"l={rank}", "loser_rank": rank} for rank in LOSER_RANKS[:-1]]
-    out += [{"name": f"d={share:.0%}", "dataset_size": max(1, round(share * prompts))} for share in SHARES[:-1]]
+    out += [{"name": f"d={share:g}", "dataset_size": max(1, round(share * prompts))} for share in SHARES[:-1]]
     out += [{"name": "dpo", "objective": "dpo", "lambda_stat": 0},
             {"name": "dpo-beta4", "objective": "dpo", "lambda_stat": 0, "beta": 4 * BETA},
             {"name": "dpo-beta20", "objective": "dpo", "lambda_stat": 0, "beta": 20 * BETA},
@@ -79,11 +79,11 @@ def name_of(kind: str, value: Any) -> str:
     largest = {"n": POOL_SIZES[-1], "l": LOSER_RANKS[-1], "d": SHARES[-1]}[kind]
     if value == largest:
         return "hgdpo"
-    return f"d={value:.0%}" if kind == "d" else f"{kind}={value}"
+    return f"{kind}={value:g}"
 
 
 DUELS = ([["hgdpo", "n=2"], ["n=5", "n=2"], ["n=10", "n=5"], ["hgdpo", "n=10"], ["hgdpo", "l=2"],
-          ["hgdpo", "l=10"], ["hgdpo", "d=10%"], ["hgdpo", "d=50%"], ["hgdpo", "sft"], ["hgdpo", "dpo-beta4"],
+          ["hgdpo", "l=10"], ["hgdpo", "d=0.1"], ["hgdpo", "d=0.5"], ["hgdpo", "sft"], ["hgdpo", "dpo-beta4"],
           ["hgdpo", "dpo-beta20"], ["hgdpo", "dpo"], ["hgdpo-sampler", "hgdpo"], ["hgdpo-sampler", "dpo"]])
 
 

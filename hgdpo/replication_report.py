@@ -126,7 +126,7 @@ def targets(res: Results) -> list[Target]:
     out.append(Target("Table 3: the judge win rate against the tailored model rises from N-2 to N-20",
                       "-" if None in (lo, hi) else f"{_pct(lo)} -> {_pct(hi)}", None if None in (lo, hi) else hi > lo))
     beats("hgdpo", "l=2", "Table 5: L-20 beats L-2 head to head under the judge, interval above 50%")
-    beats("hgdpo", "d=10%", "Table 6: the largest D beats the smallest head to head under the judge")
+    beats("hgdpo", "d=0.1", "Table 6: the largest D beats the smallest head to head under the judge")
     for name, label in (("hgdpo", "eq. 8 with the DDPM step"), ("hgdpo-sampler", "eq. 8 with the sampler's step")):
         s, h, j, jd = _cut(res, name, "s"), _cut(res, name, "h"), _judge(res, name), _judge(res, "dpo")
         known = None not in (s, h, j, jd)
@@ -203,7 +203,7 @@ def write_report(cfg, result, agreement: dict[int, dict], prompts: int, log=prin
               "", *_duel_lines(res, [("hgdpo", "l=2"), ("hgdpo", "l=10")])]
     lines += ["", f"## Table 6: dataset size D (share of the pool's {prompts} prompts, the same steps)", "",
               *_ablation(res, "d", SHARES, "D", None, "The paper: more prompts are better."),
-              "", *_duel_lines(res, [("hgdpo", "d=10%"), ("hgdpo", "d=50%")])]
+              "", *_duel_lines(res, [("hgdpo", "d=0.1"), ("hgdpo", "d=0.5")])]
 
     rows2 = [("dpo", "Diffusion-DPO"), ("hgdpo", "+ SML (eq. 8, DDPM step)"),
              ("hgdpo-sampler", "+ SML (eq. 8, sampler step)"), ("dpo-beta4", "DPO, beta x4"),
