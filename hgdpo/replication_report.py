@@ -8,7 +8,7 @@ and the targets say, for each claim, whether the world's measurement meets it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hgdpo import storage
 from hgdpo.replicate import LOSER_RANKS, POOL_SIZES, SHARES, name_of
 
@@ -48,20 +48,25 @@ def _shift(m: dict, channel: str) -> str:
     return f"{m[key]:+.2f}%" if key in m else "-"
 
 
+@dataclass
 class Results:
-    """The sweep's results by trial name, its duels by (A, B), and each trial's MLflow run id."""
+    """The sweep's metrics by trial name, its duels by (A, B) -> scorer -> WinRate, and each trial's MLflow run."""
 
-    def __init__(self, result, sweep_output: str):
+    metrics: dict[str, dict]
+    duels: dict[tuple[str, str], dict]
+    parent: str = ""
+    runs: dict[str, str] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of_sweep(cls, result, sweep_output: str) -> "Results":
         from hgdpo.sweep import RESULT_FILE
 
-        self.metrics = {t.name: t.metrics for t in result.trials if t.status == "FINISHED"}
-        self.status = {t.name: t.status for t in result.trials}
-        self.duels = {(d.a.name, d.b.name): d.rates for d in result.duels}
-        self.parent = result.parent_run_id
-        self.runs = {}
-        for name in self.metrics:
-            path = storage.join(sweep_output, "trials", name, RESULT_FILE)
-            self.runs[name] = storage.read_json(path, "trial result").get("run_id", "")
+        metrics = {t.name: t.metrics for t in result.trials if t.status == "FINISHED"}
+        runs = {name: storage.read_json(storage.join(sweep_output, "trials", name, RESULT_FILE), "trial result")
+                .get("run_id", "") for name in metrics}
+        return cls(metrics, {(d.a.name, d.b.name): d.rates for d in result.duels}, result.parent_run_id, runs,
+                   {t.name: t.status for t in result.trials})
 
     def m(self, name: str) -> dict:
         return self.metrics.get(name, {})
@@ -164,7 +169,7 @@ def write_report(cfg, result, agreement: dict[int, dict], prompts: int, log=prin
     from hgdpo.pictures import interval_chart
     from hgdpo.sweep import format_duels
 
-    res = Results(result, storage.join(cfg.output, "sweep"))
+    res = Results.of_sweep(result, storage.join(cfg.output, "sweep"))
     ev = {**cfg.evaluate}
     seeds = ev.get("images_per_prompt", 1)
     lines = [
@@ -243,10 +248,23 @@ def write_report(cfg, result, agreement: dict[int, dict], prompts: int, log=prin
     unfinished = [n for n, s in res.status.items() if s != "FINISHED"]
     if unfinished:
         lines += ["", f"Not finished: {', '.join(unfinished)} (rerun the command to run them)."]
+    lines += ["", "## Settings", "", "```yaml", _settings(cfg), "```"]
     location = report_location(cfg)
     storage.write_text(location, "\n".join(lines) + "\n")
     log(f"replicate: report written to {location}")
     return location
+
+
+def _settings(cfg) -> str:
+    import yaml
+
+    from hgdpo import tracking
+    from hgdpo.config import to_dict
+
+    data = to_dict(cfg)
+    if data.get("mlflow_uri"):
+        data["mlflow_uri"] = tracking.redact(data["mlflow_uri"])
+    return yaml.safe_dump(data, sort_keys=False).rstrip()
 
 
 def _grad_ratio(cfg, run_id: str | None) -> float | None:
