@@ -8,6 +8,7 @@ import pytest
 from hgdpo.config import load_config, markdown_table
 from hgdpo.eval_config import EvalConfig
 from hgdpo.pool_config import PoolConfig
+from hgdpo.replicate import ReplicateConfig
 from hgdpo.run import RunConfig
 from hgdpo.sample_config import SampleConfig
 from hgdpo.sweep_config import SweepConfig
@@ -15,7 +16,8 @@ from hgdpo.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"PoolConfig": PoolConfig, "TrainConfig": TrainConfig, "SampleConfig": SampleConfig,
-           "SweepConfig": SweepConfig, "EvalConfig": EvalConfig, "RunConfig": RunConfig}
+           "SweepConfig": SweepConfig, "EvalConfig": EvalConfig, "RunConfig": RunConfig,
+           "ReplicateConfig": ReplicateConfig}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -355,6 +355,9 @@ def test_a_failing_trial_is_reported_and_marked_failed_and_a_rerun_tries_it_agai
     ("missing_pool", {"pool": "MISSING"}, "sweep.pool: "),
     ("wired", {"train": {**TRAIN, "output": "x"}}, "sweep.train.output: set by the sweep itself"),
     ("duplicate", {"parameters": {"pool_size": [2, 2]}}, "are both named 'pool_size=2'"),
+    ("duel_unknown", {"duels": [["pool_size=4", "pool_size=2"], ["pool_size=4", "pool_size=3"]]},
+     "sweep.duels[1]: no trial named 'pool_size=3'"),
+    ("duel_shape", {"duels": [["pool_size=4"]]}, "sweep.duels[0]: must be [A trial, B trial]"),
     ("no_test_prompts", {"evaluate": {**EVAL}}, "evaluate.prompts: required"),
 ])
 def test_bad_input_is_refused_before_any_work(work, tmp_path, case, settings, message):
