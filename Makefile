@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q; rc=$$?; \
+	$(PY) -m pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 clean-venv:

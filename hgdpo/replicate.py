@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,8 @@ class ReplicateConfig(RunConfig):
     report: str | None = doc("Where the Markdown report is written (its pictures beside it); default "
                              "<output>/replication.md.", None)
     max_concurrent_trials: int | None = doc("Trials at once (default: as many as fit the cluster).", None)
+    notes: str | None = doc("A Markdown file of what people read in the measurements, included in the report "
+                            "under 'What the measurements say' (the rest of the report is made from the runs).", None)
     only: list[str] = doc("Run only these trials (names as in the report, e.g. [hgdpo, n=2]); default: all. "
                           "The report marks what the missing trials would have measured as '-'.", [])
 
@@ -48,6 +51,8 @@ class ReplicateConfig(RunConfig):
         super().__post_init__()
         if self.pool.get("images_per_prompt", 20) < max(POOL_SIZES):
             raise ConfigError(f"replicate.pool.images_per_prompt: the tables need N >= {max(POOL_SIZES)}")
+        if self.notes is not None and not Path(self.notes).is_file():
+            raise ConfigError(f"replicate.notes: {self.notes} is not a file")
         known = [t["name"] for t in trials(1)]
         for i, name in enumerate(self.only):
             if name not in known:

@@ -191,6 +191,11 @@ def write_report(cfg, result, agreement: dict[int, dict], prompts: int, log=prin
     for t in targets(res):
         lines.append(f"| {t.claim} | {t.measured} | {'-' if t.met is None else 'yes' if t.met else 'no'} |")
 
+    if cfg.notes:
+        from pathlib import Path
+
+        lines += ["", "## What the measurements say", "", Path(cfg.notes).read_text().strip()]
+
     n_names = [name_of("n", n) for n in POOL_SIZES]
     chart = interval_chart("Table 3: win rate against the tailored model by pool size N",
                            [f"N={n}" for n in POOL_SIZES],

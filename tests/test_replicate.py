@@ -105,6 +105,7 @@ def test_a_rerun_does_no_finished_work_again(done):
     ("only=[hgdpo,n=3]", "replicate.only[1]: no trial 'n=3'"),
     ("pool.images_per_prompt=10", "replicate.pool.images_per_prompt: the tables need N >= 20"),
     ("train.output=x", "replicate.train.output: set by the replicate itself"),
+    ("notes=/no/such/notes.md", "replicate.notes: /no/such/notes.md is not a file"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, setting, message):
     code, _, err = run_main("--config", str(REPO / "examples" / "replicate.yaml"), f"output={tmp_path / 'out'}",
