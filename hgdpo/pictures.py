@@ -94,3 +94,42 @@ def interval_chart(title: str, categories: list[str], series: dict[str, list[tup
         draw.rectangle([x, height - 18, x + 10, height - 8], fill=colours[j % len(colours)])
         draw.text((x + 14, height - 20), name, fill="black")
     return chart
+
+
+def focus_grid(lat_w: np.ndarray, lat_l: np.ndarray, weights: np.ndarray, timesteps: list[int], min_cell: int = 96):
+    """A PIL image of the ``focus`` objective's weight: one row per pair, its winner's and its loser's latent
+    (the channel mean, min-max normalised, grey), then its weight W at each of ``timesteps`` on one grey scale
+    per row (black at the row's smallest W, white at its largest; the range is written beside the row, so a
+    map's change with t shows). A constant map is mid-grey. Every map is enlarged by one whole factor,
+    nearest-neighbour (a latent pixel is a block of equal pixels), so that a cell's shorter side is at least
+    ``min_cell`` pixels.
+
+    ``lat_w``, ``lat_l``: (B, C, h, w); ``weights``: (B, T, h, w), T = ``len(timesteps)``.
+    """
+    from PIL import Image, ImageDraw
+
+    lat_w, lat_l, weights = (np.asarray(a, dtype=np.float64) for a in (lat_w, lat_l, weights))
+    rows, _, h, w = lat_w.shape
+    scale = -(-min_cell // min(h, w))
+    text_w, pad, head = 80, 4, 16
+    labels = ["winner", "loser", *(f"W t={t}" for t in timesteps)]
+    grid = Image.new("RGB", (text_w + len(labels) * (w * scale + pad) + pad, head + rows * (h * scale + pad) + pad),
+                     "white")
+    draw = ImageDraw.Draw(grid)
+
+    def grey(x: np.ndarray, lo: float, hi: float):
+        level = np.full(x.shape, 0.5) if hi <= lo else (x - lo) / (hi - lo)
+        pixels = np.round(255 * level).astype(np.uint8)
+        return Image.fromarray(np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1))
+
+    for j, label in enumerate(labels):
+        draw.text((text_w + pad + j * (w * scale + pad), 2), label, fill="black")
+    for i in range(rows):
+        y = head + pad + i * (h * scale + pad)
+        lo, hi = float(weights[i].min()), float(weights[i].max())
+        draw.multiline_text((pad, y), f"pair {i + 1}\nW {lo:.3g}\nto {hi:.3g}", fill="black")
+        means = [lat_w[i].mean(axis=0), lat_l[i].mean(axis=0)]  # (h, w) each
+        tiles = [grey(m, float(m.min()), float(m.max())) for m in means] + [grey(x, lo, hi) for x in weights[i]]
+        for j, tile in enumerate(tiles):
+            grid.paste(tile, (text_w + pad + j * (w * scale + pad), y))
+    return grid

@@ -44,6 +44,8 @@ class ReplicateConfig(RunConfig):
     max_concurrent_trials: int | None = doc("Trials at once (default: as many as fit the cluster).", None)
     notes: str | None = doc("A Markdown file of what people read in the measurements, included in the report "
                             "under 'What the measurements say' (the rest of the report is made from the runs).", None)
+    run: bool = doc("Build the pool and run the unfinished trials; false: only write the report from what is "
+                    "finished (the rest marked unfinished).", True)
     only: list[str] = doc("Run only these trials (names as in the report, e.g. [hgdpo, n=2]); default: all. "
                           "The report marks what the missing trials would have measured as '-'.", [])
 
@@ -66,16 +68,18 @@ BETA = 2500.0  # the paper's, in the diffusers convention (DESIGN.md)
 
 
 def trials(prompts: int) -> list[dict[str, Any]]:
-    """The sweep's trials for a pool of ``prompts`` prompts."""
+    """The sweep's trials for a pool of ``prompts`` prompts, in the order they run: Table 3's, then
+    Tables 2 and 1's, then the rest of Tables 5 and 6 (so a run cut short has the main tables)."""
     out = [{"name": "hgdpo"}]
     out += [{"name": f"n={n}", "pool_size": n} for n in POOL_SIZES[:-1]]
-    out += [{"name": f"l={rank}", "loser_rank": rank} for rank in LOSER_RANKS[:-1]]
-    out += [{"name": f"d={share:g}", "dataset_size": max(1, round(share * prompts))} for share in SHARES[:-1]]
     out += [{"name": "dpo", "objective": "dpo", "lambda_stat": 0},
-            {"name": "dpo-beta4", "objective": "dpo", "lambda_stat": 0, "beta": 4 * BETA},
+            {"name": "hgdpo-sampler", "stat_step": "sampler"},
             {"name": "dpo-beta20", "objective": "dpo", "lambda_stat": 0, "beta": 20 * BETA},
             {"name": "sft", "objective": "sft", "lambda_stat": 0},
-            {"name": "hgdpo-sampler", "stat_step": "sampler"}]
+            {"name": "dpo-beta4", "objective": "dpo", "lambda_stat": 0, "beta": 4 * BETA}]
+    for i in range(len(LOSER_RANKS) - 1):
+        out.append({"name": f"l={LOSER_RANKS[i]}", "loser_rank": LOSER_RANKS[i]})
+        out.append({"name": f"d={SHARES[i]:g}", "dataset_size": max(1, round(SHARES[i] * prompts))})
     return out
 
 
@@ -148,7 +152,7 @@ def replicate(cfg: ReplicateConfig, log=print) -> str:
     """Pool, sweep, Fig. 5a, report: every stage resumable. Returns the report's location."""
     from hgdpo import storage, tracking
     from hgdpo.pool_builder import build_pool, prepare as prepare_pool
-    from hgdpo.sweep import sweep
+    from hgdpo.sweep import collect, sweep
 
     storage.check_writable(cfg.output, "replicate.output")
     tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "replicate.mlflow_uri")
@@ -156,8 +160,11 @@ def replicate(cfg: ReplicateConfig, log=print) -> str:
     items, _ = prepare_pool(pool_cfg, log)
     prompts = len(items)
     sweep_cfg = sweep_config(cfg, prompts)  # every trial's checks before the pool is made
-    build_pool(pool_cfg, log)
-    result = sweep(sweep_cfg, log)
+    if cfg.run:
+        build_pool(pool_cfg, log)
+        result = sweep(sweep_cfg, log)
+    else:
+        result = collect(sweep_cfg)
     agreement_file = storage.join(cfg.output, "agreement.json")
     if storage.is_file(agreement_file):
         agreement = {int(n): r for n, r in storage.read_json(agreement_file, "agreement").items()}

@@ -66,11 +66,9 @@ PARENT_TAG = "mlflow.parentRunId"
 
 def trial_params(trial: Trial, plan) -> dict[str, Any]:
     """The trial's parameters under their common names, resolved (pool_size None -> the pool's N)."""
-    t, e = trial.train, trial.evaluate
-    return {"objective": t.objective, "pool_size": plan.pool_size, "loser_rank": plan.loser_rank,
-            "dataset_size": plan.dataset_size, "beta": t.beta, "lambda_stat": t.lambda_stat,
-            "learning_rate": t.learning_rate, "max_steps": t.max_steps, "lora_rank": t.lora_rank,
-            "lan": e.lan, "alpha": e.alpha}
+    return {**{k: getattr(trial.train, k) for k in TRAIN_PARAMETERS},
+            "pool_size": plan.pool_size, "loser_rank": plan.loser_rank, "dataset_size": plan.dataset_size,
+            **{k: getattr(trial.evaluate, k) for k in EVAL_PARAMETERS}}
 
 
 def trial_peak(trial: Trial) -> tuple[float, float]:
@@ -483,20 +481,8 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
             _run_round(trials, payloads, min(concurrency, len(trials)), storage.join(prep.output, "tune"),
                        f"{stamp}-{number}")
 
-    results = []
-    for trial in prep.trials:
-        done, failed = storage.join(trial.folder, RESULT_FILE), storage.join(trial.folder, ERROR_FILE)
-        if storage.is_file(done):
-            stored = storage.read_json(done, "trial result")
-            results.append(TrialResult(trial.name, stored["params"], stored["metrics"], skipped=trial not in pending))
-        elif storage.is_file(failed):
-            message = storage.read_text(failed).strip()
-            results.append(TrialResult(trial.name, prep.params[trial.name], status="FAILED", error=message))
-        else:  # stopped from outside (Ctrl-C, a lost node) before it ended
-            results.append(TrialResult(trial.name, prep.params[trial.name], status="UNFINISHED"))
-    swept = sorted({k for t in prep.trials for k in t.values}, key=list(TRAIN_PARAMETERS + EVAL_PARAMETERS).index)
-    out = SweepResult(cfg.name, str(prep.output), parent_id, results, swept, list(prep.trials[0].evaluate.scorers),
-                      concurrency)
+    out = _collect(prep, parent_id, pending, concurrency)
+    results, duels = out.trials, out.duels
     failed = [t for t in results if t.status == "FAILED"]
     unfinished = [t for t in results if t.status == "UNFINISHED"]
     runs = _trial_runs(client, experiment, parent_id) if unfinished else {}
@@ -504,8 +490,6 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
         if trial.name in runs:  # started, then stopped; one never started has no run
             client.set_terminated(runs[trial.name], "KILLED")
     text = out.table()
-    duels = head_to_head([t for t, r in zip(prep.trials, results) if r.status == "FINISHED"], cfg.duels)
-    out.duels = duels
     if duels:
         text += "\n\n" + format_duels(duels, out.scorers)
         import mlflow
@@ -527,6 +511,34 @@ def sweep(cfg: SweepConfig, log=print) -> SweepResult:
         raise HgdpoError(f"sweep: {'; '.join(problems)}; rerun the same command to run them again (after fixing "
                          f"the cause of a failure)")
     return out
+
+
+def _collect(prep: Prepared, parent_id: str, pending: list[Trial], concurrency: int = 0) -> SweepResult:
+    """What the trial folders hold: each trial's result (finished, failed or unfinished) and the duels of
+    the finished ones."""
+    results = []
+    for trial in prep.trials:
+        done, failed = storage.join(trial.folder, RESULT_FILE), storage.join(trial.folder, ERROR_FILE)
+        if storage.is_file(done):
+            stored = storage.read_json(done, "trial result")
+            results.append(TrialResult(trial.name, stored["params"], stored["metrics"], skipped=trial not in pending))
+        elif storage.is_file(failed):
+            message = storage.read_text(failed).strip()
+            results.append(TrialResult(trial.name, prep.params[trial.name], status="FAILED", error=message))
+        else:  # stopped from outside (Ctrl-C, a lost node) before it ended, or not started
+            results.append(TrialResult(trial.name, prep.params[trial.name], status="UNFINISHED"))
+    swept = sorted({k for t in prep.trials for k in t.values}, key=list(TRAIN_PARAMETERS + EVAL_PARAMETERS).index)
+    finished = [t for t, r in zip(prep.trials, results) if r.status == "FINISHED"]
+    return SweepResult(prep.cfg.name, str(prep.output), parent_id, results, swept,
+                       list(prep.trials[0].evaluate.scorers), concurrency, head_to_head(finished, prep.cfg.duels))
+
+
+def collect(cfg: SweepConfig) -> SweepResult:
+    """The sweep as its output holds it now, running nothing (e.g. to report while trials are left)."""
+    prep = prepare(cfg)
+    sweep_file = storage.join(prep.output, SWEEP_FILE)
+    parent = storage.read_json(sweep_file, "sweep state")["parent_run_id"] if storage.is_file(sweep_file) else ""
+    return _collect(prep, parent, [])
 
 
 # --- The paper-style table -----------------------------------------------------------------------

@@ -12,7 +12,8 @@ step takes). Per micro-batch it noises winner and loser with one shared timestep
 runs the reference (the same UNet, adapters disabled, no grad) and the policy on winner and loser
 as one batch; and takes eq. 3 (+ eq. 8 from the same predictions, eq. 9). Gradients are accumulated
 to the global batch, clipped, and applied with AdamW (8-bit Adam where bitsandbytes and CUDA are
-present).
+present). Rank 0 sends the metrics to the run's MLflow run; with ``objective: focus`` also, at the run's first
+step, ``focus/weights.png``: the focus weight of the first pairs at three timesteps (``focus_picture``).
 
 Precision (``precision``): float32 on CPU. On GPU the frozen UNet weights are held in the compute
 dtype (bf16 where the GPU has it, else fp16) under autocast, the LoRA weights and their optimizer
@@ -55,6 +56,9 @@ RUN_NAME = "train"  # Ray Train run folder inside <output>/checkpoints
 ADAPTER_DIR = "adapter"
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 PROBES = ("stat_dpo_grad_ratio",)  # metrics measured once a metrics window, not averaged over its steps
+FOCUS_PICTURE = "focus/weights.png"  # objective focus: the first step's weights, in the run's MLflow artifacts
+FOCUS_PICTURE_TIMESTEPS = (100, 500, 900)  # low, middle and high noise (the default complexity ramp: 600 to 300)
+FOCUS_PICTURE_PAIRS = 4
 
 
 def lr_factor(cfg: TrainConfig):
@@ -233,6 +237,43 @@ def micro_step(cfg: TrainConfig, model, unet, noise_scheduler, emb, lat_w, lat_l
     return loss, stats
 
 
+def focus_picture(cfg: TrainConfig, unet, noise_scheduler, batch, index: np.ndarray, step: int,
+                  device: torch.device, autocast):
+    """A picture (``pictures.focus_grid``) of the ``focus`` weight of the first ``FOCUS_PICTURE_PAIRS`` pairs of a
+    worker's ``batch`` at ``step`` (``index``: their pair indices), at each of ``FOCUS_PICTURE_TIMESTEPS`` with the
+    pair's noise of that step. One reference pass (no grad, adapters disabled) of at most ``FOCUS_PICTURE_PAIRS``
+    latents per timestep, which changes nothing of the training (no random draw, no state)."""
+    from hgdpo.focus import focus_weight
+    from hgdpo.pictures import focus_grid
+
+    m = min(len(index), FOCUS_PICTURE_PAIRS)
+    lat_w, lat_l, emb = (torch.from_numpy(x[:m]).to(device, torch.float32)
+                         for x in (batch.latents_w, batch.latents_l, batch.hidden))  # (m, C, h, w), (m, L, D)
+    noise = torch.stack([pair_noise(cfg.seed, step, int(i), tuple(lat_w.shape[1:]),
+                                    noise_scheduler.config.num_train_timesteps)[1] for i in index[:m]]).to(device)
+    weights = []
+    for timestep in FOCUS_PICTURE_TIMESTEPS:
+        t = torch.full((m,), timestep, device=device)
+        with torch.no_grad(), autocast:
+            unet.disable_adapters()
+            try:
+                ref_w = unet(noise_scheduler.add_noise(lat_w, noise, t), t, encoder_hidden_states=emb).sample.float()
+            finally:
+                unet.enable_adapters()
+        weights.append(focus_weight(lat_w, lat_l, t, ref_w, noise, cfg.focus_settings())[:, 0])  # (m, h, w)
+    return focus_grid(lat_w.cpu().numpy(), lat_l.cpu().numpy(), torch.stack(weights, dim=1).cpu().numpy(),
+                      list(FOCUS_PICTURE_TIMESTEPS))
+
+
+def log_picture(client, run_id: str, artifact: str, picture) -> None:
+    """``picture`` (a PIL image) as the PNG ``artifact`` (a path inside the run's artifacts) of the MLflow run
+    ``run_id``, through ``client``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact).name
+        picture.save(path)
+        client.log_artifact(run_id, str(path), artifact_path=str(Path(artifact).parent))
+
+
 def save_checkpoint(directory: Path, unet, optimizer, scheduler, step: int, fp: str,
                     scaler: torch.amp.GradScaler | None = None) -> None:
     """The training state of ``step`` in ``directory``: adapter, optimizer, LR schedule, loss scaler."""
@@ -364,6 +405,9 @@ def train_loop(config: dict) -> dict | None:
     counted, applied, skipped, tick = 0, 0, 0, time.perf_counter()
     steps = range(start, cfg.max_steps)
     for step, (index, batch) in zip(steps, pair_data.prefetched(load, steps)):
+        if step == 0 and cfg.objective == "focus" and mlflow_client is not None:  # rank 0, once a run
+            log_picture(mlflow_client, config["mlflow_run_id"], FOCUS_PICTURE,
+                        focus_picture(cfg, unet, noise_scheduler, batch, index, step, device, prec.autocast()))
         for k in range(0, per_worker, cfg.micro_batch):
             part = slice(k, k + cfg.micro_batch)
             ids = index[part]

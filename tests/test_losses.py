@@ -235,7 +235,7 @@ def test_dpo_loss_accuracy_counts_wins_ties_and_losses():
 
 
 def test_dpo_loss_gradient_reaches_the_policy_only_and_stats_are_detached():
-    beta, B = 2500.0, 2
+    beta = 2500.0
     policy_err_w = t64([0.3, 0.1]).requires_grad_()
     policy_err_l = t64([0.2, 0.4]).requires_grad_()
     ref_err_w = t64([0.3, 0.1]).requires_grad_()  # a caller that forgot no_grad on the reference pass

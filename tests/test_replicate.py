@@ -101,6 +101,15 @@ def test_a_rerun_does_no_finished_work_again(done):
     assert (adapter.stat().st_mtime_ns, (done["out"] / "agreement.json").stat().st_mtime_ns) == before
 
 
+def test_report_only_runs_nothing_and_marks_what_is_left(done):
+    args = [a for a in done["args"] if not a.startswith("only=")] + ["only=[hgdpo,n=2,n=5]", "run=false"]
+    code, out, err = run_main(*args)
+    assert code == 0, err
+    assert "training" not in out and not (done["out"] / "sweep" / "trials" / "n=5").exists()
+    report = (done["out"] / "replication.md").read_text()
+    assert "Not finished: n=5" in report and f"`{_result(done, 'hgdpo')['run_id']}`" in report
+
+
 @pytest.mark.parametrize("setting, message", [
     ("only=[hgdpo,n=3]", "replicate.only[1]: no trial 'n=3'"),
     ("pool.images_per_prompt=10", "replicate.pool.images_per_prompt: the tables need N >= 20"),

@@ -1,8 +1,10 @@
-"""The trainer end to end on the embedded default: adapter, metrics, DDP equivalence, resume, bad input."""
+"""The trainer end to end on the embedded default: adapter, metrics, DDP equivalence, resume, bad input; the same
+for objective focus, with its picture of the weights and its W = 1 case against dpo."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from hgdpo.lora import ADAPTER_FILE, INFO_FILE
+from hgdpo.trainer import CHECKPOINT_SNAPSHOT
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -206,16 +209,21 @@ def test_rerun_of_finished_training_does_nothing(work, one_worker, capsys):
 
 
 def _kill_worker_after(checkpoint: Path, killed: list) -> None:
-    """SIGKILL the Ray Train worker process once ``checkpoint`` exists (as a node failure would)."""
+    """SIGKILL this test's Ray Train worker process once ``checkpoint`` exists (as a node failure would). Only
+    a descendant of this process (the raylet that ``ray_local`` started runs the workers): never another Ray's."""
     import psutil
 
     deadline = time.time() + 300
     while time.time() < deadline and not checkpoint.exists():
         time.sleep(0.05)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-            os.kill(proc.info["pid"], signal.SIGKILL)
-            killed.append(proc.info["pid"])
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:  # ended meanwhile
+            continue
+        if "ray::RayTrainWorker" in cmdline:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed.append(proc.pid)
             return
 
 
@@ -356,3 +364,122 @@ def test_bad_input_is_refused_before_work(work, tmp_path, capsys, case, message)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert not output.exists()
+
+
+# --- objective focus (hgdpo.focus): the region-weighted Diffusion-DPO through the same job ------------
+
+# With the ablations (n=3 of N=4, the 2nd best as loser, 6 of the 8 prompts), so every focus run checks them.
+FOCUS = ["objective=focus", "pool_size=3", "loser_rank=2", "dataset_size=6", "max_steps=6", "checkpoint_every=3"]
+
+
+@pytest.fixture(scope="module")
+def focus_one_worker(work):
+    assert run(work, "focus-w1", *FOCUS) == 0
+    return adapter(work, "focus-w1")
+
+
+def train_run(work: Path, name: str):
+    """The MLflow client of the module's store and the training run that wrote ``<work>/<name>``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hgdpo-train")
+    (found,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("output") == str(work / name)]
+    return client, found
+
+
+def assert_trained(weights: dict[str, torch.Tensor]) -> None:
+    """Finite, and moved from the initial adapter (LoRA's up/B matrices start at zero)."""
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    up = [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]
+    assert up and all(v.abs().max() > 0 for v in up)
+
+
+def focus_picture(client, run_id: str, tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    path = client.download_artifacts(run_id, "focus/weights.png", str(tmp_path))
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("L"))
+
+
+def picture_cell(picture, row: int, column: int):
+    """Cell (row, column) of ``pictures.focus_grid``: an 80 px caption column, 16 px of column labels, cells of
+    16 x 6 = 96 px (16x16 latents enlarged by the smallest whole factor reaching 96) 4 px apart."""
+    top, left = 16 + 4 + row * (96 + 4), 80 + 4 + column * (96 + 4)
+    return picture[top:top + 96, left:left + 96]
+
+
+def test_focus_trains_and_records_its_run_as_the_other_objectives(work, focus_one_worker):
+    assert_trained(focus_one_worker)
+    info = json.loads((work / "focus-w1" / "adapter" / INFO_FILE).read_text())
+    assert info["config"]["objective"] == "focus" and info["config"]["focus_alpha_d"] == 1.0
+    assert {k: info["plan"][k] for k in ("pool_size", "loser_rank", "dataset_size")} == {
+        "pool_size": 3, "loser_rank": 2, "dataset_size": 6}
+    client, run_ = train_run(work, "focus-w1")
+    assert run_.data.tags["objective"] == "focus" and run_.data.params["focus_gamma_c"] == "1.0"
+    for name in ("loss", "dpo", "accuracy", "reward_margin", "policy_err_w", "policy_err_l", "ref_err_w",
+                 "ref_err_l", "grad_norm", "lr", "pairs_per_s"):
+        history = client.get_metric_history(run_.info.run_id, name)
+        assert [m.step for m in history] == [1, 2, 3, 4, 5, 6], name
+        assert all(math.isfinite(m.value) for m in history), name
+    assert client.get_metric_history(run_.info.run_id, "stat") == []  # no statistic matching
+    losses = [m.value for m in client.get_metric_history(run_.info.run_id, "dpo")]
+    assert abs(losses[0] - math.log(2)) < 1e-4  # step 1: policy == reference on the same weighted errors
+    assert f"adapter/{ADAPTER_FILE}" in {a.path for a in client.list_artifacts(run_.info.run_id, "adapter")}
+
+
+def test_focus_logs_a_picture_of_its_weights_at_the_first_step(work, focus_one_worker, tmp_path):
+    import numpy as np
+
+    client, run_ = train_run(work, "focus-w1")
+    assert [a.path for a in client.list_artifacts(run_.info.run_id, "focus")] == ["focus/weights.png"]
+    picture = focus_picture(client, run_.info.run_id, tmp_path)
+    # 4 pairs (the worker's whole first batch) x (winner, loser, W at t = 100, 500, 900).
+    assert picture.shape == (16 + 4 * (96 + 4) + 4, 80 + 5 * (96 + 4) + 4)
+    for row in range(4):
+        cells = [picture_cell(picture, row, column) for column in range(5)]
+        for cell in cells:  # nearest-neighbour: each latent pixel a 6x6 block of one value
+            assert np.array_equal(cell, np.repeat(np.repeat(cell[::6, ::6], 6, axis=0), 6, axis=1))
+        for cell in cells[:2]:  # the latents' channel mean, min-max normalised
+            assert cell.min() == 0 and cell.max() == 255
+        for cell in cells[2:]:
+            assert len(np.unique(cell)) > 1  # W is not one value over the latent
+        assert not np.array_equal(cells[2], cells[4])  # ...and changes with t (complexity on at 100, off at 900)
+
+
+def test_focus_with_every_term_off_gives_the_adapter_of_plain_dpo(work, tmp_path):
+    # W = 1: weighted_per_sample_error's sum(1 * e) / sum(1) is per_sample_error's mean, float for float.
+    assert run(work, "dpo-lambda0", "max_steps=2", "objective=dpo", "lambda_stat=0") == 0
+    assert run(work, "focus-off", "max_steps=2", "objective=focus", "focus_alpha_d=0", "focus_alpha_c=0",
+               "focus_gamma_c=0") == 0
+    assert_trained(adapter(work, "focus-off"))
+    assert_same_adapter(adapter(work, "focus-off"), adapter(work, "dpo-lambda0"))
+    client, dpo_run = train_run(work, "dpo-lambda0")
+    assert client.list_artifacts(dpo_run.info.run_id, "focus") == []  # no picture for another objective
+    _, off_run = train_run(work, "focus-off")
+    picture = focus_picture(client, off_run.info.run_id, tmp_path)
+    assert all((picture_cell(picture, row, column) == 128).all() for row in range(4) for column in (2, 3, 4))
+
+
+def test_focus_two_workers_give_the_adapter_of_one(work, focus_one_worker, tmp_path):
+    assert run(work, "focus-w2", *FOCUS, "workers=2") == 0
+    assert_same_adapter(adapter(work, "focus-w2"), focus_one_worker, rtol=1e-4, atol=1e-6)
+    client, run_ = train_run(work, "focus-w2")
+    assert focus_picture(client, run_.info.run_id, tmp_path).shape[0] == 16 + 2 * (96 + 4) + 4  # rank 0's 2 pairs
+
+
+def test_focus_a_worker_that_dies_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(work, focus_one_worker):
+    killed: list[int] = []
+    registered = work / "focus-killed" / "checkpoints" / "train" / CHECKPOINT_SNAPSHOT  # step 3's, once whole
+    killer = threading.Thread(target=_kill_worker_after, args=(registered, killed))
+    killer.start()
+    assert run(work, "focus-killed", *FOCUS, "max_failures=2") == 0
+    killer.join()
+    assert killed, "no worker was killed"
+    assert_same_adapter(adapter(work, "focus-killed"), focus_one_worker)
+    client, run_ = train_run(work, "focus-killed")
+    steps = [m.step for m in client.get_metric_history(run_.info.run_id, "loss")]
+    assert set(steps) == {1, 2, 3, 4, 5, 6} and [steps.count(s) for s in (1, 2, 3)] == [1, 1, 1]  # not redone
