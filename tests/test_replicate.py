@@ -43,7 +43,7 @@ def done(ray_local, tmp_path_factory) -> dict:
     write_prompts(tmp / "test.txt", 3, split="test", seed=3)
     args = ["--config", str(REPO / "examples" / "replicate.yaml"), f"output={tmp / 'out'}",
             f"train_prompts={REPO / 'examples' / 'world-train.txt'}", f"test_prompts={tmp / 'test.txt'}",
-            f"mlflow_uri=sqlite:///{tmp / 'mlflow.db'}", *SETTINGS]
+            f"mlflow_uri=sqlite:///{tmp / 'mlflow.db'}", f"notes={REPO / 'docs' / 'replication-notes.md'}", *SETTINGS]
     code, out, err = run_main(*args)
     assert code == 0, err + out[-3000:]
     return {"out": tmp / "out", "args": args, "log": out}
@@ -66,6 +66,8 @@ def test_the_report_holds_each_trials_own_numbers_and_marks_the_missing_ones(don
     target = next(line for line in report.splitlines() if line.startswith("| Table 5: L-20 beats L-2"))
     assert target.endswith("| - | - |")
     assert "## Settings" in report and "only:" in report
+    notes = (REPO / "docs" / "replication-notes.md").read_text().strip()
+    assert "## What the measurements say\n\n" + notes in report
 
 
 def test_the_pictures_are_written_beside_the_report(done):
@@ -118,6 +120,7 @@ def test_report_only_runs_nothing_and_marks_what_is_left(done):
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, setting, message):
     code, _, err = run_main("--config", str(REPO / "examples" / "replicate.yaml"), f"output={tmp_path / 'out'}",
+                            f"notes={REPO / 'docs' / 'replication-notes.md'}",
                             f"mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}", setting)
     assert code == 2 and message in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
