@@ -23,6 +23,14 @@ class Target:
     met: bool | None  # None: not measurable (a trial missing)
 
 
+def _shown(path: str) -> str:
+    """A path as the report shows it: relative to the working directory when inside it."""
+    import os
+
+    here = os.getcwd()
+    return os.path.relpath(path, here) if path.startswith(here + os.sep) else path
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -176,9 +184,9 @@ def write_report(cfg, result, agreement: dict[int, dict], prompts: int, log=prin
         "# HG-DPO's tables in the miniature world",
         "",
         f"Made by `python jobs/replicate.py` (settings below): one pool of N = {cfg.pool.get('images_per_prompt', 20)} "
-        f"images for each of {prompts} prompts of `{cfg.train_prompts}`, the trials of every table trained on it, "
+        f"images for each of {prompts} prompts of `{_shown(cfg.train_prompts)}`, the trials of every table trained on it, "
         f"and each trial's adapter (A) evaluated against the tailored model (B) on the held-out prompts of "
-        f"`{cfg.test_prompts}` x {seeds} seed(s), the same prompts and seeds for every trial. The world's judge "
+        f"`{_shown(cfg.test_prompts)}` x {seeds} seed(s), the same prompts and seeds for every trial. The world's judge "
         f"counts unmet constraints (the \"human\" raters); the world's PickScore is the AI feedback the pool was "
         f"ranked by. Intervals are {ev.get('confidence', 0.95):.0%} bootstrap intervals over prompts. MLflow: "
         f"parent run `{res.parent}` at `{tracking.redact(tracking.tracking_uri(cfg.mlflow_uri))}`.",
