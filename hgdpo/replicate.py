@@ -153,6 +153,7 @@ def replicate(cfg: ReplicateConfig, log=print) -> str:
     from hgdpo import storage, tracking
     from hgdpo.pool_builder import build_pool, prepare as prepare_pool
     from hgdpo.sweep import collect, sweep
+    from hgdpo.winrates import WinRate
 
     storage.check_writable(cfg.output, "replicate.output")
     tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "replicate.mlflow_uri")
@@ -167,11 +168,11 @@ def replicate(cfg: ReplicateConfig, log=print) -> str:
         result = collect(sweep_cfg)
     agreement_file = storage.join(cfg.output, "agreement.json")
     if storage.is_file(agreement_file):
-        agreement = {int(n): r for n, r in storage.read_json(agreement_file, "agreement").items()}
+        agreement = {int(n): WinRate(**r) for n, r in storage.read_json(agreement_file, "agreement").items()}
     else:
         log("replicate: Fig. 5a: decoding and judging every image of the pool")
-        agreement = {n: dataclasses.asdict(r) for n, r in pool_agreement(pool_cfg.output, cfg.model).items()}
-        storage.write_json(agreement_file, agreement)
+        agreement = pool_agreement(pool_cfg.output, cfg.model)
+        storage.write_json(agreement_file, {n: dataclasses.asdict(r) for n, r in agreement.items()})
     from hgdpo.replication_report import write_report
 
     return write_report(cfg, result, agreement, prompts, log)

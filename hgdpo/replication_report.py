@@ -43,12 +43,9 @@ def _rate(m: dict, scorer: str) -> str:
 
 
 def _cell(rate) -> str:
-    return "-" if rate is None else f"{_pct(rate['rate'] if isinstance(rate, dict) else rate.rate)} " \
-        f"[{100 * _get(rate, 'low'):.1f}, {100 * _get(rate, 'high'):.1f}]"
+    from hgdpo.sweep import rate_cell
 
-
-def _get(rate, key: str) -> float:
-    return rate[key] if isinstance(rate, dict) else getattr(rate, key)
+    return "-" if rate is None else rate_cell(rate)
 
 
 def _shift(m: dict, channel: str) -> str:
@@ -172,7 +169,7 @@ def report_location(cfg) -> str:
     return cfg.report or storage.join(cfg.output, "replication.md")
 
 
-def write_report(cfg, result, agreement: dict[int, dict], prompts: int, log=print) -> str:
+def write_report(cfg, result, agreement: dict, prompts: int, log=print) -> str:
     from hgdpo import tracking
     from hgdpo.pictures import interval_chart
     from hgdpo.sweep import format_duels

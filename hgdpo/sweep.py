@@ -641,7 +641,7 @@ def _duel_table(rows: list[tuple[str, str, dict]], scorers: list[str]) -> str:
     lines = ["Head to head (A's adapter against B's, on the same prompts and seeds):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a, b, rates in rows:
-        lines.append("| " + " | ".join([a, b, *(_rate_cell(rates[s]) if s in rates else "-" for s in scorers)]) + " |")
+        lines.append("| " + " | ".join([a, b, *(rate_cell(rates[s]) if s in rates else "-" for s in scorers)]) + " |")
     return "\n".join(lines)
 
 
@@ -698,5 +698,6 @@ def duels_from_metrics(metrics: dict[str, float], names: dict[int, str], scorers
     return _duel_table(rows, scorers) if rows else ""
 
 
-def _rate_cell(r) -> str:
+def rate_cell(r) -> str:
+    """A WinRate as a table cell: ``53.2% [50.0, 56.8]``."""
     return f"{100 * r.rate:.1f}% [{100 * r.low:.1f}, {100 * r.high:.1f}]"
