@@ -20,13 +20,17 @@ aesthetic      LAION aesthetic MLP weights, required           the CLIP it reads
 hpsv2          HPSv2 checkpoint, required (HPS_v2_compressed.  open_clip architecture name or a
                pt, HPS_v2.1_compressed.pt, or a .safetensors   model-config .json (ViT-H-14)
                of its state_dict)
-imagereward    ImageReward.pt (or its folder), required        none
+imagereward    ImageReward.pt or a .safetensors of its state   BERT tokenizer folder or hub id
+               dict (or their folder; med_config.json beside   (default: the checkpoint's folder
+               it is read when there), required                if it holds vocab.txt, else
+                                                               google-bert/bert-base-uncased)
 =============  ==============================================  =====================================
 
 Scores: judge in [0, 1]; PickScore ``logit_scale * cos``; CLIP score ``100 * max(cos, 0)``; the
 aesthetic MLP's rating (on AVA's 1-10 scale) of the L2-normalised CLIP image embedding; HPSv2 the
 cosine of its normalised image and text embeddings (what HPSv2's own ``score`` returns, not x100);
-ImageReward its normalised reward. Win rates need only the order within a scorer.
+ImageReward its normalised reward (``hgdpo.imagereward``, on transformers' BLIP classes). Win rates
+need only the order within a scorer.
 
 Weights are read from safetensors only unless ``allow_pickle`` (pickle can run code when
 loaded); pickle files are then read with ``torch.load(weights_only=True)``. ``check_scorer`` and
@@ -65,19 +69,13 @@ REQUIRED_MODEL = {
     "aesthetic": "the LAION aesthetic MLP weights (sac+logos+ava1-l14-linearMSE.pth, or a .safetensors of them)",
     "hpsv2": "the HPSv2 checkpoint (HPS_v2_compressed.pt / HPS_v2.1_compressed.pt, or a .safetensors of its "
              "state_dict)",
-    "imagereward": "the ImageReward checkpoint (ImageReward.pt, with med_config.json beside it) or their folder",
+    "imagereward": "the ImageReward checkpoint (ImageReward.pt, or a .safetensors of its state dict) or its folder",
 }
 # The released LAION "improved aesthetic predictor": Linear layers at these nn.Sequential indices
 # (Dropout between them, no activations); input = the CLIP embedding width (768 for ViT-L/14).
 AESTHETIC_LAYERS = (0, 2, 4, 6, 7)
 AESTHETIC_WIDTHS = (1024, 128, 64, 16, 1)
 AESTHETIC_DROPOUT = {1: 0.2, 3: 0.2, 5: 0.1}
-IMAGEREWARD_CONFLICT = (
-    "the ImageReward package (pip `image-reward`) cannot be installed beside this project's pinned stack: "
-    "its releases 1.1-1.5 require timm==0.6.13 while open_clip_torch 3.3.0 requires timm>=1.0.17 (1.0 does "
-    "not build), and its BLIP code imports apply_chunking_to_forward / find_pruneable_heads_and_indices from "
-    "transformers.modeling_utils, which transformers 5 no longer has. Score with pickscore, hpsv2, clip or "
-    "aesthetic here, or with ImageReward in a separate environment")
 
 
 @dataclass(frozen=True)
@@ -564,66 +562,57 @@ def _load_hpsv2(spec: ScorerSpec, allow_pickle: bool, device: str) -> HPSv2Score
 
 
 # ---------------------------------------------------------------------------------------------
-# imagereward
+# imagereward (the model and its key mapping: hgdpo.imagereward)
 
 
-def imagereward_problem() -> str | None:
-    """Why THU's ImageReward package cannot be used here (None: it imports)."""
-    try:
-        import ImageReward  # noqa: F401
-    except Exception as err:  # a missing package, or one broken by the installed transformers/timm
-        return f"{IMAGEREWARD_CONFLICT} (import ImageReward: {type(err).__name__}: {err})"
-    return None
+def _imagereward_files(spec: ScorerSpec, allow_pickle: bool) -> tuple[Path, dict | None, str]:
+    """(checkpoint, med_config.json's settings or None, tokenizer location). ``model`` is the checkpoint, or a
+    folder holding ImageReward.safetensors / ImageReward.pt; ``processor`` the BERT tokenizer, by default the
+    checkpoint's folder when it holds one (vocab.txt or tokenizer.json), else bert-base-uncased from the hub."""
+    from hgdpo import imagereward
 
-
-def _imagereward_files(spec: ScorerSpec, allow_pickle: bool) -> tuple[Path, Path]:
-    """(checkpoint, med_config.json): a folder holding both, or the checkpoint with the config beside it."""
-    name = _required(spec)
-    path = Path(name).expanduser()
+    path = Path(_required(spec)).expanduser()
     if path.is_dir():
-        path = path / "ImageReward.pt"
+        found = [path / n for n in ("ImageReward.safetensors", "ImageReward.pt") if (path / n).is_file()]
+        if not found:
+            raise _err(spec.name, "model", f"{path} holds neither ImageReward.safetensors nor ImageReward.pt")
+        path = found[0]
     checkpoint = _weights_file(spec.name, "model", str(path), allow_pickle)
-    med_config = checkpoint.parent / "med_config.json"
-    if not med_config.is_file():
-        raise _err(spec.name, "model", f"{med_config} is missing (ImageReward's BLIP config; the package would "
-                                       f"fetch it from the model hub)")
-    return checkpoint, med_config
-
-
-class ImageRewardScorer:
-    """THU ImageReward through its package, one prompt's images at a time."""
-
-    name = "imagereward"
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, prompts: list[str], images: np.ndarray) -> np.ndarray:
-        import torch
-        from PIL import Image
-
-        images = _batch(prompts, images)
-        scores = np.zeros(len(images), np.float64)
-        with torch.no_grad():
-            for prompt, idx in _by_prompt(prompts).items():
-                rewards = self.model.score(prompt, [Image.fromarray(images[i]) for i in idx])
-                scores[idx] = np.asarray(rewards, np.float64).reshape(-1)  # one image gives a bare float
-        return scores
+    med_config = None
+    med_file = checkpoint.parent / "med_config.json"
+    if med_file.is_file():
+        try:
+            med_config = json.loads(med_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise _err(spec.name, "model", f"{med_file} is not valid JSON: {err}") from None
+        if not isinstance(med_config, dict):
+            raise _err(spec.name, "model", f"{med_file} is not a BERT config (a JSON object expected)")
+    tokenizer = spec.resolved_processor()
+    if tokenizer is None:
+        beside = any((checkpoint.parent / n).is_file() for n in ("vocab.txt", "tokenizer.json"))
+        tokenizer = str(checkpoint.parent) if beside else imagereward.TOKENIZER
+    elif not Path(tokenizer).expanduser().exists() and not HUB_ID.match(tokenizer):
+        raise _err(spec.name, "processor", f"{tokenizer} does not exist (expected a BERT tokenizer folder or a hub "
+                                           f"id such as {imagereward.TOKENIZER})")
+    return checkpoint, med_config, tokenizer
 
 
 def _check_imagereward(spec: ScorerSpec, allow_pickle: bool) -> None:
-    problem = imagereward_problem()
-    if problem:
-        raise HgdpoError(f"scorer 'imagereward': {problem}")
-    _imagereward_files(spec, allow_pickle)
+    from hgdpo import imagereward
+
+    checkpoint, med_config, tokenizer_loc = _imagereward_files(spec, allow_pickle)
+    _, text, _ = imagereward.check_fit(tensor_shapes(checkpoint, spec.name), str(checkpoint), med_config)
+    imagereward.check_vocabulary(imagereward.load_tokenizer(tokenizer_loc), text.vocab_size, tokenizer_loc,
+                                 str(checkpoint))
 
 
-def _load_imagereward(spec: ScorerSpec, allow_pickle: bool, device: str) -> ImageRewardScorer:
-    _check_imagereward(spec, allow_pickle)
-    import ImageReward
+def _load_imagereward(spec: ScorerSpec, allow_pickle: bool, device: str) -> Scorer:
+    from hgdpo import imagereward
 
-    checkpoint, med_config = _imagereward_files(spec, allow_pickle)
-    return ImageRewardScorer(ImageReward.load(str(checkpoint), device=device, med_config=str(med_config)))
+    checkpoint, med_config, tokenizer_loc = _imagereward_files(spec, allow_pickle)
+    state = read_state_dict(checkpoint, spec.name)
+    return imagereward.build(state, imagereward.load_tokenizer(tokenizer_loc), str(checkpoint), med_config,
+                             device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,7 +635,7 @@ def _known(spec: ScorerSpec) -> None:
 
 def check_scorer(spec: ScorerSpec, *, allow_pickle: bool = False) -> None:
     """Fast check before any work: the name is known, the paths exist and look like that scorer,
-    a pickle file is refused unless ``allow_pickle``, ImageReward's package is importable. Raises
+    a pickle file is refused unless ``allow_pickle``, a checkpoint's keys and shapes fit its scorer. Raises
     ``HgdpoError`` naming the scorer and the field/file. Loads configs and headers, not weights."""
     _known(spec)
     _CHECKS[spec.name](spec, allow_pickle)

@@ -9,8 +9,6 @@ with the field named.
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -24,7 +22,6 @@ from hgdpo.scorers import (
     ScorerSpec,
     check_prompts,
     check_scorer,
-    imagereward_problem,
     load_scorer,
 )
 from hgdpo.world.prompts import make_prompts
@@ -265,50 +262,6 @@ def test_hpsv2_refuses_pickle_without_opt_in_and_the_wrong_architecture(tiny_hps
         check_scorer(ScorerSpec("hpsv2", model=pt, processor="ViT-Q-99"), allow_pickle=True)
     with pytest.raises(HgdpoError, match=r"scorer 'hpsv2', model: .* is a folder"):
         check_scorer(ScorerSpec("hpsv2", model=str(root), processor=str(config)))
-
-
-# ---------------------------------------------------------------------------------------------
-# ImageReward
-
-
-def test_imagereward_is_refused_with_the_reason_when_its_package_cannot_be_used(tmp_path):
-    if imagereward_problem() is None:
-        pytest.skip("the ImageReward package imports here")
-    with pytest.raises(HgdpoError, match=r"scorer 'imagereward': .*timm==0\.6\.13.*timm>=1\.0\.17.*transformers 5"):
-        check_scorer(ScorerSpec("imagereward", model=str(tmp_path / "ImageReward.pt")))
-
-
-def test_imagereward_goes_through_its_package_when_it_imports(world, tmp_path, monkeypatch):
-    """With a stand-in for the package (it cannot be installed here): files, pickle opt-in, grouping."""
-    captions, images = world
-    loaded = {}
-
-    class Model:
-        def score(self, prompt, pil_images):  # like ImageReward: a list for several images, a float for one
-            rewards = [float(np.asarray(im).mean()) + len(prompt) for im in pil_images]
-            return rewards if len(rewards) > 1 else rewards[0]
-
-    def load(name, device="cpu", med_config=None):
-        loaded.update(name=name, device=device, med_config=med_config)
-        return Model()
-
-    package = types.ModuleType("ImageReward")
-    package.load = load
-    monkeypatch.setitem(sys.modules, "ImageReward", package)
-    (tmp_path / "ImageReward.pt").write_bytes(b"not read by this stand-in")
-    spec = ScorerSpec("imagereward", model=str(tmp_path))
-    with pytest.raises(HgdpoError, match=r"scorer 'imagereward', model: .*pickle.*allow_pickle=true"):
-        check_scorer(spec)
-    with pytest.raises(HgdpoError, match=r"med_config.json is missing"):
-        check_scorer(spec, allow_pickle=True)
-    (tmp_path / "med_config.json").write_text("{}")
-    scorer = load_scorer(spec, allow_pickle=True)
-    assert loaded == {"name": str(tmp_path / "ImageReward.pt"), "device": "cpu",
-                      "med_config": str(tmp_path / "med_config.json")}
-    prompts = [captions[0], captions[1], captions[0]]  # prompt 1 has one image: a bare float comes back
-    scores = scorer(prompts, images[:3])
-    expected = [images[i].mean() + len(p) for i, p in enumerate(prompts)]
-    np.testing.assert_allclose(scores, expected)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""Export a trained adapter for other tools: diffusers LoRA (a folder) or kohya LoRA (one .safetensors file).
+
+The kohya file is what AUTOMATIC1111, ComfyUI, Forge and kohya's scripts load (`lora_unet_*` keys,
+each layer's `alpha` the adapter's real lora_alpha; see `hgdpo/kohya.py`):
+
+    python jobs/export_lora.py adapter=runs/demo/train/adapter format=kohya output=hgdpo-demo.safetensors
+    python jobs/export_lora.py adapter=s3://bucket/runs/dpo/adapter format=kohya dtype=float16 \\
+        output=s3://bucket/loras/dpo.safetensors
+    python jobs/export_lora.py adapter=runs/dpo/adapter output=exported/dpo      # diffusers format (default)
+
+On a Ray cluster (no GPU needed; storage URIs as above):
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/export_lora.py --config export.yaml
+
+An existing output is refused unless `overwrite=true`. Exit status 0 on success, 2 on bad input.
+Settings: `python jobs/export_lora.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
+
+from hgdpo.config import describe, load_config  # noqa: E402
+from hgdpo.errors import HgdpoError  # noqa: E402
+from hgdpo.kohya import ExportConfig, export  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="settings:\n" + describe(ExportConfig),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of settings")
+    parser.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(ExportConfig, args.config, args.overrides)
+        files = export(cfg)
+    except HgdpoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"export: {cfg.adapter} written as {cfg.format} LoRA to {cfg.output} ({len(files)} file(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
