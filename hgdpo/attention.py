@@ -88,6 +88,25 @@ def cross_attention_layers(unet) -> dict[str, int]:
     return layers
 
 
+def config_resolutions(config: dict) -> list[int]:
+    """The resolutions of a UNet's cross-attention layers from its config alone (no weights), as
+    ``cross_attention_layers`` measures them; for checking settings before a model is loaded."""
+    n = len(config["block_out_channels"])
+    sample_size = config["sample_size"]
+    side = sample_size if isinstance(sample_size, int) else sample_size[0]
+    levels = [i for i, kind in enumerate(config["down_block_types"]) if "CrossAttn" in kind]
+    levels += [n - 1 - j for j, kind in enumerate(config["up_block_types"]) if "CrossAttn" in kind]
+    if "CrossAttn" in (config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+        levels.append(n - 1)
+    return sorted({math.ceil(side / 2**level) for level in levels}, reverse=True)
+
+
+def default_resolution(resolutions: Sequence[int], side: int) -> int:
+    """The resolution nearest a quarter of the latent side (SD1.5: 16 of 64, the layers whose maps follow
+    objects best; ties: the finer)."""
+    return min(resolutions, key=lambda r: (abs(r - side / 4), -r))
+
+
 @dataclass
 class Capture:
     """What ``capture`` yields: the chosen layers and, after a UNet call, their maps."""

@@ -197,16 +197,22 @@ def load_text_encoder(name: str, *, model_config: str | None = None, allow_pickl
     return tokenizer, encoder.requires_grad_(False).eval()
 
 
-def scheduler_config(name: str, *, model_config: str | None = None) -> dict:
-    """The model's scheduler config (configs only: cheap enough for the checks before any work)."""
-    from diffusers import DDPMScheduler
+def component_config(name: str, component: str, *, model_config: str | None = None) -> dict:
+    """The ``scheduler``'s or the ``unet``'s config: configs only, cheap enough for the checks before any work."""
+    import diffusers
 
+    loader = {"scheduler": diffusers.DDPMScheduler, "unet": diffusers.UNet2DConditionModel}[component]
     source = resolve_model(name, allow_pickle=True)
     location = _config_location(source, model_config)
     try:
-        return dict(DDPMScheduler.load_config(location, subfolder="scheduler"))
+        return dict(loader.load_config(location, subfolder=component))
     except (OSError, ValueError) as err:  # a missing, unreachable or unreadable config
         raise _hub_error("model_config" if source.kind == "file" else "model", location, err) from None
+
+
+def scheduler_config(name: str, *, model_config: str | None = None) -> dict:
+    """The model's scheduler config (``component_config``)."""
+    return component_config(name, "scheduler", model_config=model_config)
 
 
 def _scorer_locations(model: str, processor: str | None) -> tuple[str, str]:

@@ -68,6 +68,7 @@ class Layout:
 
     latent_shape: tuple[int, ...]  # (C, h, w)
     hidden_shape: tuple[int, ...]  # (L, D)
+    nouns: bool = False  # ospo: the prompt's noun of each token (L,) after the hidden states (hgdpo.ospo.encode_nouns)
 
     @property
     def latent_size(self) -> int:
@@ -75,19 +76,22 @@ class Layout:
 
     @property
     def record_bytes(self) -> int:
-        return 2 * (2 * self.latent_size + int(np.prod(self.hidden_shape)))
+        return 2 * (2 * self.latent_size + int(np.prod(self.hidden_shape)) + self.nouns * self.hidden_shape[0])
 
-    def pack(self, lat_w: np.ndarray, lat_l: np.ndarray, hidden: np.ndarray) -> bytes:
-        """m records: ``lat_*`` (m, C, h, w), ``hidden`` (m, L, D), as their float16 bytes."""
+    def pack(self, lat_w: np.ndarray, lat_l: np.ndarray, hidden: np.ndarray, nouns: np.ndarray | None = None) -> bytes:
+        """m records: ``lat_*`` (m, C, h, w), ``hidden`` (m, L, D), ``nouns`` (m, L) when the layout has them,
+        as their float16 bytes."""
         m = len(lat_w)
-        flat = [np.asarray(a, dtype="<f2").reshape(m, -1) for a in (lat_w, lat_l, hidden)]
+        parts = (lat_w, lat_l, hidden) + ((nouns,) if self.nouns else ())
+        flat = [np.asarray(a, dtype="<f2").reshape(m, -1) for a in parts]
         return np.concatenate(flat, axis=1).tobytes()
 
-    def unpack(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(m, record) float16 values -> latents_w (m, C, h, w), latents_l, hidden (m, L, D)."""
-        m, k = len(data), self.latent_size
+    def unpack(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(m, record) float16 values -> latents_w (m, C, h, w), latents_l, hidden (m, L, D), nouns (m, L) or None."""
+        m, k, h = len(data), self.latent_size, int(np.prod(self.hidden_shape))
+        nouns = data[:, 2 * k + h:] if self.nouns else None
         return (data[:, :k].reshape(m, *self.latent_shape), data[:, k: 2 * k].reshape(m, *self.latent_shape),
-                data[:, 2 * k:].reshape(m, *self.hidden_shape))
+                data[:, 2 * k: 2 * k + h].reshape(m, *self.hidden_shape), nouns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +104,8 @@ def key(meta: dict, manifest: dict, model_fingerprint: str, plan_: PairPlan) -> 
     data = {"format": FORMAT, "pool_fingerprint": meta["fingerprint"], "pool_manifest": manifest,
             "model_fingerprint": model_fingerprint, "pool_size": plan_.pool_size, "loser_rank": plan_.loser_rank,
             "dataset_size": plan_.dataset_size}
+    if plan_.selection != "rank":
+        data.update(selection=plan_.selection, margin=plan_.margin)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -151,6 +157,20 @@ class Selected:
     latents_l: np.ndarray  # (m, C, h, w) float16
 
 
+def _chosen(small: pa.Table, keep: np.ndarray, plan_: PairPlan) -> tuple[np.ndarray, list, list]:
+    """The kept rows that have a pair, their (winner, loser) seed positions and the scores that chose them."""
+    if plan_.selection == "ospo":
+        from hgdpo.ospo import choose_pair as choose_ospo
+
+        scores, least = small.column("self_scores").to_pylist(), small.column("self_least").to_pylist()
+        big_n = len(scores[0]) // 2 if scores else 0
+        seeds = [choose_ospo(scores[r], least[r], plan_.pool_size, plan_.margin) for r in keep]
+        rows = np.asarray([r for r, j in zip(keep, seeds) if j is not None], dtype=np.int64)
+        return rows, [(j, big_n + j) for j in seeds if j is not None], scores
+    scores = small.column("scores").to_pylist()
+    return keep, [choose_pair(np.asarray(scores[r]), plan_.pool_size, plan_.loser_rank) for r in keep], scores
+
+
 def read_selection(source, plan_: PairPlan) -> Iterator[Selected]:
     """The pairs ``plan_`` selects from one pool part, a row group at a time.
 
@@ -161,12 +181,13 @@ def read_selection(source, plan_: PairPlan) -> Iterator[Selected]:
 
     part = pq.ParquetFile(source)
     for group in range(part.metadata.num_row_groups):
-        small = part.read_row_group(group, columns=SMALL_COLUMNS)
+        extra = ["self_scores", "self_least"] if plan_.selection == "ospo" else []
+        small = part.read_row_group(group, columns=SMALL_COLUMNS + extra)
         keep = np.flatnonzero(small.column("prompt_index").to_numpy() < plan_.dataset_size)
+        keep, chosen, scores = _chosen(small, keep, plan_)
         if not len(keep):
             continue
-        scores, held = small.column("scores").to_pylist(), small.column("latent_index").to_pylist()
-        chosen = [choose_pair(np.asarray(scores[r]), plan_.pool_size, plan_.loser_rank) for r in keep]
+        held = small.column("latent_index").to_pylist()
         at_w = [held[r].index(w) for r, (w, _) in zip(keep, chosen)]
         at_l = [held[r].index(l) for r, (_, l) in zip(keep, chosen)]
         latents = pool.read_latents(part, group, sorted(set(at_w) | set(at_l)))  # position -> (rows, C, h, w)
@@ -232,8 +253,14 @@ def select_part(pool_uri: str, part: str, dest: str, plan_: PairPlan, latent_sha
         for selected in _guarded(read_selection(source, plan_), where):
             hidden = encode_prompts(tokenizer, text_encoder, selected.rows["prompt"]).numpy()  # (m, L, D)
             hidden_shape[:] = hidden.shape[1:]
-            layout = Layout(tuple(latent_shape), tuple(hidden_shape))
-            out.write(layout.pack(selected.latents_w, selected.latents_l, hidden))
+            layout = Layout(tuple(latent_shape), tuple(hidden_shape), nouns=plan_.selection == "ospo")
+            nouns = None
+            if layout.nouns:
+                from hgdpo.ospo import encode_nouns, noun_tokens
+
+                nouns = np.stack([encode_nouns(noun_tokens(tokenizer, p), hidden.shape[1])
+                                  for p in selected.rows["prompt"]])  # (m, L)
+            out.write(layout.pack(selected.latents_w, selected.latents_l, hidden, nouns))
             for name, values in selected.rows.items():
                 rows[name].extend(values)
             rows["offset"].extend((offset + layout.record_bytes * np.arange(len(hidden))).tolist())
@@ -343,12 +370,25 @@ def _finish(where: str, key_: str, cfg, meta: dict, plan_: PairPlan, parts: list
             pieces.append(table.append_column("file", pa.array([f"{_stem(part)}.bin"] * table.num_rows)))
     index = pa.concat_tables(pieces).sort_by("index") if pieces else None
     got = index.column("index").to_numpy() if index is not None else np.zeros(0, np.int64)
-    if not np.array_equal(got, np.arange(plan_.dataset_size)):
+    rows = plan_.dataset_size
+    if plan_.selection == "ospo":  # the prompts the self-judge kept, renumbered 0..rows-1 in prompt order
+        if len(np.unique(got)) != len(got) or (len(got) and got.max() >= plan_.dataset_size):
+            raise HgdpoError(f"train.pool: {cfg.pool}: a prompt index has two rows; the pool is inconsistent with its "
+                             f"manifest")
+        rows = len(got)
+        if index is not None:
+            index = index.append_column("prompt_index", index.column("index")).set_column(
+                0, "index", pa.array(np.arange(rows), pa.int64()))
+        if not rows:
+            raise HgdpoError(f"train.pool: the self-judge kept none of the first {plan_.dataset_size} prompts of "
+                             f"{cfg.pool} (no seed whose image passes every question while its negative fails one); "
+                             f"lower train.ospo_margin or build the pool with more images per prompt")
+    elif not np.array_equal(got, np.arange(plan_.dataset_size)):
         missing = sorted(set(range(plan_.dataset_size)) - set(got.tolist()))
         what = f"prompt index {missing[0]} has no row" if missing else "a prompt index has two rows"
         raise HgdpoError(f"train.pool: {cfg.pool}: {what} among the first {plan_.dataset_size} prompts; "
                          f"the pool is inconsistent with its manifest")
-    layout = Layout(tuple(meta["latent_shape"][1:]), tuple(hidden_shape))
+    layout = Layout(tuple(meta["latent_shape"][1:]), tuple(hidden_shape), nouns=plan_.selection == "ospo")
     storage.write_parquet(storage.join(where, INDEX), index)
     sizes = _sizes(where)
     files = {name: sizes.get(name) for name in sorted(set(index.column("file").to_pylist()))}
@@ -361,9 +401,11 @@ def _finish(where: str, key_: str, cfg, meta: dict, plan_: PairPlan, parts: list
         "format": FORMAT, "key": key_, "pool": storage.absolute(cfg.pool), "pool_fingerprint": meta["fingerprint"],
         "base_model": meta.get("base_model"), "selection": {"pool_size": plan_.pool_size,
                                                             "loser_rank": plan_.loser_rank,
-                                                            "dataset_size": plan_.dataset_size},
-        "rows": plan_.dataset_size, "latent_shape": list(layout.latent_shape), "hidden_shape": list(layout.hidden_shape),
-        "dtype": "float16", "record": ["latents_w", "latents_l", "hidden_states"], "record_bytes": layout.record_bytes,
+                                                            "dataset_size": plan_.dataset_size,
+                                                            "rule": plan_.selection, "margin": plan_.margin},
+        "rows": rows, "latent_shape": list(layout.latent_shape), "hidden_shape": list(layout.hidden_shape),
+        "dtype": "float16", "record": ["latents_w", "latents_l", "hidden_states"] + ["nouns"] * layout.nouns,
+        "nouns": layout.nouns, "record_bytes": layout.record_bytes,
         "files": {k: int(v) for k, v in files.items()}, "index_bytes": int(sizes[INDEX]),
     }
     storage.write_json(storage.join(where, MANIFEST), manifest)
@@ -381,6 +423,7 @@ class Batch:
     latents_w: np.ndarray  # (m, C, h, w)
     latents_l: np.ndarray  # (m, C, h, w)
     hidden: np.ndarray  # (m, L, D)
+    nouns: np.ndarray | None = None  # (m, L): ospo's noun of each token (hgdpo.ospo.encode_nouns)
 
 
 class PairReader:
@@ -393,7 +436,8 @@ class PairReader:
         import pyarrow.parquet as pq
 
         self.location = location_
-        self.layout = Layout(tuple(manifest["latent_shape"]), tuple(manifest["hidden_shape"]))
+        self.layout = Layout(tuple(manifest["latent_shape"]), tuple(manifest["hidden_shape"]),
+                             nouns=bool(manifest.get("nouns")))
         self._fs, self._root = storage.resolve(location_)
         with storage.errors("train.pairs_folder", location_):
             index = pq.read_table(posixpath.join(self._root, INDEX), columns=["index", "file", "offset"],

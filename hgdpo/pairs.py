@@ -39,6 +39,8 @@ class PairPlan:
     data_shards: int
     global_batch: int
     seed: int
+    selection: str = "rank"  # "rank": by the pool's scores; "ospo": the self-judge's pair of hard negatives
+    margin: float = 0.0  # ospo: the least margin an original must pass every question by
 
     @property
     def per_shard(self) -> int:
@@ -64,8 +66,14 @@ class PairPlan:
 
 
 def plan(meta: dict, *, pool_size: int | None, loser_rank: int | None, dataset_size: int | None,
-         data_shards: int, global_batch: int, seed: int) -> PairPlan:
-    """Resolve the ablation settings against a pool's metadata; refuse what the pool cannot give."""
+         data_shards: int, global_batch: int, seed: int, selection: str = "rank", margin: float = 0.0) -> PairPlan:
+    """Resolve the ablation settings against a pool's metadata; refuse what the pool cannot give.
+
+    ``selection="ospo"`` (objective ospo) needs a pool with hard negatives; its dataset then holds the
+    prompts among the first D that the self-judge kept (``hgdpo.ospo.choose_pair``), renumbered."""
+    if selection == "ospo" and not meta["config"].get("hard_negatives"):
+        raise HgdpoError(f"train.objective: ospo trains on a pool with hard negatives; {meta['config']['output']} "
+                         f"has none (build one with pool.hard_negatives: [replace, swap, drop])")
     big_n = int(meta["images_per_prompt"])
     n = pool_size if pool_size is not None else big_n
     if n > big_n:
@@ -83,7 +91,7 @@ def plan(meta: dict, *, pool_size: int | None, loser_rank: int | None, dataset_s
         raise HgdpoError(
             f"train.pool_size/loser_rank: the pool keeps only its winner and loser latents (keep: pair, "
             f"N={big_n}, loser rank {pool_rank}); n={n}, loser rank {rank} need a pool built with keep: all")
-    p = PairPlan(n, rank, d, data_shards, global_batch, seed)
+    p = PairPlan(n, rank, d, data_shards, global_batch, seed, selection, margin)
     if p.steps_per_epoch() < 1:
         raise HgdpoError(f"train.dataset_size: {d} prompts in {data_shards} shards cannot fill one global batch "
                          f"of {global_batch}; lower global_batch or data_shards")

@@ -613,6 +613,13 @@ def applicable_kinds(prompt: str, world: bool | None = None) -> tuple[str, ...]:
     return tuple(k for k in KINDS if _free_options(t, k))
 
 
+def objects(prompt: str, world: bool | None = None) -> tuple[NounPhrase, ...]:
+    """The object noun phrases of ``prompt``: the grammar's objects for a caption of the world, else the
+    free-text noun phrases (``noun_phrases``)."""
+    spec = _spec_or_none(prompt, world)
+    return _world_objects(prompt, spec) if spec is not None else noun_phrases(prompt)
+
+
 def perturb(prompt: str, kind: str, rng: np.random.Generator, world: bool | None = None) -> Perturbation:
     """One ``kind`` perturbation of ``prompt`` (see the module docstring), deterministic in ``rng``.
 

@@ -96,15 +96,17 @@ def interval_chart(title: str, categories: list[str], series: dict[str, list[tup
     return chart
 
 
-def focus_grid(lat_w: np.ndarray, lat_l: np.ndarray, weights: np.ndarray, timesteps: list[int], min_cell: int = 96):
-    """A PIL image of the ``focus`` objective's weight: one row per pair, its winner's and its loser's latent
-    (the channel mean, min-max normalised, grey), then its weight W at each of ``timesteps`` on one grey scale
-    per row (black at the row's smallest W, white at its largest; the range is written beside the row, so a
+def weight_grid(lat_w: np.ndarray, lat_l: np.ndarray, weights: np.ndarray, labels: list[str], min_cell: int = 96):
+    """A PIL image of a region-weighted objective's weights (``focus``, ``ospo``): one row per pair, its winner's
+    and its loser's latent
+    (the channel mean, min-max normalised, grey), then its weights on one grey scale
+    per row, under ``labels`` (black at the row's smallest W, white at its largest; the range is written beside
+    the row, so a
     map's change with t shows). A constant map is mid-grey. Every map is enlarged by one whole factor,
     nearest-neighbour (a latent pixel is a block of equal pixels), so that a cell's shorter side is at least
     ``min_cell`` pixels.
 
-    ``lat_w``, ``lat_l``: (B, C, h, w); ``weights``: (B, T, h, w), T = ``len(timesteps)``.
+    ``lat_w``, ``lat_l``: (B, C, h, w); ``weights``: (B, T, h, w), T = ``len(labels)``.
     """
     from PIL import Image, ImageDraw
 
@@ -112,7 +114,7 @@ def focus_grid(lat_w: np.ndarray, lat_l: np.ndarray, weights: np.ndarray, timest
     rows, _, h, w = lat_w.shape
     scale = -(-min_cell // min(h, w))
     text_w, pad, head = 80, 4, 16
-    labels = ["winner", "loser", *(f"W t={t}" for t in timesteps)]
+    labels = ["winner", "loser", *labels]
     grid = Image.new("RGB", (text_w + len(labels) * (w * scale + pad) + pad, head + rows * (h * scale + pad) + pad),
                      "white")
     draw = ImageDraw.Draw(grid)

@@ -25,6 +25,12 @@ Row columns (the data contract of DESIGN.md): ``prompt_id``, ``prompt_index``, `
 loser), ``latent_00`` ... ``latent_<K-1>`` (C x h x w float16 each: the latents of seed
 ``latent_index[k]``), ``image_w`` / ``image_l`` (PNG bytes).
 
+A pool with hard negatives (OSPO, ``pool.hard_negatives``) also holds, per seed j, the latents of an
+image of the prompt's first perturbation from the same seed, at latent index N + j (K = 2N), and
+``questions`` (the prompt's perturbations, the first one the negatives'), ``self_scores`` and
+``self_least`` (2N each, originals then negatives: the self-judge's mean and least margins,
+``hgdpo.ospo``; NaN for a prompt no perturbation applies to).
+
 One column per kept latent, and row groups of ``GROUP_ROWS`` rows, because parquet reads a column
 chunk whole: a reader that needs two latents of a row (a pair selection) reads, per row group, only
 the columns some of its rows need, and a selection among the first n < N images reads at most n of
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -73,8 +80,14 @@ def latent_names(names: list[str] | pa.Schema) -> list[str]:
     return [n for n in names if n == LATENTS_V1 or (n.startswith("latent_") and n[7:].isdigit())]
 
 
-def schema(latent_shape: tuple[int, ...]) -> pa.Schema:
-    """The pool's schema; ``latent_shape`` is (K, C, h, w) with K = N or 2."""
+SELF_JUDGED = (("questions", pa.list_(pa.string())), ("self_scores", pa.list_(pa.float32())),
+               ("self_least", pa.list_(pa.float32())))
+SELF_JUDGED_COLUMNS = tuple(name for name, _ in SELF_JUDGED)
+
+
+def schema(latent_shape: tuple[int, ...], self_judged: bool = False) -> pa.Schema:
+    """The pool's schema; ``latent_shape`` is (K, C, h, w) with K = N or 2, or 2N for a pool with hard
+    negatives (``self_judged``: the OSPO columns too)."""
     k, *shape = latent_shape
     return pa.schema([
         ("prompt_id", pa.string()),
@@ -89,6 +102,7 @@ def schema(latent_shape: tuple[int, ...]) -> pa.Schema:
         *[(latent_column(i), latents_type(tuple(shape))) for i in range(k)],
         ("image_w", pa.binary()),
         ("image_l", pa.binary()),
+        *(SELF_JUDGED if self_judged else ()),
     ])
 
 
@@ -108,7 +122,7 @@ def _tensor_values(column) -> np.ndarray:
 def to_table(rows: dict[str, Any], latent_shape: tuple[int, ...]) -> pa.Table:
     """Build a pool table from a column batch (numpy arrays / lists; ``latents`` as (rows, K, C, h, w)),
     in the pool's schema."""
-    sch = schema(latent_shape)
+    sch = schema(latent_shape, self_judged="self_scores" in rows)
     latents = np.asarray(rows["latents"], dtype=np.float16)
     arrays = []
     for field in sch:
@@ -117,6 +131,8 @@ def to_table(rows: dict[str, Any], latent_shape: tuple[int, ...]) -> pa.Table:
         else:
             values = rows[field.name]
             values = [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
+            if field.name == "questions":  # JSON text per row on its way from the generator (hgdpo.pool_builder)
+                values = [json.loads(v) if isinstance(v, str) else v for v in values]
             arrays.append(pa.array(values, type=field.type))
     return pa.Table.from_arrays(arrays, schema=sch)
 

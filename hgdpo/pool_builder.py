@@ -74,6 +74,10 @@ class RowMaker:
         native_w, native_h = native_size(self.pipe)
         self.width, self.height = cfg.width or native_w, cfg.height or native_h
         self.loser_rank = cfg.resolved_loser_rank()
+        if cfg.hard_negatives:  # the self-judge noises images as training does
+            from diffusers import DDPMScheduler
+
+            self.noise_schedule = DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     def make(self, prompt_id: str, prompt_index: int, text: str) -> dict:
         """One prompt's row (``ROW_COLUMNS``), the winner's and loser's images as uint8 pixels."""
@@ -89,9 +93,38 @@ class RowMaker:
         order = rank(scores)
         w, l = int(order[0]), int(order[self.loser_rank - 1])
         keep = np.arange(len(seeds), dtype=np.int32) if cfg.keep == "all" else np.asarray([w, l], np.int32)
-        return {"prompt_id": prompt_id, "prompt_index": int(prompt_index), "prompt": text,
-                "seeds": np.asarray(seeds, dtype=np.int64), "scores": scores, "rank": order, "winner": w,
-                "loser": l, "latent_index": keep, "latents": latents[keep], "pixels_w": images[w], "pixels_l": images[l]}
+        row = {"prompt_id": prompt_id, "prompt_index": int(prompt_index), "prompt": text,
+               "seeds": np.asarray(seeds, dtype=np.int64), "scores": scores, "rank": order, "winner": w,
+               "loser": l, "latent_index": keep, "latents": latents[keep], "pixels_w": images[w], "pixels_l": images[l]}
+        if cfg.hard_negatives:
+            row.update(self.hard_negatives(prompt_id, text, seeds, latents))
+        return row
+
+    def hard_negatives(self, prompt_id: str, text: str, seeds: list[int], latents: np.ndarray) -> dict:
+        """OSPO's columns of a row: the negatives' latents after the originals', the questions, the self-judge's
+        scores of all 2N images (``hgdpo.ospo``)."""
+        import torch
+
+        from hgdpo import ospo
+        from hgdpo.sampling import sample_latents
+
+        cfg = self.cfg
+        questions = ospo.questions(text, cfg.hard_negatives, cfg.seed, cfg.self_judge_questions)
+        if questions:
+            negatives = sample_latents(self.pipe, questions[0], seeds, steps=cfg.steps,
+                                       guidance_scale=cfg.guidance_scale, width=self.width, height=self.height,
+                                       negative_prompt=cfg.negative_prompt, batch=cfg.generator_batch)
+            negatives = negatives.to(torch.float16).cpu().numpy()
+        else:  # nothing to perturb: no pair for this prompt (the self-scores are NaN)
+            negatives = np.zeros_like(latents)
+        both = np.concatenate([latents, negatives])  # (2N, C, h, w)
+        self_scores, self_least = ospo.self_judge(self.pipe, self.noise_schedule, prompt_id, text, questions, both,
+                                                  cfg.seed)
+        # The questions travel as one JSON string (a ragged list of strings per row would not cross Ray Data
+        # as a column); the pool stores them as a list column.
+        return {"latent_index": np.arange(len(both), dtype=np.int32), "latents": both,
+                "questions": json.dumps(questions),
+                "self_scores": self_scores, "self_least": self_least}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.make(str(pid), int(index), str(text))
@@ -100,9 +133,11 @@ class RowMaker:
 
 
 def columns(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows (dicts of ``ROW_COLUMNS``) as a batch of columns."""
+    """Rows (dicts of ``ROW_COLUMNS``, and a pool with hard negatives' ``pool.SELF_JUDGED``) as a batch of
+    columns."""
+    keys = ROW_COLUMNS + (pool.SELF_JUDGED_COLUMNS if "self_scores" in rows[0] else ())
     return {key: np.stack([r[key] for r in rows]) if isinstance(rows[0][key], np.ndarray)
-            else np.asarray([r[key] for r in rows]) for key in ROW_COLUMNS}
+            else np.asarray([r[key] for r in rows]) for key in keys}
 
 
 def write_rows(batch: dict[str, np.ndarray], output: str, latent_shape: list[int]) -> dict[str, np.ndarray]:
@@ -156,7 +191,7 @@ def _latent_shape(cfg: PoolConfig, source: models.ModelSource) -> tuple[list[int
     height = cfg.height or unet["sample_size"] * factor
     if width % factor or height % factor:
         raise HgdpoError(f"pool.width/height: {width}x{height} must be multiples of the VAE factor {factor}")
-    k = cfg.images_per_prompt if cfg.keep == "all" else 2
+    k = (2 if cfg.hard_negatives else 1) * cfg.images_per_prompt if cfg.keep == "all" else 2
     return [k, unet["in_channels"], height // factor, width // factor], width, height
 
 

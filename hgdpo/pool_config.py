@@ -16,8 +16,10 @@ DATA_FIELDS = (
     "prompts", "prompt_format", "prompt_column", "id_column", "category", "max_prompts",
     "model", "model_config", "scorer_model", "scorer_processor",
     "images_per_prompt", "loser_rank", "keep", "seed", "sampler", "steps",
-    "guidance_scale", "width", "height", "negative_prompt", "dtype",
+    "guidance_scale", "width", "height", "negative_prompt", "dtype", "hard_negatives", "self_judge_questions",
 )
+# Data settings a pool written before they existed lacks: left out of its fingerprint at their default.
+NEWER_DATA_FIELDS = {"hard_negatives": [], "self_judge_questions": 2}
 
 
 @dataclass
@@ -68,6 +70,12 @@ class PoolConfig:
     negative_prompt: str = doc("Negative prompt used for classifier-free guidance.", "")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = doc(
         "Model precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
+    hard_negatives: list[str] = doc(
+        "OSPO: perturbation kinds (replace, swap, drop; hgdpo.perturb) for hard negatives. Per seed, an image of "
+        "the prompt's first perturbation from the same seed is kept too, and the model judges every image itself "
+        "against the prompt's perturbations (hgdpo.ospo). Needs keep: all. Empty: none.", [])
+    self_judge_questions: int = doc(
+        "OSPO: perturbations of a prompt its images are judged against (the first makes the negatives).", 2)
 
     generator_batch: int = doc(
         "Images per sampler run (each UNet call takes twice as many with classifier-free guidance). 4 is "
@@ -113,6 +121,16 @@ class PoolConfig:
                 raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
         if self.writer_cpus <= 0:
             raise ConfigError(f"{s}.writer_cpus: must be positive (got {self.writer_cpus})")
+        from hgdpo.perturb import KINDS
+
+        for i, kind in enumerate(self.hard_negatives):
+            if kind not in KINDS:
+                raise ConfigError(f"{s}.hard_negatives[{i}]: unknown perturbation kind {kind!r}; kinds: {', '.join(KINDS)}")
+        if self.hard_negatives and self.keep != "all":
+            raise ConfigError(f"{s}.keep: hard negatives need keep: all (a prompt's pair is chosen among its seeds "
+                              f"when training reads the pool)")
+        if self.self_judge_questions < 1:
+            raise ConfigError(f"{s}.self_judge_questions: must be at least 1 (got {self.self_judge_questions})")
         check_sampling(self)
         check_actors(self, "generator")
         check_locations(self, "output")
@@ -125,4 +143,5 @@ class PoolConfig:
         """The settings that determine the pool's content (see ``DATA_FIELDS``)."""
         names = {f.name for f in fields(self)}
         assert set(DATA_FIELDS) <= names
-        return {k: getattr(self, k) for k in DATA_FIELDS}
+        return {k: getattr(self, k) for k in DATA_FIELDS
+                if not (k in NEWER_DATA_FIELDS and getattr(self, k) == NEWER_DATA_FIELDS[k])}

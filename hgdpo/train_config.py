@@ -15,6 +15,7 @@ RESUME_FIELDS = (
     "lambda_stat", "lora_rank", "lora_alpha", "learning_rate", "lr_schedule", "warmup_steps", "max_steps",
     "global_batch", "data_shards", "max_grad_norm", "weight_decay", "optimizer", "seed", "mixed_precision",
     "stat_step", "stat_sampler_steps", "focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo", "focus_t_hi",
+    "ospo_alpha", "ospo_gamma", "ospo_margin", "ospo_mask_resolutions",
 )
 
 
@@ -31,11 +32,12 @@ class TrainConfig:
     model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
     allow_pickle: bool = doc("Allow pickle weight formats. Off: safetensors only.", False)
 
-    objective: Literal["hgdpo", "dpo", "sft", "focus"] = doc(
+    objective: Literal["hgdpo", "dpo", "sft", "focus", "ospo"] = doc(
         "hgdpo: Diffusion-DPO + statistic matching (eq. 9); dpo: Diffusion-DPO alone (eq. 3); "
         "sft: noise-prediction loss on winners (the paper's SFT baseline); focus: Diffusion-DPO with FocusDPO's "
         "region weight on both errors (hgdpo.focus: where winner and loser differ, the winner's detail at low "
-        "noise, less where the reference is unsure).", "hgdpo")
+        "noise, less where the reference is unsure); ospo: Diffusion-DPO on the self-judged pairs of a pool with "
+        "hard negatives (hgdpo.ospo), each error weighted by its image's object mask.", "hgdpo")
     pool_size: int | None = doc("n: use the first n images of each prompt (paper Table 3); default all N.", None)
     loser_rank: int | None = doc("Rank (2..n) of the loser among the first n (paper Table 5); default n.", None)
     dataset_size: int | None = doc("D: train on the first D prompts of the pool (paper Table 6); default all.", None)
@@ -53,6 +55,13 @@ class TrainConfig:
     focus_gamma_c: float = doc("focus: exponent of the reference's confidence (0: off).", 1.0)
     focus_t_lo: int = doc("focus: timestep at and below which the complexity term is at full strength.", 300)
     focus_t_hi: int = doc("focus: timestep at and above which the complexity term is off.", 600)
+    ospo_alpha: float = doc("ospo: how much more an object's positions weigh, w = 1 + alpha * m^gamma.", 1.0)
+    ospo_gamma: float = doc("ospo: exponent gamma of the soft object mask m.", 1.0)
+    ospo_margin: float = doc("ospo: the least margin by which the chosen image must answer each question (its "
+                             "denoising error under the perturbed prompt minus under the prompt; hgdpo.ospo).", 0.0)
+    ospo_mask_resolutions: list[int] | None = doc(
+        "ospo: the cross-attention layers the masks are read from, by resolution (hgdpo.attention; SD1.5: 64, "
+        "32, 16, 8); default: the one nearest a quarter of the UNet's latent side (SD1.5: 16).", None)
 
     lora_rank: int = doc("LoRA rank on every attention projection of the UNet (paper: 8).", 8)
     lora_alpha: float | None = doc("LoRA alpha (scale = alpha / rank); default: the rank.", None)
@@ -132,6 +141,12 @@ class TrainConfig:
         for name in ("focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{s}.{name}: must be >= 0 (got {getattr(self, name)})")
+        if self.ospo_alpha < 0:
+            raise ConfigError(f"{s}.ospo_alpha: must be >= 0 (got {self.ospo_alpha})")
+        if self.ospo_gamma <= 0:
+            raise ConfigError(f"{s}.ospo_gamma: must be positive (got {self.ospo_gamma})")
+        if self.ospo_mask_resolutions is not None and not self.ospo_mask_resolutions:
+            raise ConfigError(f"{s}.ospo_mask_resolutions: empty; leave it unset for the default")
         if self.focus_t_lo > self.focus_t_hi:
             raise ConfigError(f"{s}.focus_t_lo: must be at most focus_t_hi={self.focus_t_hi} (got {self.focus_t_lo})")
         per_worker = self.global_batch // self.workers

@@ -13,7 +13,12 @@ runs the reference (the same UNet, adapters disabled, no grad) and the policy on
 as one batch; and takes eq. 3 (+ eq. 8 from the same predictions, eq. 9). Gradients are accumulated
 to the global batch, clipped, and applied with AdamW (8-bit Adam where bitsandbytes and CUDA are
 present). Rank 0 sends the metrics to the run's MLflow run; with ``objective: focus`` also, at the run's first
-step, ``focus/weights.png``: the focus weight of the first pairs at three timesteps (``focus_picture``).
+step, ``focus/weights.png``: the focus weight of the first pairs at three timesteps (``focus_picture``); with
+``objective: ospo``, ``ospo/masks.png``: their winners' and losers' object-mask weights (``ospo_picture``).
+
+``objective: ospo`` reads a pool with hard negatives through the self-judge's pairs (``hgdpo.ospo``; the plan's
+D becomes the number of pairs it kept), and weights each image's error by its object mask, read from the
+reference pass's cross-attention to the prompt's nouns (``hgdpo.attention.capture``: the same forward pass).
 
 Precision (``precision``): float32 on CPU. On GPU the frozen UNet weights are held in the compute
 dtype (bf16 where the GPU has it, else fp16) under autocast, the LoRA weights and their optimizer
@@ -38,6 +43,7 @@ import os
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,7 +53,9 @@ import torch
 from hgdpo import losses, models, pair_data, pool, storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
+from hgdpo.attention import capture
 from hgdpo.lora import INFO_FILE, add_lora, load_lora_state, lora_state, save_adapter
+from hgdpo.ospo import decode_nouns, mask_weights
 from hgdpo.pairs import PairPlan
 from hgdpo.pairs import plan as make_plan
 from hgdpo.train_config import TrainConfig
@@ -59,6 +67,7 @@ PROBES = ("stat_dpo_grad_ratio",)  # metrics measured once a metrics window, not
 FOCUS_PICTURE = "focus/weights.png"  # objective focus: the first step's weights, in the run's MLflow artifacts
 FOCUS_PICTURE_TIMESTEPS = (100, 500, 900)  # low, middle and high noise (the default complexity ramp: 600 to 300)
 FOCUS_PICTURE_PAIRS = 4
+OSPO_PICTURE = "ospo/masks.png"  # objective ospo: the first step's object-mask weights of winners and losers
 
 
 def lr_factor(cfg: TrainConfig):
@@ -188,13 +197,21 @@ def grad_norm_ratio(a: torch.Tensor, b: torch.Tensor, params) -> torch.Tensor:
     return (norm(a) / norm(b).clamp_min(1e-30)).detach()
 
 
+def _default_mask_resolution(unet) -> int:
+    from hgdpo.attention import cross_attention_layers, default_resolution
+
+    side = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
+    return default_resolution(sorted(set(cross_attention_layers(unet).values())), side)
+
+
 def micro_step(cfg: TrainConfig, model, unet, noise_scheduler, emb, lat_w, lat_l, t, noise,
-               autocast, probe=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               autocast, probe=None, nouns=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch of m pairs. ``lat_*``, ``noise``: (m, C, h, w); ``t``: (m,); ``emb``:
     (m, L, D) the prompts' text-encoder hidden states (``pair_data.encode_prompts``); ``model``: ``unet``
     or its DDP wrapper; ``autocast``: a fresh ``Precision.autocast()``. ``probe``: the LoRA parameters,
     to measure (``hgdpo``) the ratio of the weighted statistic-matching term's gradient norm to the DPO
-    term's, ``stat_dpo_grad_ratio``: how much eq. 9's second term steers the update."""
+    term's, ``stat_dpo_grad_ratio``: how much eq. 9's second term steers the update. ``nouns`` (``ospo``): per
+    pair, its prompt's noun token groups."""
     device = lat_w.device
     if cfg.objective == "sft":
         noisy_w = noise_scheduler.add_noise(lat_w, noise, t)
@@ -205,7 +222,10 @@ def micro_step(cfg: TrainConfig, model, unet, noise_scheduler, emb, lat_w, lat_l
     x0 = torch.cat([lat_w, lat_l])  # winner and loser in one batch: (2m, C, h, w)
     noise2, t2, emb2 = torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([emb, emb])
     noisy = noise_scheduler.add_noise(x0, noise2, t2)
-    with torch.no_grad(), autocast:
+    # ospo: the reference pass also records its cross-attention, for each image's object mask.
+    recording = _null() if cfg.objective != "ospo" else capture(
+        unet, resolutions=cfg.ospo_mask_resolutions or [_default_mask_resolution(unet)])
+    with torch.no_grad(), autocast, recording as cap:
         unet.disable_adapters()  # the reference: the same UNet without its adapters
         try:
             ref = unet(noisy, t2, encoder_hidden_states=emb2).sample.float()
@@ -214,7 +234,12 @@ def micro_step(cfg: TrainConfig, model, unet, noise_scheduler, emb, lat_w, lat_l
     with autocast:
         policy = model(noisy, t2, encoder_hidden_states=emb2).sample.float()
     m = len(lat_w)
-    if cfg.objective == "focus":  # one weight per pair, on the winner's and the loser's errors alike
+    if cfg.objective == "ospo":  # each image's own object mask, from the reference's attention to its nouns
+        weight = mask_weights(cap.mean(), nouns + nouns, tuple(noisy.shape[-2:]), alpha=cfg.ospo_alpha,
+                              gamma_m=cfg.ospo_gamma)  # (2m, 1, h, w): OSPO's w = 1 + alpha * m^gamma
+        policy_err = losses.weighted_per_sample_error(noise2, policy, weight)
+        ref_err = losses.weighted_per_sample_error(noise2, ref, weight)
+    elif cfg.objective == "focus":  # one weight per pair, on the winner's and the loser's errors alike
         from hgdpo.focus import focus_weight
 
         weight = torch.cat([focus_weight(lat_w, lat_l, t, ref[:m], noise, cfg.focus_settings())] * 2)
@@ -239,12 +264,12 @@ def micro_step(cfg: TrainConfig, model, unet, noise_scheduler, emb, lat_w, lat_l
 
 def focus_picture(cfg: TrainConfig, unet, noise_scheduler, batch, index: np.ndarray, step: int,
                   device: torch.device, autocast):
-    """A picture (``pictures.focus_grid``) of the ``focus`` weight of the first ``FOCUS_PICTURE_PAIRS`` pairs of a
+    """A picture (``pictures.weight_grid``) of the ``focus`` weight of the first ``FOCUS_PICTURE_PAIRS`` pairs of a
     worker's ``batch`` at ``step`` (``index``: their pair indices), at each of ``FOCUS_PICTURE_TIMESTEPS`` with the
     pair's noise of that step. One reference pass (no grad, adapters disabled) of at most ``FOCUS_PICTURE_PAIRS``
     latents per timestep, which changes nothing of the training (no random draw, no state)."""
     from hgdpo.focus import focus_weight
-    from hgdpo.pictures import focus_grid
+    from hgdpo.pictures import weight_grid
 
     m = min(len(index), FOCUS_PICTURE_PAIRS)
     lat_w, lat_l, emb = (torch.from_numpy(x[:m]).to(device, torch.float32)
@@ -261,8 +286,44 @@ def focus_picture(cfg: TrainConfig, unet, noise_scheduler, batch, index: np.ndar
             finally:
                 unet.enable_adapters()
         weights.append(focus_weight(lat_w, lat_l, t, ref_w, noise, cfg.focus_settings())[:, 0])  # (m, h, w)
-    return focus_grid(lat_w.cpu().numpy(), lat_l.cpu().numpy(), torch.stack(weights, dim=1).cpu().numpy(),
-                      list(FOCUS_PICTURE_TIMESTEPS))
+    return weight_grid(lat_w.cpu().numpy(), lat_l.cpu().numpy(), torch.stack(weights, dim=1).cpu().numpy(),
+                       [f"W t={t}" for t in FOCUS_PICTURE_TIMESTEPS])
+
+
+def ospo_picture(cfg: TrainConfig, unet, noise_scheduler, batch, index: np.ndarray, step: int,
+                 device: torch.device, autocast):
+    """A picture (``pictures.weight_grid``) of the ``ospo`` weights (each image's object mask) of the first
+    ``FOCUS_PICTURE_PAIRS`` pairs of a worker's ``batch`` at ``step``: the winner's and the loser's, at each of
+    ``FOCUS_PICTURE_TIMESTEPS``, with the pair's noise of that step. Reference passes only (no grad, adapters
+    disabled, no random draw): the training is unchanged."""
+    from hgdpo.pictures import weight_grid
+
+    m = min(len(index), FOCUS_PICTURE_PAIRS)
+    lat_w, lat_l, emb = (torch.from_numpy(x[:m]).to(device, torch.float32)
+                         for x in (batch.latents_w, batch.latents_l, batch.hidden))
+    nouns = [decode_nouns(x) for x in batch.nouns[:m]]
+    noise = torch.stack([pair_noise(cfg.seed, step, int(i), tuple(lat_w.shape[1:]),
+                                    noise_scheduler.config.num_train_timesteps)[1] for i in index[:m]]).to(device)
+    resolutions = cfg.ospo_mask_resolutions or [_default_mask_resolution(unet)]
+    weights, labels = [], []
+    for timestep in FOCUS_PICTURE_TIMESTEPS:
+        t = torch.full((m,), timestep, device=device)
+        for side, lat in (("winner", lat_w), ("loser", lat_l)):
+            noisy = noise_scheduler.add_noise(lat, noise, t)
+            with torch.no_grad(), autocast, capture(unet, resolutions=resolutions) as cap:
+                unet.disable_adapters()
+                try:
+                    unet(noisy, t, encoder_hidden_states=emb)
+                finally:
+                    unet.enable_adapters()
+            weights.append(mask_weights(cap.mean(), nouns, tuple(lat.shape[-2:]), alpha=cfg.ospo_alpha,
+                                        gamma_m=cfg.ospo_gamma)[:, 0])  # (m, h, w)
+            labels.append(f"W {side[0]} t={timestep}")
+    return weight_grid(lat_w.cpu().numpy(), lat_l.cpu().numpy(), torch.stack(weights, dim=1).cpu().numpy(), labels)
+
+
+# The region-weighted objectives' picture of their weights, logged at a run's first step.
+PICTURES = {"focus": (FOCUS_PICTURE, focus_picture), "ospo": (OSPO_PICTURE, ospo_picture)}
 
 
 def log_picture(client, run_id: str, artifact: str, picture) -> None:
@@ -405,9 +466,10 @@ def train_loop(config: dict) -> dict | None:
     counted, applied, skipped, tick = 0, 0, 0, time.perf_counter()
     steps = range(start, cfg.max_steps)
     for step, (index, batch) in zip(steps, pair_data.prefetched(load, steps)):
-        if step == 0 and cfg.objective == "focus" and mlflow_client is not None:  # rank 0, once a run
-            log_picture(mlflow_client, config["mlflow_run_id"], FOCUS_PICTURE,
-                        focus_picture(cfg, unet, noise_scheduler, batch, index, step, device, prec.autocast()))
+        if step == 0 and cfg.objective in PICTURES and mlflow_client is not None:  # rank 0, once a run
+            artifact, picture = PICTURES[cfg.objective]
+            log_picture(mlflow_client, config["mlflow_run_id"], artifact,
+                        picture(cfg, unet, noise_scheduler, batch, index, step, device, prec.autocast()))
         for k in range(0, per_worker, cfg.micro_batch):
             part = slice(k, k + cfg.micro_batch)
             ids = index[part]
@@ -421,8 +483,9 @@ def train_loop(config: dict) -> dict | None:
             sync = model.no_sync() if (world > 1 and not last) else _null()
             probing = k == 0 and cfg.probe_every > 0 and step % cfg.probe_every == 0 and cfg.objective == "hgdpo"
             with sync:
+                nouns = None if batch.nouns is None else [decode_nouns(x) for x in batch.nouns[part]]
                 loss, stats = micro_step(cfg, model, unet, noise_scheduler, emb, lat_w, lat_l, t, noise,
-                                         prec.autocast(), probe=params if probing else None)
+                                         prec.autocast(), probe=params if probing else None, nouns=nouns)
                 scaled = loss * (len(ids) / per_worker)
                 (prec.scaler.scale(scaled) if prec.scaler else scaled).backward()
             for name, value in stats.items():
@@ -536,6 +599,35 @@ def check_prediction_type(cfg: TrainConfig) -> None:
                          f"objective: its losses compare the UNet's output with the noise")
 
 
+def mask_resolutions(cfg: TrainConfig) -> list[int]:
+    """The cross-attention resolutions ``ospo`` reads its masks from (``ospo_mask_resolutions``, or the
+    default), each checked against the UNet's config."""
+    from hgdpo.attention import config_resolutions, default_resolution
+
+    config = models.component_config(cfg.model, "unet", model_config=cfg.model_config)
+    have = config_resolutions(config)
+    side = config["sample_size"] if isinstance(config["sample_size"], int) else config["sample_size"][0]
+    chosen = cfg.ospo_mask_resolutions or [default_resolution(have, side)]
+    for i, r in enumerate(chosen):
+        if r not in have:
+            raise HgdpoError(f"train.ospo_mask_resolutions[{i}]: the UNet of {cfg.model!r} has no cross-attention "
+                             f"layers at resolution {r}; it has {', '.join(map(str, have))}")
+    return chosen
+
+
+def _kept_pairs(plan_: PairPlan, pairs) -> PairPlan:
+    """``ospo``: the plan over the pairs the self-judge kept (the dataset's rows), refused when they cannot fill a
+    global batch."""
+    if plan_.selection != "ospo":
+        return plan_
+    kept = dataclasses.replace(plan_, dataset_size=int(pairs.manifest["rows"]))
+    if kept.steps_per_epoch() < 1:
+        raise HgdpoError(f"train.dataset_size: the self-judge kept {kept.dataset_size} of the first "
+                         f"{plan_.dataset_size} prompts, too few for {plan_.data_shards} shards and a global batch of "
+                         f"{plan_.global_batch}; lower global_batch or train.ospo_margin, or build a bigger pool")
+    return kept
+
+
 def prepare(cfg: TrainConfig) -> tuple[dict, PairPlan, str]:
     """Every check before work: storage, MLflow store, the pool, the base model, the ablation settings,
     the optimizer."""
@@ -552,7 +644,10 @@ def prepare(cfg: TrainConfig) -> tuple[dict, PairPlan, str]:
         raise HgdpoError(f"train.model: the pool {cfg.pool} was written with base model {base.get('name')!r} "
                          f"(fingerprint {base.get('fingerprint')}), not with {cfg.model!r} (fingerprint {ours})")
     plan_ = make_plan(meta, pool_size=cfg.pool_size, loser_rank=cfg.loser_rank, dataset_size=cfg.dataset_size,
-                      data_shards=cfg.data_shards, global_batch=cfg.global_batch, seed=cfg.seed)
+                      data_shards=cfg.data_shards, global_batch=cfg.global_batch, seed=cfg.seed,
+                      selection="ospo" if cfg.objective == "ospo" else "rank", margin=cfg.ospo_margin)
+    if cfg.objective == "ospo":
+        mask_resolutions(cfg)  # refuses layers the UNet does not have
     if cfg.optimizer == "adamw8bit" and not eight_bit_available():
         raise HgdpoError("train.optimizer: adamw8bit needs CUDA and bitsandbytes; use `auto` or `adamw`")
     return meta, plan_, fingerprint(cfg, meta)
@@ -629,7 +724,12 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
         pairs = pair_data.ensure(cfg, meta, plan_, models.fingerprint(models.resolve_model(
             cfg.model, allow_pickle=cfg.allow_pickle)), log)
         mlflow.set_tag("pairs", pairs.location)
-        loop_config.update(pairs=pairs.location, pairs_manifest=pairs.manifest)
+        plan_ = _kept_pairs(plan_, pairs)
+        if plan_.selection == "ospo":
+            log(f"train: ospo: the self-judge kept {plan_.dataset_size} pairs")
+            mlflow.set_tag("ospo_pairs", plan_.dataset_size)
+            info["plan"] = asdict(plan_)
+        loop_config.update(pairs=pairs.location, pairs_manifest=pairs.manifest, plan=asdict(plan_))
         trainer = TorchTrainer(
             train_loop, train_loop_config=loop_config,
             scaling_config=ray.train.ScalingConfig(

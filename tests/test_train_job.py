@@ -38,8 +38,9 @@ BASE = ["global_batch=4", "micro_batch=2", "data_shards=2", "learning_rate=1e-3"
 def work(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     (tmp / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    # With hard negatives: the objectives that rank by PickScore read its originals, ospo its self-judged pairs.
     assert build_pool.main([f"prompts={tmp / 'prompts.txt'}", f"output={tmp / 'pool'}", "images_per_prompt=4",
-                            "steps=4", "rows_per_file=4", "--no-mlflow"]) == 0
+                            "steps=4", "rows_per_file=4", "hard_negatives=[replace,swap,drop]", "--no-mlflow"]) == 0
     return tmp
 
 
@@ -329,6 +330,9 @@ def test_a_v_prediction_model_is_refused_for_every_objective(work, tmp_path, cap
     ("loser_rank", "train.loser_rank: must be between 2 and pool_size=4 (got 5)"),
     ("dataset_size", "train.dataset_size: 9 prompts asked, but the pool has 8"),
     ("micro_batch", "train.micro_batch: must divide"),
+    ("ospo_plain_pool", "train.objective: ospo trains on a pool with hard negatives"),
+    ("ospo_mask_resolutions", "train.ospo_mask_resolutions[0]: the UNet of 'embedded' has no cross-attention layers "
+                              "at resolution 16; it has 8"),
 ])
 def test_bad_input_is_refused_before_work(work, tmp_path, capsys, case, message):
     pool_dir = work / "pool"
@@ -359,6 +363,15 @@ def test_bad_input_is_refused_before_work(work, tmp_path, capsys, case, message)
         extra = ["dataset_size=9"]
     elif case == "micro_batch":
         extra = ["micro_batch=3"]
+    elif case == "ospo_plain_pool":  # the same pool as if built without hard negatives
+        pool_dir = tmp_path / "plain"
+        shutil.copytree(work / "pool", pool_dir)
+        meta = json.loads((pool_dir / "pool.json").read_text())
+        meta["config"]["hard_negatives"] = []
+        (pool_dir / "pool.json").write_text(json.dumps(meta))
+        extra = ["objective=ospo"]
+    elif case == "ospo_mask_resolutions":
+        extra = ["objective=ospo", "ospo_mask_resolutions=[16]"]
     output = tmp_path / "out"
     assert train_job.main([f"pool={pool_dir}", f"output={output}", *BASE, *extra]) == 2
     err = capsys.readouterr().err
@@ -406,7 +419,7 @@ def focus_picture(client, run_id: str, tmp_path: Path):
 
 
 def picture_cell(picture, row: int, column: int):
-    """Cell (row, column) of ``pictures.focus_grid``: an 80 px caption column, 16 px of column labels, cells of
+    """Cell (row, column) of ``pictures.weight_grid``: an 80 px caption column, 16 px of column labels, cells of
     16 x 6 = 96 px (16x16 latents enlarged by the smallest whole factor reaching 96) 4 px apart."""
     top, left = 16 + 4 + row * (96 + 4), 80 + 4 + column * (96 + 4)
     return picture[top:top + 96, left:left + 96]
@@ -483,3 +496,74 @@ def test_focus_a_worker_that_dies_resumes_from_its_checkpoint_and_ends_as_an_uni
     client, run_ = train_run(work, "focus-killed")
     steps = [m.step for m in client.get_metric_history(run_.info.run_id, "loss")]
     assert set(steps) == {1, 2, 3, 4, 5, 6} and [steps.count(s) for s in (1, 2, 3)] == [1, 1, 1]  # not redone
+
+
+# --- objective ospo (hgdpo.ospo): the self-judged pairs of the pool's hard negatives, mask-weighted ----------
+
+OSPO = ["objective=ospo", "pool_size=3", "max_steps=4", "checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def ospo_one_worker(work):
+    assert run(work, "ospo-w1", *OSPO) == 0
+    return adapter(work, "ospo-w1")
+
+
+def test_ospo_trains_on_the_pairs_the_self_judge_kept_under_the_original_prompt(work, ospo_one_worker):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from hgdpo import ospo, pool
+
+    assert_trained(ospo_one_worker)
+    info = json.loads((work / "ospo-w1" / "adapter" / INFO_FILE).read_text())
+    # The pairs: for each of the 8 prompts, the rule applied to the pool's self-scores among the first 3 seeds.
+    table = pool.read(work / "pool", columns=["prompt_index", "prompt", "self_scores", "self_least"]).to_pylist()
+    expected = {r["prompt_index"]: ospo.choose_pair(r["self_scores"], r["self_least"], 3, 0.0) for r in table}
+    kept = sorted(i for i, j in expected.items() if j is not None)
+    assert 4 <= len(kept) < 8  # enough for a global batch of 4, and the self-judge refused some
+    assert info["plan"]["dataset_size"] == len(kept) and info["plan"]["selection"] == "ospo"
+    (pairs,) = [p for p in work.glob("pairs-*") if json.loads((p / "pairs.json").read_text())["selection"].get(
+        "rule") == "ospo"]
+    index = pq.read_table(pairs / "index.parquet").to_pylist()
+    assert [r["index"] for r in index] == list(range(len(kept))) and [r["prompt_index"] for r in index] == kept
+    assert all(r["winner"] == expected[r["prompt_index"]] and r["loser"] == 4 + r["winner"] for r in index)
+    # Each record: the original's and its negative's latents (same seed), the *original* prompt's hidden states,
+    # and its nouns.
+    from hgdpo.pair_data import PairReader
+
+    manifest = json.loads((pairs / "pairs.json").read_text())
+    batch = PairReader(str(pairs), manifest, owned=lambda i: np.ones(len(i), bool)).read([0])
+    latents = pool.latents_of(pool.read(work / "pool"))[kept[0]]
+    np.testing.assert_array_equal(batch.latents_w[0], latents[index[0]["winner"]])
+    np.testing.assert_array_equal(batch.latents_l[0], latents[index[0]["loser"]])
+    assert ospo.decode_nouns(batch.nouns[0]) == ospo.noun_tokens(_tokenizer(), index[0]["prompt"])
+    client, run_ = train_run(work, "ospo-w1")
+    assert run_.data.tags["objective"] == "ospo" and run_.data.tags["ospo_pairs"] == str(len(kept))
+    losses = [m.value for m in client.get_metric_history(run_.info.run_id, "dpo")]
+    assert len(losses) == 4 and abs(losses[0] - math.log(2)) < 1e-4  # step 1: policy == reference
+
+
+def _tokenizer():
+    from hgdpo import models
+
+    return models.load_tokenizer("embedded")
+
+
+def test_ospo_logs_a_picture_of_the_winners_and_losers_mask_weights(work, ospo_one_worker, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    client, run_ = train_run(work, "ospo-w1")
+    path = client.download_artifacts(run_.info.run_id, "ospo/masks.png", str(tmp_path))
+    picture = np.asarray(Image.open(path).convert("L"))
+    # The worker's 4 pairs x (winner, loser, then W of the winner and of the loser at t = 100, 500, 900).
+    assert picture.shape == (16 + 4 * (96 + 4) + 4, 80 + 8 * (96 + 4) + 4)
+    for row in range(4):
+        weights = [picture_cell(picture, row, column) for column in range(2, 8)]
+        assert all(len(np.unique(cell)) > 1 for cell in weights)  # an object mask, not a constant
+
+
+def test_ospo_two_workers_give_the_adapter_of_one(work, ospo_one_worker):
+    assert run(work, "ospo-w2", *OSPO, "workers=2") == 0
+    assert_same_adapter(adapter(work, "ospo-w2"), ospo_one_worker, rtol=1e-4, atol=1e-6)
