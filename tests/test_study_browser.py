@@ -1,0 +1,108 @@
+"""The rating page in a real browser: Debian's Chromium driven by Playwright for Python.
+
+A rater answers with the keyboard and the mouse, reloads and resumes, comes back later through the
+invite link and finishes; the admin page shows the counts. A screenshot of the rating page is saved
+in $HGDPO_TEST_ARTIFACTS (default runs/test-artifacts/).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+from hgdpo.study import db
+from hgdpo.study.app import Running, make_app
+from test_study import read_invites, study_job, synthetic_evaluation
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+# What works here (root, a closed network): no sandbox, no GPU, no background connections.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} not found (Debian package chromium; .ci/run installs it)")
+    profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh, empty profile
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
+                                                       args=FLAGS)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def answered(page) -> int:
+    return int(re.match(r"(\d+) /", page.inner_text("#count")).group(1))
+
+
+def test_a_rater_answers_by_keyboard_and_mouse_reloads_and_resumes(browser, tmp_path):
+    source = synthetic_evaluation(tmp_path / "eval", 4, prompts=2)
+    database = tmp_path / "study.db"
+    assert study_job.main(["create", f"db={database}", f"source={source}", "study=browser", "raters=2",
+                           "gold_items=1", f"invites={tmp_path / 'invites.csv'}"]) == 0
+    engine = db.connect(str(database))
+    server = Running(make_app(engine))
+    links = {name: link.replace("http://127.0.0.1:8000", server.url)
+             for name, link in read_invites(tmp_path / "invites.csv").items()}
+    try:
+        page = browser.new_page()
+        page.goto(links["rater-001"])
+        assert page.url == f"{server.url}/rate"  # the token went into a cookie, not the address
+        assert page.inner_text("#count") == "0 / 5 answered"
+        assert page.inner_text("#question") == "Which image is more natural?"
+        assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth === 8)")
+        artefacts = Path(os.environ.get("HGDPO_TEST_ARTIFACTS", REPO / "runs" / "test-artifacts"))
+        artefacts.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(artefacts / "study-rating-page.png"))
+        assert (artefacts / "study-rating-page.png").stat().st_size > 1000
+
+        first = page.locator("input[name=item]").get_attribute("value")
+        page.keyboard.press("1")  # left
+        expect(page.locator("#count")).to_have_text("1 / 5 answered")
+        assert page.locator("input[name=item]").get_attribute("value") != first
+        page.click("#right")  # the mouse
+        expect(page.locator("#count")).to_have_text("2 / 5 answered")
+        page.keyboard.press("ArrowDown")  # tie
+        expect(page.locator("#count")).to_have_text("3 / 5 answered")
+        shown = page.locator("input[name=item]").get_attribute("value")
+        page.reload()
+        assert answered(page) == 3 and page.locator("input[name=item]").get_attribute("value") == shown
+        page.close()
+
+        later = browser.new_page()  # another visit through the invite link resumes where it stopped
+        later.goto(links["rater-001"])
+        assert answered(later) == 3
+        later.keyboard.press("ArrowRight")
+        expect(later.locator("#count")).to_have_text("4 / 5 answered")
+        later.keyboard.press("2")
+        later.wait_for_selector("#done")
+        assert later.inner_text("#count") == "5 / 5 answered"
+
+        votes = db.votes_table(engine, "browser")
+        assert [v["choice"] for v in votes] == ["left", "right", "tie", "right", "right"]
+        assert all(v["answer"] == ({"left": "b", "right": "a"}[v["choice"]] if v["flip"] else
+                                   {"left": "a", "right": "b"}[v["choice"]]) for v in votes if v["choice"] != "tie")
+
+        admin = browser.new_page()
+        admin.goto(links["admin"])
+        assert admin.url == f"{server.url}/admin"
+        assert admin.inner_text("#votes") == "5"
+        rows = admin.locator("#raters tr").all_inner_texts()
+        assert "5 / 5" in rows[1] and "0 / 5" in rows[2]
+        admin.goto(links["rater-002"])  # the same browser now holds a rater cookie too: still only its items
+        assert admin.inner_text("#count") == "0 / 5 answered"
+        admin.close()
+    finally:
+        server.stop()
+        engine.dispose()
