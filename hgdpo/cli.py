@@ -1,9 +1,17 @@
-"""The ``hgdpo`` command: looking at what the jobs recorded.
+"""The ``hgdpo`` command: every stage of the method, and looking at what the jobs recorded.
 
+    hgdpo run --config examples/run.yaml                # pool -> HG-DPO -> evaluation (the demo)
+    hgdpo pool --config pool.yaml images_per_prompt=8   # each stage: the settings of jobs/<stage>.py
+    hgdpo train --help                                  # a stage's settings
+    hgdpo study create db=study.db source=runs/demo/evaluate items=100 raters=5 invites=invites.csv
     hgdpo table --sweep pool-size                       # from ./mlflow.db (or $MLFLOW_TRACKING_URI)
     hgdpo table --sweep pool-size --mlflow-uri http://127.0.0.1:5000
     python -m hgdpo table --sweep pool-size             # the same, without the console script
     hgdpo verify runs/demo/pool                         # or s3://bucket/pools/p
+
+The stages (``hgdpo.stages``) take ``--config FILE`` and ``key=value`` settings exactly as the scripts
+in ``jobs/`` do (those stay, for ``ray job submit``), and exit 0 when done, 2 on bad input (the message
+names the setting, file or row), 1 on a failure.
 
 ``table`` prints a sweep the paper's way: one row per trial with its swept parameters, the win
 rate of the trial's adapter (A) over the base model (B) per scorer with its interval, and the
@@ -21,7 +29,20 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hgdpo", description=__doc__.splitlines()[0])
+    from hgdpo import stages
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in stages.STEPS:
+        return stages.main_with_steps(argv[0], argv[1:])
+    if argv and argv[0] in stages.STAGES:
+        return stages.main(argv[0], argv[1:])
+    listing = "\n".join(f"  {name:12s} {stage.summary}" for name, stage in stages.STAGES.items()
+                         if " " not in name)
+    listing += "\n" + "\n".join(f"  {name:12s} {{{','.join(steps)}}}: the user study" for name, steps in
+                                 stages.STEPS.items())
+    parser = argparse.ArgumentParser(prog="hgdpo", description=__doc__.splitlines()[0],
+                                     epilog=f"stages (hgdpo STAGE --help lists its settings):\n{listing}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     table = commands.add_parser("table", help="print a sweep's table of win rates from MLflow")
     table.add_argument("--sweep", required=True, help="the sweep's name (`name:` in its YAML file)")

@@ -19,6 +19,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
@@ -173,10 +174,40 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def nest_overrides(flat: dict[str, Any], sections: Sequence[str]) -> dict[str, Any]:
+    """``{"pool.steps": 10, "output": "x"}`` -> ``{"pool": {"steps": 10}, "output": "x"}`` for a config whose
+    ``sections`` (settings of other stages it holds, e.g. a run's pool, train and evaluate) include ``pool``."""
+    if not sections:
+        return dict(flat)
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, dot, name = key.partition(".")
+        if dot:
+            if section not in sections:
+                raise ConfigError(f"override {key}: unknown section {section!r}; known: {', '.join(sections)}")
+            out.setdefault(section, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any], sections: Sequence[str]) -> dict[str, Any]:
+    """``base`` with ``extra`` on top; ``sections`` are merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        if key in sections and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Read ``path`` (YAML; optional) and apply ``key=value`` overrides, then validate."""
+    """Read ``path`` (YAML; optional) and apply ``key=value`` overrides (``section.key=value`` for the
+    ``SECTIONS`` a config holds), then validate."""
+    sections = getattr(cls, "SECTIONS", ())
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
-    data.update(parse_overrides(overrides or []))
+    data = merge(data, nest_overrides(parse_overrides(overrides or []), sections), sections)
     return from_dict(cls, data, str(path) if path is not None else "")
 
 

@@ -32,6 +32,7 @@ class RunConfig:
     """Pool -> HG-DPO training -> evaluation against the base model, as one job."""
 
     SECTION = "run"
+    SECTIONS = WIRED  # section.key=value overrides (hgdpo.config.load_config)
 
     output: str = doc("Folder or storage URI of the run: pool/, train/ and evaluate/ are written inside it.")
     train_prompts: str = doc("Prompt file the pool is built from (any format the pool job reads).")
@@ -79,31 +80,6 @@ class RunConfig:
         except ConfigError as err:  # "pool.steps: ..." -> "run.pool.steps: ..."
             raise ConfigError(f"{self.SECTION}.{err}") from None
         return pool_cfg, train_cfg, eval_cfg
-
-
-def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"pool.steps": 10, "output": "x"}`` -> ``{"pool": {"steps": 10}, "output": "x"}``."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        section, dot, name = key.partition(".")
-        if dot:
-            if section not in WIRED:
-                raise ConfigError(f"override {key}: unknown section {section!r}; known: {', '.join(WIRED)}")
-            out.setdefault(section, {})[name] = value
-        else:
-            out[key] = value
-    return out
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra`` on top; sections are merged key by key."""
-    out = dict(base)
-    for key, value in extra.items():
-        if key in WIRED and isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = value
-    return out
 
 
 @dataclass

@@ -81,6 +81,7 @@ class SweepConfig:
     """Trials of (train -> evaluate against the base model) over one pool, on Ray Tune (paper Tables 1-6)."""
 
     SECTION = "sweep"
+    SECTIONS = ("train", "evaluate")  # train.key=value / evaluate.key=value overrides (hgdpo.config.load_config)
 
     name: str = doc("Name of the sweep: its MLflow parent run, and what `hgdpo table --sweep` looks for.")
     pool: str = doc("The pool every trial trains on (of the largest N; no trial generates a pool).")

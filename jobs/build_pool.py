@@ -24,41 +24,16 @@ Settings: `python jobs/build_pool.py --help`, or the README's configuration refe
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from hgdpo.config import describe, load_config  # noqa: E402
-from hgdpo.errors import HgdpoError  # noqa: E402
-from hgdpo.pool_config import PoolConfig  # noqa: E402
+from hgdpo.stages import main as run_stage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="settings:\n" + describe(PoolConfig),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of settings")
-    parser.add_argument("overrides", nargs="*", help="key=value settings that override the file")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
-    parser.add_argument("--no-ray", action="store_true",
-                        help="build in this process without Ray (one model, torch's threads): the reference path")
-    parser.add_argument("--verify", action="store_true",
-                        help="on a finished pool, read every part and check its checksum; rebuild the bad ones")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        from hgdpo.pool_builder import build_pool
-        from hgdpo.quiet import quiet_libraries
-
-        quiet_libraries()
-        cfg = load_config(PoolConfig, args.config, args.overrides)
-        result = build_pool(cfg, mlflow=not args.no_mlflow, local=args.no_ray, verify=args.verify)
-    except HgdpoError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not result.skipped:
-        print(f"pool: {result.built} prompts built in {result.seconds:.1f}s ({result.images_per_second:.2f} images/s)")
-    return 0
+    return run_stage("pool", argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -18,31 +18,16 @@ Settings: `python jobs/export_lora.py --help`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from hgdpo.config import describe, load_config  # noqa: E402
-from hgdpo.errors import HgdpoError  # noqa: E402
-from hgdpo.kohya import ExportConfig, export  # noqa: E402
+from hgdpo.stages import main as run_stage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="settings:\n" + describe(ExportConfig),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of settings")
-    parser.add_argument("overrides", nargs="*", help="key=value settings that override the file")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(ExportConfig, args.config, args.overrides)
-        files = export(cfg)
-    except HgdpoError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"export: {cfg.adapter} written as {cfg.format} LoRA to {cfg.output} ({len(files)} file(s))")
-    return 0
+    return run_stage("export-lora", argv, doc=__doc__)
 
 
 if __name__ == "__main__":

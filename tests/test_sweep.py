@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hgdpo.config import read_yaml
+from hgdpo.config import load_config, read_yaml
 from hgdpo.errors import ConfigError
 from hgdpo.sweep import fitting_trials, trial_peak
 from hgdpo.sweep_config import SweepConfig
@@ -386,7 +386,7 @@ def test_sweep_file_expands_into_valid_trials_for_the_demo_pool(path, monkeypatc
     monkeypatch.chdir(REPO)  # the files' paths are relative to the checkout, like the examples'
 
     run = read_yaml(REPO / "examples" / "run.yaml")  # the demo writes the pool the sweeps read
-    cfg = sweep_job.load(str(path), [])
+    cfg = load_config(SweepConfig, str(path), [])
     assert cfg.pool == f"{run['output']}/pool" and cfg.name == path.stem.replace("_", "-")
     head = path.read_text().split("\nname:")[0]
     assert f"python jobs/sweep.py --config sweeps/{path.name}" in head and f"hgdpo table --sweep {cfg.name}" in head
@@ -403,13 +403,13 @@ def test_sweep_file_expands_into_valid_trials_for_the_demo_pool(path, monkeypatc
 
 
 def test_the_paper_values_are_swept():
-    values = {p.stem: [t.values for t in sweep_job.load(str(p), []).expand()] for p in SWEEPS}
+    values = {p.stem: [t.values for t in load_config(SweepConfig, str(p), []).expand()] for p in SWEEPS}
     assert [v["pool_size"] for v in values["pool_size"]] == [2, 5, 10, 20]
     assert [v["loser_rank"] for v in values["loser_rank"]] == [2, 5, 10, 20]
     assert {(v["beta"], v["lambda_stat"]) for v in values["beta_sml"]} == {
         (b, s) for b in (2500, 10000, 50000) for s in (10000, 0)}
-    lan = {t.name: (t.train.objective, t.evaluate.lan) for t in sweep_job.load(str(REPO / "sweeps" / "lan_vs_sml.yaml"),
-                                                                                []).expand()}
+    lan = {t.name: (t.train.objective, t.evaluate.lan)
+           for t in load_config(SweepConfig, str(REPO / "sweeps" / "lan_vs_sml.yaml"), []).expand()}
     assert lan["dpo+lan"] == ("dpo", True) and lan["hgdpo-sml"] == ("hgdpo", False)
 
 
@@ -420,7 +420,7 @@ def test_dpo_and_dpo_with_lan_share_one_adapter(monkeypatch):
     from hgdpo.trainer import fingerprint
 
     monkeypatch.chdir(REPO)
-    trials = sweep_job.load(str(REPO / "sweeps" / "lan_vs_sml.yaml"), []).expand()
+    trials = load_config(SweepConfig, str(REPO / "sweeps" / "lan_vs_sml.yaml"), []).expand()
     trainings = {t.name: fingerprint(t.train, {"fingerprint": {"pool": "demo"}}) for t in trials}
     rewired, shares = share_adapters(trials, trainings)
     assert shares == {"dpo+lan": "dpo"}
