@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from hgdpo.config import ALLOW_LOCAL_DOC, check_actors, check_locations, check_sampling, doc
 from hgdpo.errors import ConfigError
-from hgdpo.pool_config import Sampler
+from hgdpo.settings import SCORER_NAMES, BaseModel, PromptSource, Sampling
 from hgdpo.sample_config import ALPHA_MAX
 
-SCORERS = ("judge", "pickscore", "clip", "aesthetic", "hpsv2", "imagereward")
+SCORERS = SCORER_NAMES
 
 
-@dataclass
-class EvalConfig:
+@dataclass(kw_only=True)
+class EvalConfig(Sampling, BaseModel, PromptSource):
     """Win rates of model A over baseline B on test prompts (paper §4, Tables 1-3, 5, 6).
 
     A and B are each the base model, optionally with an adapter at weight alpha, optionally with
@@ -23,22 +22,9 @@ class EvalConfig:
 
     SECTION = "evaluate"
 
-    prompts: str = doc("Test prompt file: .txt, .jsonl, .csv, .tsv (PartiPrompts) or .parquet.")
     output: str = doc("Folder or storage URI (s3://...) the report, the scores and the side-by-side picture are "
                       "written to.")
-    prompt_format: Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet"] = doc(
-        "Format of the prompt file; `auto` goes by its suffix.", "auto")
-    prompt_column: str | None = doc("Column/field holding the prompt text (default: prompt, Prompt, caption, text).",
-                                    None)
-    id_column: str | None = doc("Column/field holding a stable prompt id (default: id or prompt_id, else derived).",
-                                None)
-    category: str | None = doc("Keep only prompts of this category (paper: PartiPrompts `People`, 177 prompts).", None)
-    max_prompts: int | None = doc("Use only the first this many prompts (after the category filter).", None)
 
-    model: str = doc("Base model of A and B: `embedded`, a hub id, a diffusers folder or a .safetensors file.",
-                     "embedded")
-    model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
-    allow_pickle: bool = doc("Allow pickle weight formats (models and scorers). Off: safetensors only.", False)
     adapter: str | None = doc("A's adapter (the <output>/adapter folder or URI of jobs/train.py); none: the base "
                                         "model.", None)
     alpha: float = doc(f"Weight of A's adapter, 0..{ALPHA_MAX:g} (paper: 0.5).", 0.5)
@@ -65,14 +51,6 @@ class EvalConfig:
 
     images_per_prompt: int = doc("Seeds per prompt; A and B share them, and each seed is one comparison.", 1)
     seed: int = doc("Run seed; image k of prompt p uses a seed derived from (seed, prompt id, k).", 0)
-    sampler: Sampler = doc("Scheduler used for sampling (paper: DPM-Solver multistep).", "dpm_multistep")
-    steps: int = doc("Sampler steps (paper: 50).", 50)
-    guidance_scale: float = doc("Classifier-free guidance scale (paper: 5.0).", 5.0)
-    width: int | None = doc("Image width in pixels; default: the model's native size.", None)
-    height: int | None = doc("Image height in pixels; default: the model's native size.", None)
-    negative_prompt: str = doc("Negative prompt used for classifier-free guidance.", "")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = doc(
-        "Model precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
 
     bootstrap: int = doc("Bootstrap resamples (over prompts) of the win-rate intervals.", 2000)
     confidence: float = doc("Confidence of the win-rate intervals.", 0.95)

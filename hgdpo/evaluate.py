@@ -227,8 +227,7 @@ def prepare(cfg: EvalConfig, mlflow: bool = True) -> list[prompt_io.Prompt]:
             storage.check_reachable(getattr(cfg, name), f"evaluate.{name}")
     if mlflow:
         tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "evaluate.mlflow_uri")
-    items = prompt_io.read_prompts(cfg.prompts, fmt=cfg.prompt_format, prompt_column=cfg.prompt_column,
-                                   id_column=cfg.id_column, category=cfg.category, max_prompts=cfg.max_prompts)
+    items = prompt_io.read_prompts(cfg.prompts, **cfg.prompt_settings())
     models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
     for name in ("adapter", "baseline_adapter"):
         if getattr(cfg, name) is not None:

@@ -208,8 +208,7 @@ def prepare(cfg: PoolConfig, log=print, mlflow: bool = True) -> tuple[list[promp
     storage.check_writable(cfg.output, "pool.output")
     if mlflow:
         tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "pool.mlflow_uri")
-    items = prompt_io.read_prompts(cfg.prompts, fmt=cfg.prompt_format, prompt_column=cfg.prompt_column,
-                                   id_column=cfg.id_column, category=cfg.category, max_prompts=cfg.max_prompts)
+    items = prompt_io.read_prompts(cfg.prompts, **cfg.prompt_settings())
     source = models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
     models.check_scorer(cfg.scorer_model, cfg.scorer_processor, allow_pickle=cfg.allow_pickle)
     tokenizer = models.load_tokenizer(cfg.model, model_config=cfg.model_config)

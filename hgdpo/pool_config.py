@@ -7,8 +7,7 @@ from typing import Literal
 
 from hgdpo.config import ALLOW_LOCAL_DOC, check_actors, check_locations, check_sampling, doc
 from hgdpo.errors import ConfigError
-
-Sampler = Literal["dpm_multistep", "ddim", "euler", "euler_ancestral", "ddpm", "pndm"]
+from hgdpo.settings import BaseModel, PromptSource, Sampling
 
 # Settings that change what is in the pool. A pool on disk remembers them; a rerun that
 # differs in any of them is refused (the others only change how fast the pool is built).
@@ -22,8 +21,8 @@ DATA_FIELDS = (
 NEWER_DATA_FIELDS = {"hard_negatives": [], "self_judge_questions": 2}
 
 
-@dataclass
-class PoolConfig:
+@dataclass(kw_only=True)
+class PoolConfig(Sampling, BaseModel, PromptSource):
     """How to build a preference pool (paper §3.1): N samples per prompt, ranked by PickScore."""
 
     SECTION = "pool"
@@ -31,29 +30,12 @@ class PoolConfig:
                      "remove it, and give generator_gpus / generator_cpus what both need"
                for name in ("scorer_actors", "scorer_gpus", "scorer_cpus")}
 
-    prompts: str = doc("Prompt file: .txt (one per line), .jsonl, .csv, .tsv (PartiPrompts) or .parquet.")
     output: str = doc("Folder or storage URI (s3://..., gs://...) the pool is written to.")
-    prompt_format: Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet"] = doc(
-        "Format of the prompt file; `auto` goes by its suffix.", "auto")
-    prompt_column: str | None = doc(
-        "Column/field holding the prompt text (default: the first of prompt, Prompt, caption, text).", None)
-    id_column: str | None = doc(
-        "Column/field holding a stable prompt id (default: id or prompt_id if present, "
-        "else an id derived from the text and its position).", None)
-    category: str | None = doc("Keep only prompts of this category (PartiPrompts: `People`).", None)
-    max_prompts: int | None = doc("Use only the first this many prompts (after the category filter).", None)
 
-    model: str = doc(
-        "The model to improve: `embedded`, a hub id, a local diffusers folder, or a single-file "
-        "`.safetensors` checkpoint.", "embedded")
-    model_config: str | None = doc(
-        "For a single-file checkpoint: a diffusers folder or hub id with the component configs "
-        "(default: the SD1.5 configs from the hub).", None)
     scorer_model: str = doc(
         "PickScore model: `embedded`, a hub id (paper: yuvalkirstain/PickScore_v1) or a local folder.", "embedded")
     scorer_processor: str | None = doc(
         "PickScore processor (paper: laion/CLIP-ViT-H-14-laion2B-s32B-b79K); default: same as scorer_model.", None)
-    allow_pickle: bool = doc("Allow pickle weight formats (.bin/.ckpt/.pt). Off: safetensors only.", False)
 
     images_per_prompt: int = doc("N, the number of images generated and ranked per prompt (paper: 20).", 20)
     loser_rank: int | None = doc(
@@ -62,14 +44,6 @@ class PoolConfig:
         "Latents kept per prompt: all N (ablations over N and loser rank need no new pool) "
         "or only the winner's and loser's.", "all")
     seed: int = doc("Run seed; image j of prompt p uses a seed derived from (seed, prompt id, j).", 0)
-    sampler: Sampler = doc("Scheduler used for sampling (paper: DPM-Solver multistep).", "dpm_multistep")
-    steps: int = doc("Sampler steps (paper: 50).", 50)
-    guidance_scale: float = doc("Classifier-free guidance scale (paper: 5.0).", 5.0)
-    width: int | None = doc("Image width in pixels (paper: 704); default: the model's native size.", None)
-    height: int | None = doc("Image height in pixels (paper: 1024); default: the model's native size.", None)
-    negative_prompt: str = doc("Negative prompt used for classifier-free guidance.", "")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = doc(
-        "Model precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
     hard_negatives: list[str] = doc(
         "OSPO: perturbation kinds (replace, swap, drop; hgdpo.perturb) for hard negatives. Per seed, an image of "
         "the prompt's first perturbation from the same seed is kept too, and the model judges every image itself "

@@ -3,40 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from hgdpo.config import check_locations, check_sampling, doc
 from hgdpo.errors import ConfigError
-from hgdpo.pool_config import Sampler
+from hgdpo.settings import BaseModel, PromptSource, Sampling
 
 ALPHA_MAX = 2.0  # beyond "twice as trained" an adapter is extrapolated far past what it learnt
 
 
-@dataclass
-class SampleConfig:
+@dataclass(kw_only=True)
+class SampleConfig(Sampling, BaseModel, PromptSource):
     """Sample images of prompts from a model, optionally with an HG-DPO adapter and LAN (paper eq. 7)."""
 
     SECTION = "sample"
 
-    prompts: str = doc("Prompt file: .txt (one per line), .jsonl, .csv, .tsv (PartiPrompts) or .parquet.")
     output: str = doc("Folder (or storage URI) the PNGs and samples.json are written to.")
-    prompt_format: Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet"] = doc(
-        "Format of the prompt file; `auto` goes by its suffix.", "auto")
-    prompt_column: str | None = doc(
-        "Column/field holding the prompt text (default: the first of prompt, Prompt, caption, text).", None)
-    id_column: str | None = doc(
-        "Column/field holding a stable prompt id (default: id or prompt_id if present, "
-        "else an id derived from the text and its position).", None)
-    category: str | None = doc("Keep only prompts of this category (PartiPrompts: `People`).", None)
-    max_prompts: int | None = doc("Use only the first this many prompts (after the category filter).", None)
 
-    model: str = doc(
-        "The base model: `embedded`, a hub id, a local diffusers folder, or a single-file "
-        "`.safetensors` checkpoint.", "embedded")
-    model_config: str | None = doc(
-        "For a single-file checkpoint: a diffusers folder or hub id with the component configs "
-        "(default: the SD1.5 configs from the hub).", None)
-    allow_pickle: bool = doc("Allow pickle weight formats (.bin/.ckpt/.pt). Off: safetensors only.", False)
     adapter: str | None = doc(
         "An adapter folder written by jobs/train.py (<output>/adapter), trained on `model`; "
         "none: sample the model itself.", None)
@@ -50,14 +32,6 @@ class SampleConfig:
 
     images_per_prompt: int = doc("Images per prompt, each from its own seed.", 1)
     seed: int = doc("Run seed; image k of prompt p uses a seed derived from (seed, prompt id, k), as in the pool.", 0)
-    sampler: Sampler = doc("Scheduler used for sampling (paper: DPM-Solver multistep).", "dpm_multistep")
-    steps: int = doc("Sampler steps (paper: 50).", 50)
-    guidance_scale: float = doc("Classifier-free guidance scale (paper: 5.0).", 5.0)
-    width: int | None = doc("Image width in pixels (paper: 704); default: the model's native size.", None)
-    height: int | None = doc("Image height in pixels (paper: 1024); default: the model's native size.", None)
-    negative_prompt: str = doc("Negative prompt used for classifier-free guidance.", "")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = doc(
-        "Model precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
 
     def __post_init__(self) -> None:
         s = self.SECTION

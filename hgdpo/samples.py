@@ -46,8 +46,7 @@ def run(cfg: SampleConfig) -> dict | None:
             return None
         raise HgdpoError(f"output: {output} holds samples made with other settings; use another output")
     # Every check before any work: prompts, model, adapter.
-    prompts = read_prompts(cfg.prompts, fmt=cfg.prompt_format, prompt_column=cfg.prompt_column,
-                           id_column=cfg.id_column, category=cfg.category, max_prompts=cfg.max_prompts)
+    prompts = read_prompts(cfg.prompts, **cfg.prompt_settings())
     stems = file_stems(prompts)
     source = models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
     adapter_info = (lan.check_adapter(cfg.adapter, cfg.model, allow_pickle=cfg.allow_pickle)

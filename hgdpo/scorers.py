@@ -49,8 +49,8 @@ import numpy as np
 from hgdpo import embedded
 from hgdpo.errors import HgdpoError
 from hgdpo.models import HUB_ID, PICKLE_SUFFIXES
+from hgdpo.settings import SCORER_NAMES
 
-SCORER_NAMES = ("judge", "pickscore", "clip", "aesthetic", "hpsv2", "imagereward")
 CLIP_L14 = "openai/clip-vit-large-patch14"
 HPS_ARCHITECTURE = "ViT-H-14"
 BATCH = 16  # images per forward pass: bounds memory for ViT-H-sized scorers

@@ -59,6 +59,11 @@ STAGES: dict[str, Stage] = {
     "run": Stage("the whole method: pool, HG-DPO, evaluation", "hgdpo.run:RunConfig", "hgdpo.stages:run_run"),
     "replicate": Stage("the paper's tables in the miniature world: one pool, every table's trials, one report",
                        "hgdpo.replicate:ReplicateConfig", "hgdpo.stages:run_replicate"),
+    "import": Stage("import a public preference set (Pick-a-Pic v2, HPDv2, an hgdpo export) as a pool of pairs",
+                    "hgdpo.interchange_config:ImportConfig", "hgdpo.stages:run_import",
+                    (("--no-ray", "import in this process without Ray"),)),
+    "export": Stage("export a pool's pairs as Pick-a-Pic-style parquet, for other Diffusion-DPO tools",
+                    "hgdpo.interchange_config:PairsExportConfig", "hgdpo.stages:run_export"),
     "export-lora": Stage("export an adapter as a diffusers folder or one kohya file (A1111, ComfyUI)",
                          "hgdpo.kohya:ExportConfig", "hgdpo.stages:run_export_lora"),
 }
@@ -134,6 +139,22 @@ def run_replicate(cfg, args) -> str:
     from hgdpo.replicate import replicate
 
     return f"\nreplicate: the report is {replicate(cfg)}"
+
+
+def run_import(cfg, args) -> str | None:
+    from hgdpo.interchange import import_pairs
+
+    result = import_pairs(cfg, local=args.no_ray)
+    if result.skipped:
+        return None
+    return f"import: {result.built} pairs encoded in {result.seconds:.1f}s ({result.pairs_per_second:.1f} pairs/s)"
+
+
+def run_export(cfg, args) -> str:
+    from hgdpo.interchange import export_pairs
+
+    result = export_pairs(cfg)
+    return f"export: {result.rows} pairs in {result.seconds:.1f}s"
 
 
 def run_export_lora(cfg, args) -> str:

@@ -7,6 +7,7 @@ import pytest
 
 from hgdpo.config import load_config, markdown_table
 from hgdpo.eval_config import EvalConfig
+from hgdpo.interchange_config import ImportConfig, PairsExportConfig
 from hgdpo.pool_config import PoolConfig
 from hgdpo.replicate import ReplicateConfig
 from hgdpo.run import RunConfig
@@ -17,7 +18,7 @@ from hgdpo.train_config import TrainConfig
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"PoolConfig": PoolConfig, "TrainConfig": TrainConfig, "SampleConfig": SampleConfig,
            "SweepConfig": SweepConfig, "EvalConfig": EvalConfig, "RunConfig": RunConfig,
-           "ReplicateConfig": ReplicateConfig}
+           "ReplicateConfig": ReplicateConfig, "ImportConfig": ImportConfig, "PairsExportConfig": PairsExportConfig}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
