@@ -397,12 +397,12 @@ def _finish(where: str, key_: str, cfg, meta: dict, plan_: PairPlan, parts: list
         if size != counts[name] * layout.record_bytes:
             raise HgdpoError(f"{storage.join(where, name)}: {size} bytes, not {counts[name]} records of "
                              f"{layout.record_bytes}; delete {where} and rerun: it is rewritten")
+    selection = {"pool_size": plan_.pool_size, "loser_rank": plan_.loser_rank, "dataset_size": plan_.dataset_size}
+    if plan_.selection != "rank":  # ospo: the self-judge's rule, and how many of the D prompts it kept (rows)
+        selection.update(rule=plan_.selection, margin=plan_.margin)
     manifest = {
         "format": FORMAT, "key": key_, "pool": storage.absolute(cfg.pool), "pool_fingerprint": meta["fingerprint"],
-        "base_model": meta.get("base_model"), "selection": {"pool_size": plan_.pool_size,
-                                                            "loser_rank": plan_.loser_rank,
-                                                            "dataset_size": plan_.dataset_size,
-                                                            "rule": plan_.selection, "margin": plan_.margin},
+        "base_model": meta.get("base_model"), "selection": selection,
         "rows": rows, "latent_shape": list(layout.latent_shape), "hidden_shape": list(layout.hidden_shape),
         "dtype": "float16", "record": ["latents_w", "latents_l", "hidden_states"] + ["nouns"] * layout.nouns,
         "nouns": layout.nouns, "record_bytes": layout.record_bytes,
