@@ -1,10 +1,29 @@
-"""Keep library chatter (progress bars of weight loading, deprecation notes) out of job output."""
+"""Keep library chatter (progress bars of weight loading, deprecation notes, Ray's internal notices) out of
+job output, so that what a job prints is its own progress, its warnings and its result.
+
+What is left out, and why:
+
+* Ray Data's progress dumps on a non-terminal (several lines every 10 s per dataset): the stages print
+  their own progress (``pool: 120/300 prompts done``). On a terminal Ray Data keeps its one global bar.
+  Its INFO notices (execution plans, "execution finished") stay in Ray's ``ray-data.log``.
+* Two lines Ray repeats that say nothing about the job (``RAY_DEDUP_LOGS_SKIP_REGEX``, ``NOISE``):
+  Ray Train's placement-group cleaner asks Ray's State API every second whether the training
+  controller lives, and on a local Ray started without its dashboard (``hgdpo.raycluster``: it costs
+  memory and a port) that API is absent, so it warns "Failed to query Ray Train Controller actor
+  state" at every check; and Ray Core's note that an actor with ``max_restarts > 0`` has
+  constructor arguments in the object store (ray-project/ray#53727), which Ray Train's own actors
+  trigger. Both stay in Ray's session logs (``/tmp/ray/session_latest/logs``).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
+
+NOISE = ("Failed to query Ray Train Controller actor state",
+         "constructor arguments in the object store and max_restarts > 0")
 
 
 def quiet_libraries() -> None:
@@ -13,6 +32,8 @@ def quiet_libraries() -> None:
     # lines would appear only when the buffer fills or the job ends.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
+    # Read by Ray when it is imported: set before (a process that imported Ray already keeps its value).
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(NOISE))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -25,3 +46,18 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    quiet_ray_data(sys.stdout.isatty())
+
+
+def quiet_ray_data(terminal: bool) -> None:
+    """Ray Data in this process: its one global progress bar on a terminal, none elsewhere; its notices
+    (INFO) in its log file only."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = terminal
+    context.enable_operator_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled" notes
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":  # the console, not ray-data.log
+            handler.setLevel(logging.WARNING)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -15,10 +16,12 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's own INFO lines ("Started a local Ray instance", "Connecting to existing Ray cluster") stay out of the
+    # job's output; its warnings and errors do not.
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True,
+        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("HGDPO_")}})
 
 

@@ -11,10 +11,13 @@ its stage's ``main``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -194,7 +197,20 @@ def main(name: str, argv: list[str] | None = None, doc: str | None = None,
 
         quiet_libraries()
         cfg = load_config(stage.config_class(), args.config, args.overrides)
+    except HgdpoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with log_file(name, cfg):
+        return _run(name, stage, cfg, args, report)
+
+
+def _run(name: str, stage: Stage, cfg: Any, args: argparse.Namespace, report: Callable[[str], None]) -> int:
+    from hgdpo.errors import HgdpoError
+
+    try:
         line = stage.run(cfg, args)
+        if line:
+            report(line)
     except HgdpoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -206,17 +222,65 @@ def main(name: str, argv: list[str] | None = None, doc: str | None = None,
         print(f"error: {name} failed (above); rerun the same command to resume from what is finished",
               file=sys.stderr)
         return 1
-    if line:
-        report(line)
     return 0
 
 
-def main_with_steps(name: str, argv: list[str] | None = None, doc: str | None = None) -> int:
-    """Run step ``argv[0]`` of stage ``name`` (``STEPS``) with the rest of ``argv``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    steps = STEPS[name]
-    if not argv or argv[0] not in steps:
-        print(f"usage: hgdpo {name} {{{','.join(steps)}}} [--config FILE] [key=value ...]\n"
-              + "\n".join(f"  {step:8s} {STAGES[f'{name} {step}'].summary}" for step in steps), file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    return main(f"{name} {argv[0]}", argv[1:], doc=STAGES[f"{name} {argv[0]}"].summary)
+LOGGED = ("run",)  # stages whose output folder holds other stages' folders: their log goes beside them
+
+
+class _LogCopy:
+    """The job's log file: text is held until the stage has made its output folder (so a run refused before
+    any work leaves nothing behind), then written there and flushed line by line."""
+
+    def __init__(self, output: Path, name: str):
+        self.path = output / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+        self._output, self._held, self._file = output, [], None
+
+    def write(self, text: str) -> None:
+        if self._file is None:
+            self._held.append(text)
+            if not self._output.is_dir():
+                return
+            self.path.parent.mkdir(exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+            text, self._held = "".join(self._held), []
+        self._file.write(text)
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class _Tee:
+    """A text stream that also writes to ``copy``; everything else is the stream's."""
+
+    def __init__(self, stream, copy: _LogCopy):
+        self._stream, self._copy = stream, copy
+
+    def write(self, text: str) -> int:
+        self._copy.write(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def log_file(name: str, cfg: Any) -> Iterator[_LogCopy | None]:
+    """For the ``LOGGED`` stages on a local output, everything the job prints (its own lines, its
+    warnings and tracebacks, what Ray forwards from its workers) also goes to
+    ``<output>/logs/<stage>-<UTC time>.log`` once the output folder exists; the console stays as it is."""
+    from hgdpo import storage
+
+    if name not in LOGGED or not storage.is_local(cfg.output):
+        yield None
+        return
+    copy = _LogCopy(Path(storage.absolute(cfg.output)), name)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(sys.stdout, copy), _Tee(sys.stderr, copy)
+    try:
+        yield copy
+    finally:
+        sys.stdout, sys.stderr = streams
+        copy.close()

@@ -56,6 +56,15 @@ def test_the_run_writes_every_stage_wired_together(finished, capsys):
     assert report["result"]["comparisons"] == 3
 
 
+def test_the_run_keeps_what_it_printed_in_a_log_file_beside_its_stages(finished):
+    (log,) = (finished / "logs").glob("run-*.log")
+    text = log.read_text()
+    assert "pool: 4/4 prompts done (100%)" in text and "train: adapter written to" in text
+    assert "evaluate: 3/3 prompts done (100%)" in text and "| judge |" in text and "run: pool " in text
+    # Not a terminal: Ray Data prints no progress dumps and no notices; the stages' own lines say it (hgdpo.quiet).
+    assert "logging_progress.py" not in text and "streaming_executor.py" not in text
+
+
 def test_the_mlflow_store_holds_a_run_per_stage(finished, work):
     import mlflow
 

@@ -1,0 +1,39 @@
+"""What a job prints (hgdpo.quiet): Ray's repeated notices dropped where Ray forwards worker lines, Ray Data's
+progress dumps off when the output is not a terminal, the job's own lines kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from hgdpo.quiet import NOISE
+
+PROBE = """
+import json, sys
+from hgdpo.quiet import quiet_libraries
+quiet_libraries()  # before Ray is imported, as the stages call it
+import logging
+import ray.data
+from ray._private.ray_logging import stdout_deduplicator
+lines = [
+    "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing.",
+    "[2026-12-01 21:55:53,861 E 5061 5153] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' has "
+    "constructor arguments in the object store and max_restarts > 0. If the arguments go out of scope...",
+    "train: step 15/300 loss 0.6931 (dpo 0.6931, stat 0) accuracy 0.500",
+]
+kept = [l for b in stdout_deduplicator.deduplicate({"ip": "x", "pid": 1, "lines": lines}) for l in b["lines"]]
+context = ray.data.DataContext.get_current()
+console = [h.level for h in logging.getLogger("ray.data").handlers if type(h).__name__ != "SessionFileHandler"]
+print(json.dumps({"kept": kept, "bars": context.enable_progress_bars, "console": console}))
+"""
+
+
+def test_rays_repeated_notices_are_dropped_and_a_jobs_lines_kept():
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["kept"] == ["train: step 15/300 loss 0.6931 (dpo 0.6931, stat 0) accuracy 0.500"]
+    assert found["bars"] is False  # stdout is a pipe here: the stages' own progress lines, no dumps
+    assert found["console"] and all(level >= 30 for level in found["console"])  # WARNING and up on the console
+    assert len(NOISE) == 2
