@@ -387,8 +387,12 @@ def test_sweep_file_expands_into_valid_trials_for_the_demo_pool(path, monkeypatc
 
     run = read_yaml(REPO / "examples" / "run.yaml")  # the demo writes the pool the sweeps read
     cfg = load_config(SweepConfig, str(path), [])
-    assert cfg.pool == f"{run['output']}/pool" and cfg.name == path.stem.replace("_", "-")
     head = path.read_text().split("\nname:")[0]
+    if any(t.train.objective == "ospo" for t in cfg.expand()):  # its pool: the demo's settings with hard negatives
+        assert f"output={cfg.pool}" in head and "hard_negatives=[replace,swap,drop]" in head
+    else:
+        assert cfg.pool == f"{run['output']}/pool"
+    assert cfg.name == path.stem.replace("_", "-")
     assert f"python jobs/sweep.py --config sweeps/{path.name}" in head and f"hgdpo table --sweep {cfg.name}" in head
     trials = cfg.expand()
     assert len(trials) >= 2 and len({t.name for t in trials}) == len(trials)
