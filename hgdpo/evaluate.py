@@ -278,12 +278,15 @@ def generate_and_score(cfg: EvalConfig, items: list[prompt_io.Prompt], log=print
     ds = ds.map_batches(ScoreAB, fn_constructor_kwargs=kwargs, batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=cfg.scorer_actors),
                         num_gpus=cfg.scorer_gpus, num_cpus=cfg.scorer_cpus, batch_format="numpy")
-    start, shown, done = time.perf_counter(), 0, 0
+    from hgdpo.quiet import show_progress
+
+    start = last = time.perf_counter()
+    shown, done = 0, 0
     for row in ds.iter_rows():
         done += 1
         now = time.perf_counter()
-        if done * 20 // len(items) > shown or done == len(items):  # a line per 5% of the prompts
-            shown = done * 20 // len(items)
+        if show_progress(done, len(items), shown, now - last):  # a line per 5% of the prompts
+            shown, last = done * 20 // len(items), now
             log(f"evaluate: {done}/{len(items)} prompts done ({100 * done / len(items):.0f}%), "
                 f"{len(sides) * done * cfg.images_per_prompt / (now - start):.2f} images/s")
         yield row

@@ -43,6 +43,7 @@ from hgdpo import models, pool, prompts as prompt_io, storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.pool_config import PoolConfig
+from hgdpo.quiet import show_progress
 from hgdpo.raycluster import ensure_ray, warn_if_not_shared
 
 ROW_COLUMNS = ("prompt_id", "prompt_index", "prompt", "seeds", "scores", "rank", "winner", "loser", "latent_index",
@@ -288,18 +289,19 @@ class Progress:
     def __init__(self, cfg: PoolConfig, total: int, done: int, log, metrics=None):
         self.cfg, self.total, self.before, self.log, self.metrics = cfg, total, done, log, metrics
         self.start = self.first = time.perf_counter()
-        self.built, self.shown = 0, 0.0
+        self.built, self.shown = 0, time.perf_counter()
+        self.bucket = done * 20 // max(total, 1)  # the 5% of the prompts last shown
 
     def row(self) -> None:
         now = time.perf_counter()
         self.built += 1
         if self.built == 1:
             self.first = now  # the steady rate (for the time left) leaves startup and the first row out
-        if now - self.shown < 5 and self.before + self.built < self.total:
-            return
-        self.shown = now
-        n = self.cfg.images_per_prompt
         done = self.before + self.built
+        if not show_progress(done, self.total, self.bucket, now - self.shown):
+            return
+        self.shown, self.bucket = now, done * 20 // self.total
+        n = self.cfg.images_per_prompt
         rate = self.built * n / (now - self.start)
         steady = (self.built - 1) * n / (now - self.first) if self.built > 1 else rate
         left = (self.total - done) * n / steady if steady else float("nan")

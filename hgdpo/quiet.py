@@ -42,6 +42,7 @@ def quiet_libraries() -> None:
     import diffusers
     import transformers
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables", run links
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -61,3 +62,9 @@ def quiet_ray_data(terminal: bool) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ != "SessionFileHandler":  # the console, not ray-data.log
             handler.setLevel(logging.WARNING)
+
+
+def show_progress(done: int, total: int, shown_bucket: int, since: float) -> bool:
+    """Whether a stage prints its progress line now: at each further 5% of its work, at its end, and a
+    minute after the last line whatever the count (a long stage of a big run still says it is alive)."""
+    return done >= total or done * 20 // max(total, 1) > shown_bucket or since >= 60

@@ -739,7 +739,10 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
             run_config=ray.train.RunConfig(
                 name=RUN_NAME, storage_path=storage.join(output, "checkpoints"),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                # Ray Train's INFO lines (worker group, process group, each checkpoint) stay in its log files;
+                # rank 0's step lines are the job's progress.
+                logging_config=ray.train.LoggingConfig(log_level="WARNING")))
         result = trainer.fit()
         metrics = result.metrics or {}
         stopped = result.return_value or {}

@@ -37,3 +37,16 @@ def test_rays_repeated_notices_are_dropped_and_a_jobs_lines_kept():
     assert found["bars"] is False  # stdout is a pipe here: the stages' own progress lines, no dumps
     assert found["console"] and all(level >= 30 for level in found["console"])  # WARNING and up on the console
     assert len(NOISE) == 2
+
+
+def test_a_stage_shows_its_progress_per_5_percent_at_its_end_and_after_a_quiet_minute():
+    from hgdpo.quiet import show_progress
+
+    shown, lines = 0, []
+    for done in range(1, 301):  # 300 prompts arriving one by one, quickly
+        if show_progress(done, 300, shown, since=1.0):
+            shown = done * 20 // 300
+            lines.append(done)
+    assert lines == list(range(15, 301, 15))  # 20 lines: 5%, 10%, ... 100%
+    assert show_progress(3, 100_000, 0, since=61.0)  # a big run's stage still speaks once a minute
+    assert not show_progress(3, 100_000, 0, since=59.0)
