@@ -284,3 +284,14 @@ def log_file(name: str, cfg: Any) -> Iterator[_LogCopy | None]:
     finally:
         sys.stdout, sys.stderr = streams
         copy.close()
+
+
+def main_with_steps(name: str, argv: list[str] | None = None, doc: str | None = None) -> int:
+    """Run step ``argv[0]`` of stage ``name`` (``STEPS``) with the rest of ``argv``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    steps = STEPS[name]
+    if not argv or argv[0] not in steps:
+        print(f"usage: hgdpo {name} {{{','.join(steps)}}} [--config FILE] [key=value ...]\n"
+              + "\n".join(f"  {step:8s} {STAGES[f'{name} {step}'].summary}" for step in steps), file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return main(f"{name} {argv[0]}", argv[1:], doc=STAGES[f"{name} {argv[0]}"].summary)
