@@ -211,10 +211,21 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data, str(path) if path is not None else "")
 
 
+def reference_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of ``cls`` in the order its reference lists them: the sections marked ``TRAILING``
+    (actor resources, tracking: ``hgdpo.settings``) after the stage's own settings."""
+
+    def trailing(f: dataclasses.Field) -> bool:
+        first = next(c for c in reversed(cls.__mro__) if f.name in getattr(c, "__dataclass_fields__", {}))
+        return vars(first).get("TRAILING", False)
+
+    return sorted(dataclasses.fields(cls), key=trailing)
+
+
 def describe(cls: type) -> str:
     """The configuration reference of ``cls`` as text: name, type, default, doc."""
     lines = []
-    for f in dataclasses.fields(cls):
+    for f in reference_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
         )
@@ -226,7 +237,7 @@ def describe(cls: type) -> str:
 def markdown_table(cls: type) -> str:
     """The configuration reference of ``cls`` as a Markdown table (used for the README)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for f in dataclasses.fields(cls):
+    for f in reference_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
         )

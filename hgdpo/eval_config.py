@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hgdpo.config import ALLOW_LOCAL_DOC, check_actors, check_locations, check_sampling, doc
+from hgdpo.config import check_actors, check_locations, check_sampling, doc
 from hgdpo.errors import ConfigError
-from hgdpo.settings import SCORER_NAMES, BaseModel, PromptSource, Sampling
+from hgdpo.settings import SCORER_NAMES, BaseModel, Generators, PromptSource, Sampling, Scorers, Tracking
 from hgdpo.sample_config import ALPHA_MAX
 
 SCORERS = SCORER_NAMES
 
 
 @dataclass(kw_only=True)
-class EvalConfig(Sampling, BaseModel, PromptSource):
+class EvalConfig(Tracking, Scorers, Generators, Sampling, BaseModel, PromptSource):
     """Win rates of model A over baseline B on test prompts (paper §4, Tables 1-3, 5, 6).
 
     A and B are each the base model, optionally with an adapter at weight alpha, optionally with
@@ -55,16 +55,7 @@ class EvalConfig(Sampling, BaseModel, PromptSource):
     bootstrap: int = doc("Bootstrap resamples (over prompts) of the win-rate intervals.", 2000)
     confidence: float = doc("Confidence of the win-rate intervals.", 0.95)
     picture_prompts: int = doc("Prompts shown in the side-by-side picture of A and B.", 8)
-    generator_actors: int = doc("Generator actors (each loads the model once and makes A's and B's images).", 1)
-    generator_gpus: float = doc("GPUs per generator actor (fractions allowed).", 0.0)
-    generator_cpus: float = doc("CPUs per generator actor.", 1.0)
-    scorer_actors: int = doc("Scorer actors (each loads every scorer once).", 1)
-    scorer_gpus: float = doc("GPUs per scorer actor (fractions allowed).", 0.0)
-    scorer_cpus: float = doc("CPUs per scorer actor.", 1.0)
-    mlflow_uri: str | None = doc("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).",
-                                 None)
     mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-evaluate")
-    mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)
 
     def __post_init__(self) -> None:
         s = self.SECTION

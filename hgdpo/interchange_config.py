@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from hgdpo.config import check_locations, doc
+from hgdpo.config import check_actors, check_locations, doc
 from hgdpo.errors import ConfigError
+from hgdpo.settings import BaseModel, Dtype, Encoders
 
 # The "(H)" subset of the paper's Table 1: pairs whose caption names a person. Whole words, case-insensitive
 # (plural and possessive forms are listed or matched by the trailing "s" / "'s" rule in hgdpo.interchange).
@@ -26,9 +27,10 @@ IMPORT_DATA_FIELDS = ("source", "format", "images", "model", "model_config", "wi
                       "people_keywords", "id_column", "max_pairs", "exclude_rows", "dtype")
 
 
-@dataclass
-class ImportConfig:
-    """Import a public preference set (Pick-a-Pic v2, HPDv2, or an hgdpo export) as a pool of pairs (N = 2)."""
+@dataclass(kw_only=True)
+class ImportConfig(Encoders, BaseModel):
+    """Import a public preference set (Pick-a-Pic v2, HPDv2, or an hgdpo export) as a pool of pairs (N = 2),
+    VAE-encoded by `model`, the model that trains on them."""
 
     SECTION = "import"
 
@@ -39,10 +41,6 @@ class ImportConfig:
         "Format of `source`: `auto` goes by its suffix (.json/.jsonl: hpdv2; .parquet or a folder: pickapic).", "auto")
     images: str | None = doc("HPDv2: the folder its `file_path` entries are relative to (default: the JSON's folder).",
                              None)
-    model: str = doc("The model whose VAE encodes the images (and that trains on them): `embedded`, a diffusers "
-                     "folder, a .safetensors checkpoint or a hub id.", "embedded")
-    model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
-    allow_pickle: bool = doc("Allow pickle weight formats (.bin/.ckpt/.pt). Off: safetensors only.", False)
     width: int | None = doc("Width the images are resized and centre-cropped to; default: the model's native size.",
                             None)
     height: int | None = doc("Height the images are resized and centre-cropped to; default: the model's native size.",
@@ -56,12 +54,8 @@ class ImportConfig:
     max_pairs: int | None = doc("Keep only the first this many pairs (after dropping ties and filtering).", None)
     exclude_rows: list[int] = doc("Source rows (0-based over the whole source, as error messages name them) left out, "
                                   "e.g. rows whose image is undecodable.", [])
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = doc(
-        "VAE precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
+    dtype: Dtype = doc("VAE precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
     encode_batch: int = doc("Images per VAE encode call (a pair's two images go in the same call).", 16)
-    encoder_actors: int = doc("VAE encoder actors (one per GPU); each loads the VAE once.", 1)
-    encoder_gpus: float = doc("GPUs per encoder actor (fractions allowed).", 0.0)
-    encoder_cpus: float = doc("CPUs per encoder actor (its torch threads on CPU).", 1.0)
     rows_per_file: int = doc("Pairs per parquet part of the imported pool.", 64)
 
     def __post_init__(self) -> None:
@@ -74,20 +68,16 @@ class ImportConfig:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 raise ConfigError(f"{s}.{name}: must be a positive multiple of 8 (got {value})")
-        for name in ("encode_batch", "encoder_actors", "rows_per_file"):
+        for name in ("encode_batch", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise ConfigError(f"{s}.max_pairs: must be at least 1 (got {self.max_pairs})")
-        if self.encoder_cpus <= 0:
-            raise ConfigError(f"{s}.encoder_cpus: must be positive (got {self.encoder_cpus})")
-        if self.encoder_gpus < 0 or (self.encoder_gpus > 1 and self.encoder_gpus != int(self.encoder_gpus)):
-            raise ConfigError(f"{s}.encoder_gpus: must be a fraction in [0, 1] or a whole number "
-                              f"(got {self.encoder_gpus})")
         if self.subset == "people" and not self.people_keywords:
             raise ConfigError(f"{s}.people_keywords: empty; subset=people needs at least one keyword")
         if any(r < 0 for r in self.exclude_rows):
             raise ConfigError(f"{s}.exclude_rows: rows are 0-based positions (got {min(self.exclude_rows)})")
+        check_actors(self, "encoder")
         check_locations(self, "source", "output", "images")
 
     def resolved_format(self) -> str:

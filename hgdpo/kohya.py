@@ -42,6 +42,7 @@ from typing import Literal
 from hgdpo import storage
 from hgdpo.config import doc
 from hgdpo.errors import ConfigError, HgdpoError
+from hgdpo.lan import adapter_info
 from hgdpo.lora import ADAPTER_FILE, INFO_FILE
 
 PREFIX = "lora_unet_"
@@ -102,14 +103,8 @@ def read_adapter(location: str) -> Adapter:
     naming the file and the key."""
     from safetensors import safe_open
 
+    location, info = adapter_info(location)
     with storage.errors("adapter", location):
-        if not storage.is_dir(location):
-            raise HgdpoError(f"adapter: {location} does not exist or is not a folder")
-        missing = [n for n in (ADAPTER_FILE, INFO_FILE) if not storage.is_file(storage.join(location, n))]
-        if missing:
-            raise HgdpoError(f"adapter: {location} is not an adapter (no {' or '.join(missing)}); expected the "
-                             f"<output>/adapter folder written by jobs/train.py")
-        info = storage.read_json(storage.join(location, INFO_FILE), "adapter info")
         with storage.local_copy(location) as local:
             path = local / ADAPTER_FILE
             try:

@@ -34,9 +34,9 @@ from hgdpo.sampling import decode
 ADAPTER_NAME = "hgdpo"
 
 
-def check_adapter(adapter: str | Path, model: str, *, allow_pickle: bool = False) -> dict:
-    """Refuse what is not an hgdpo adapter of base ``model`` (a local folder or a storage URI); return its
-    ``hgdpo_adapter.json``."""
+def adapter_info(adapter: str | Path) -> tuple[str, dict]:
+    """The location of an hgdpo adapter (a local folder or a storage URI) and its ``hgdpo_adapter.json``;
+    refuse what is not one. Model-free: ``check_adapter`` also checks the base model."""
     path = os.fspath(adapter) if storage.is_uri(adapter) else str(Path(adapter).expanduser())
     with storage.errors("adapter", path):
         if not storage.exists(path):
@@ -50,9 +50,18 @@ def check_adapter(adapter: str | Path, model: str, *, allow_pickle: bool = False
             info = json.loads(storage.read_bytes(info_path))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise HgdpoError(f"adapter: {info_path} is not valid JSON: {err}") from None
-    base = info.get("base_model") if isinstance(info, dict) else None
+    if not isinstance(info, dict):
+        raise HgdpoError(f"adapter: {info_path} is not a JSON object")
+    return path, info
+
+
+def check_adapter(adapter: str | Path, model: str, *, allow_pickle: bool = False) -> dict:
+    """Refuse what is not an hgdpo adapter of base ``model``; return its ``hgdpo_adapter.json``."""
+    path, info = adapter_info(adapter)
+    base = info.get("base_model")
     if not isinstance(base, dict) or not base.get("fingerprint"):
-        raise HgdpoError(f"adapter: {info_path} does not name its base model (base_model.fingerprint)")
+        raise HgdpoError(f"adapter: {storage.join(path, INFO_FILE)} does not name its base model "
+                         f"(base_model.fingerprint)")
     ours = models.fingerprint(models.resolve_model(model, allow_pickle=allow_pickle))
     if base["fingerprint"] != ours:
         raise HgdpoError(f"adapter: {path} was trained on base model {base.get('name')!r} (fingerprint "

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from hgdpo.config import ALLOW_LOCAL_DOC, check_actors, check_locations, check_sampling, doc
+from hgdpo.config import check_actors, check_locations, check_sampling, doc
 from hgdpo.errors import ConfigError
-from hgdpo.settings import BaseModel, PromptSource, Sampling
+from hgdpo.settings import BaseModel, Generators, PromptSource, Sampling, Tracking
 
 # Settings that change what is in the pool. A pool on disk remembers them; a rerun that
 # differs in any of them is refused (the others only change how fast the pool is built).
@@ -22,7 +22,7 @@ NEWER_DATA_FIELDS = {"hard_negatives": [], "self_judge_questions": 2}
 
 
 @dataclass(kw_only=True)
-class PoolConfig(Sampling, BaseModel, PromptSource):
+class PoolConfig(Tracking, Generators, Sampling, BaseModel, PromptSource):
     """How to build a preference pool (paper §3.1): N samples per prompt, ranked by PickScore."""
 
     SECTION = "pool"
@@ -63,17 +63,10 @@ class PoolConfig(Sampling, BaseModel, PromptSource):
     compile: bool = doc("torch.compile the UNet (CUDA with Triton only; else a warning and no compile). Off: "
                         "compiling takes minutes and pays only for long runs.", False)
 
-    generator_actors: int = doc("Generator actors: each loads the model and PickScore once, and makes and scores "
-                                "its prompts' images (one per GPU).", 1)
-    generator_gpus: float = doc("GPUs per generator actor (fractions allowed, e.g. 0.5).", 0.0)
-    generator_cpus: float = doc("CPUs per generator actor (its torch threads on CPU).", 1.0)
     writer_cpus: float = doc("CPUs per task that PNG-encodes the winners' and losers' images and writes a part.", 0.5)
     rows_per_file: int = doc("Prompts per parquet file of the pool.", 64)
 
-    mlflow_uri: str | None = doc(
-        "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).", None)
     mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-pool")
-    mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)
     log_pairs: int = doc("Winner/loser pairs shown in the MLflow picture.", 4)
 
     def __post_init__(self) -> None:

@@ -1,5 +1,5 @@
 """Config sections shared by the stages, each defined once: where prompts come from, which base model, how
-images are sampled.
+images are sampled, the Ray actors that do the work, where runs are tracked.
 
 A stage's config inherits the sections it uses (``PoolConfig(Sampling, BaseModel, PromptSource)``); the
 settings stay flat in YAML and on the command line (``steps=20``), and the README's reference lists them
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hgdpo.config import doc
+from hgdpo.config import ALLOW_LOCAL_DOC, doc
 
 Sampler = Literal["dpm_multistep", "ddim", "euler", "euler_ancestral", "ddpm", "pndm"]
 PromptFormat = Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet"]
@@ -65,3 +65,49 @@ class Sampling:
     height: int | None = doc("Image height in pixels (paper: 1024); default: the model's native size.", None)
     negative_prompt: str = doc("Negative prompt used for classifier-free guidance.", "")
     dtype: Dtype = doc("Model precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
+
+
+@dataclass(kw_only=True)
+class Generators:
+    """The Ray Data actors that sample images; ``hgdpo.config.check_actors(cfg, "generator")`` checks them."""
+
+    TRAILING = True  # listed after the stage's own settings (hgdpo.config.reference_fields)
+
+    generator_actors: int = doc("Generator actors: each loads the model (and the pool's PickScore) once; one per GPU.",
+                                1)
+    generator_gpus: float = doc("GPUs per generator actor (fractions allowed, e.g. 0.5).", 0.0)
+    generator_cpus: float = doc("CPUs per generator actor (its torch threads on CPU).", 1.0)
+
+
+@dataclass(kw_only=True)
+class Scorers:
+    """The Ray Data actors that score images (``check_actors(cfg, "scorer")``)."""
+
+    TRAILING = True  # listed after the stage's own settings (hgdpo.config.reference_fields)
+
+    scorer_actors: int = doc("Scorer actors: each loads every scorer once.", 1)
+    scorer_gpus: float = doc("GPUs per scorer actor (fractions allowed).", 0.0)
+    scorer_cpus: float = doc("CPUs per scorer actor.", 1.0)
+
+
+@dataclass(kw_only=True)
+class Encoders:
+    """The Ray Data actors that VAE-encode images (``check_actors(cfg, "encoder")``)."""
+
+    TRAILING = True  # listed after the stage's own settings (hgdpo.config.reference_fields)
+
+    encoder_actors: int = doc("VAE encoder actors: each loads the VAE once; one per GPU.", 1)
+    encoder_gpus: float = doc("GPUs per encoder actor (fractions allowed).", 0.0)
+    encoder_cpus: float = doc("CPUs per encoder actor (its torch threads on CPU).", 1.0)
+
+
+@dataclass(kw_only=True)
+class Tracking:
+    """Where a stage records its MLflow run; a stage sets its own default experiment by redeclaring
+    ``mlflow_experiment``."""
+
+    TRAILING = True  # listed after the stage's own settings (hgdpo.config.reference_fields)
+
+    mlflow_uri: str | None = doc("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).", None)
+    mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo")
+    mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)

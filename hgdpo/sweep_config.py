@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from hgdpo import tracking
-from hgdpo.config import ALLOW_LOCAL_DOC, check_locations, doc, from_dict
+from hgdpo.config import check_locations, doc, from_dict
 from hgdpo.errors import ConfigError
 from hgdpo.eval_config import EvalConfig
 from hgdpo.storage import absolute as absolute_location, join, parent
+from hgdpo.settings import Tracking
 from hgdpo.train_config import TrainConfig
 
 # The parameters a trial may set, under the names the paper's tables use, and their stage.
@@ -76,8 +77,8 @@ class Trial:
         return parent(self.train.output)
 
 
-@dataclass
-class SweepConfig:
+@dataclass(kw_only=True)
+class SweepConfig(Tracking):
     """Trials of (train -> evaluate against the base model) over one pool, on Ray Tune (paper Tables 1-6)."""
 
     SECTION = "sweep"
@@ -100,10 +101,7 @@ class SweepConfig:
     model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
     max_concurrent_trials: int | None = doc("Trials running at once; default: as many as fit in the cluster's CPUs "
                                             "and GPUs at each trial's peak (training or evaluation).", None)
-    mlflow_uri: str | None = doc("MLflow tracking URI of the sweep and its trials (default: $MLFLOW_TRACKING_URI, "
-                                 "else sqlite ./mlflow.db).", None)
     mlflow_experiment: str = doc("MLflow experiment of the sweep's parent run and its trial runs.", "hgdpo-sweep")
-    mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)
 
     def __post_init__(self) -> None:
         s = self.SECTION

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hgdpo.config import ALLOW_LOCAL_DOC, check_locations, doc
+from hgdpo.config import check_locations, doc
 from hgdpo.errors import ConfigError
+from hgdpo.settings import Tracking
 
 # Settings that change the trained adapter: a checkpoint written under other values of these
 # cannot be resumed. (workers may change: the data order and noise do not depend on it.)
@@ -19,8 +20,8 @@ RESUME_FIELDS = (
 )
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(Tracking):
     """How to train LoRA adapters on a pool (paper §3.2; eq. 3, 8, 9)."""
 
     SECTION = "train"
@@ -101,9 +102,7 @@ class TrainConfig:
                            "micro-batch each; 0: never).", 100)
     max_failures: int = doc("Worker failures survived by resuming from the last checkpoint.", 2)
 
-    mlflow_uri: str | None = doc("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db).", None)
     mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-train")
-    mlflow_allow_local: bool = doc(ALLOW_LOCAL_DOC, False)
 
     def __post_init__(self) -> None:
         s = self.SECTION
