@@ -295,15 +295,18 @@ class Progress:
     def row(self) -> None:
         now = time.perf_counter()
         self.built += 1
-        if self.built == 1:
-            self.first = now  # the steady rate (for the time left) leaves startup and the first row out
+        if self.built == 1 or now - self.first < 1.0:
+            # rows arrive a part at a time: the steady rate (for the time left) leaves startup and the
+            # first part out
+            self.first, self.first_rows = (now if self.built == 1 else self.first), self.built
         done = self.before + self.built
         if not show_progress(done, self.total, self.bucket, now - self.shown):
             return
         self.shown, self.bucket = now, done * 20 // self.total
-        n = self.cfg.images_per_prompt
+        n = self.cfg.images_per_prompt * (2 if self.cfg.hard_negatives else 1)  # with each seed's negative
         rate = self.built * n / (now - self.start)
-        steady = (self.built - 1) * n / (now - self.first) if self.built > 1 else rate
+        after_first = self.built - self.first_rows
+        steady = after_first * n / (now - self.first) if after_first else rate
         left = (self.total - done) * n / steady if steady else float("nan")
         self.log(f"pool: {done}/{self.total} prompts done ({100 * done / self.total:.0f}%), {rate:.2f} images/s, "
                  f"{_duration(left)} left")

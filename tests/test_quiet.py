@@ -50,3 +50,33 @@ def test_a_stage_shows_its_progress_per_5_percent_at_its_end_and_after_a_quiet_m
     assert lines == list(range(15, 301, 15))  # 20 lines: 5%, 10%, ... 100%
     assert show_progress(3, 100_000, 0, since=61.0)  # a big run's stage still speaks once a minute
     assert not show_progress(3, 100_000, 0, since=59.0)
+
+
+def test_pool_progress_time_left_from_the_steady_rate_of_whole_parts(monkeypatch):
+    """Rows arrive a part at a time; the time left comes from the parts after the first, not from two
+    rows of one part that arrived a millisecond apart."""
+    from hgdpo import pool_builder
+    from hgdpo.pool_config import PoolConfig
+
+    clock = [0.0]
+    monkeypatch.setattr(pool_builder.time, "perf_counter", lambda: clock[0])
+    lines: list[str] = []
+    progress = pool_builder.Progress(PoolConfig(prompts="p", output="o", images_per_prompt=2), total=40, done=0,
+                                     log=lines.append)
+    for part in range(3):  # 8 prompts a part: the first after 30 s of start-up, then one every 10 s
+        clock[0] = 30.0 + 10 * part
+        for row in range(8):
+            clock[0] += 0.001
+            progress.row()
+    assert lines[-1].startswith("pool: 24/40 prompts done (60%)")
+    # 16 prompts x 2 images in the 20 s after the first part: 1.6 images/s; 16 prompts left: 20 s
+    assert lines[-1].endswith("0.96 images/s, 20 s left"), lines[-1]
+    clock[0] = 0.0
+    doubled = pool_builder.Progress(PoolConfig(prompts="p", output="o", images_per_prompt=2,
+                                               hard_negatives=["replace"]), total=40, done=0, log=lines.append)
+    for part in range(3):
+        clock[0] = 30.0 + 10 * part
+        for row in range(8):
+            clock[0] += 0.001
+            doubled.row()
+    assert lines[-1].endswith("1.92 images/s, 20 s left"), lines[-1]  # 24 x 4 images in 50 s
