@@ -129,7 +129,7 @@ def make_batch(inputs: dict, seed: int, step: int, noise_scheduler) -> dict:
     from hgdpo.trainer import pair_noise
 
     shape = tuple(inputs["lat_w"].shape[1:])
-    drawn = [pair_noise(seed, step, int(i), shape, noise_scheduler.config.num_train_timesteps)
+    drawn = [pair_noise(seed, step, int(i), shape, (0, noise_scheduler.config.num_train_timesteps))
              for i in inputs["index"]]
     return dict(inputs, t=torch.cat([d[0] for d in drawn]), noise=torch.stack([d[1] for d in drawn]), step=step)
 

@@ -28,7 +28,8 @@ from hgdpo.train_config import TrainConfig
 # The parameters a trial may set, under the names the paper's tables use, and their stage.
 TRAIN_PARAMETERS = ("objective", "pool_size", "loser_rank", "dataset_size", "beta", "lambda_stat", "stat_step",
                     "stat_sampler_steps", "learning_rate", "max_steps", "lora_rank", "focus_alpha_d", "focus_alpha_c",
-                    "focus_gamma_c", "focus_t_lo", "focus_t_hi", "ospo_alpha", "ospo_gamma", "ospo_margin")
+                    "focus_gamma_c", "focus_t_lo", "focus_t_hi", "ospo_alpha", "ospo_gamma", "ospo_margin",
+                    "timestep_min", "timestep_max")
 EVAL_PARAMETERS = ("lan", "alpha")
 PARAMETERS = TRAIN_PARAMETERS + EVAL_PARAMETERS
 

@@ -16,7 +16,7 @@ RESUME_FIELDS = (
     "lambda_stat", "lora_rank", "lora_alpha", "learning_rate", "lr_schedule", "warmup_steps", "max_steps",
     "global_batch", "data_shards", "max_grad_norm", "weight_decay", "optimizer", "seed", "mixed_precision",
     "stat_step", "stat_sampler_steps", "focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo", "focus_t_hi",
-    "ospo_alpha", "ospo_gamma", "ospo_margin", "ospo_mask_resolutions",
+    "ospo_alpha", "ospo_gamma", "ospo_margin", "ospo_mask_resolutions", "timestep_min", "timestep_max",
 )
 
 
@@ -86,6 +86,10 @@ class TrainConfig(Tracking):
         "Recompute the UNet's activations in the backward pass (less memory, about a third more compute); "
         "default: on when training on GPUs (gpus_per_worker > 0), off on CPU.", None)
     seed: int = doc("Seed of the LoRA initialisation, data order, timesteps and noise.", 0)
+    timestep_min: int = doc("Training timesteps are drawn uniformly from [timestep_min, timestep_max) (paper: all "
+                            "of them). Raise it to train where the noise is high and the layout is decided.", 0)
+    timestep_max: int | None = doc("End (exclusive) of the training timesteps; default: the scheduler's "
+                                   "num_train_timesteps (SD1.5: 1000).", None)
 
     pairs_folder: str | None = doc(
         "Folder or URI where the pair dataset (the selected pairs' latents and their prompts' text-encoder hidden "
@@ -146,6 +150,11 @@ class TrainConfig(Tracking):
             raise ConfigError(f"{s}.ospo_gamma: must be positive (got {self.ospo_gamma})")
         if self.ospo_mask_resolutions is not None and not self.ospo_mask_resolutions:
             raise ConfigError(f"{s}.ospo_mask_resolutions: empty; leave it unset for the default")
+        if self.timestep_min < 0:
+            raise ConfigError(f"{s}.timestep_min: must be >= 0 (got {self.timestep_min})")
+        if self.timestep_max is not None and self.timestep_max <= self.timestep_min:
+            raise ConfigError(f"{s}.timestep_max: must be above timestep_min={self.timestep_min} "
+                              f"(got {self.timestep_max})")
         if self.focus_t_lo > self.focus_t_hi:
             raise ConfigError(f"{s}.focus_t_lo: must be at most focus_t_hi={self.focus_t_hi} (got {self.focus_t_lo})")
         per_worker = self.global_batch // self.workers
@@ -159,6 +168,14 @@ class TrainConfig(Tracking):
 
         return FocusSettings(alpha_d=self.focus_alpha_d, alpha_c=self.focus_alpha_c, gamma_c=self.focus_gamma_c,
                              complexity_t_lo=self.focus_t_lo, complexity_t_hi=self.focus_t_hi)
+
+    def timesteps(self, num_train_timesteps: int) -> tuple[int, int]:
+        """[low, high) of the training timesteps for a scheduler of ``num_train_timesteps``."""
+        high = self.timestep_max if self.timestep_max is not None else num_train_timesteps
+        if high > num_train_timesteps:
+            raise ConfigError(f"{self.SECTION}.timestep_max: the model's scheduler has {num_train_timesteps} "
+                              f"timesteps (got {high})")
+        return self.timestep_min, high
 
     def accumulation_steps(self) -> int:
         """Micro-batches per worker per optimizer step."""

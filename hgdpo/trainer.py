@@ -100,11 +100,12 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device):
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def pair_noise(seed: int, step: int, index: int, shape: tuple[int, ...], num_timesteps: int):
-    """The timestep and noise of pair ``index`` at ``step``: a function of (seed, step, index) only."""
+def pair_noise(seed: int, step: int, index: int, shape: tuple[int, ...], timesteps: tuple[int, int]):
+    """The timestep (uniform in ``timesteps``, [low, high)) and noise of pair ``index`` at ``step``: a
+    function of (seed, step, index) only."""
     digest = hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    t = torch.randint(0, num_timesteps, (1,), generator=gen)
+    t = torch.randint(timesteps[0], timesteps[1], (1,), generator=gen)
     return t, torch.randn(shape, generator=gen)
 
 
@@ -275,7 +276,8 @@ def focus_picture(cfg: TrainConfig, unet, noise_scheduler, batch, index: np.ndar
     lat_w, lat_l, emb = (torch.from_numpy(x[:m]).to(device, torch.float32)
                          for x in (batch.latents_w, batch.latents_l, batch.hidden))  # (m, C, h, w), (m, L, D)
     noise = torch.stack([pair_noise(cfg.seed, step, int(i), tuple(lat_w.shape[1:]),
-                                    noise_scheduler.config.num_train_timesteps)[1] for i in index[:m]]).to(device)
+                                    cfg.timesteps(noise_scheduler.config.num_train_timesteps))[1]
+                         for i in index[:m]]).to(device)
     weights = []
     for timestep in FOCUS_PICTURE_TIMESTEPS:
         t = torch.full((m,), timestep, device=device)
@@ -303,7 +305,8 @@ def ospo_picture(cfg: TrainConfig, unet, noise_scheduler, batch, index: np.ndarr
                          for x in (batch.latents_w, batch.latents_l, batch.hidden))
     nouns = [decode_nouns(x) for x in batch.nouns[:m]]
     noise = torch.stack([pair_noise(cfg.seed, step, int(i), tuple(lat_w.shape[1:]),
-                                    noise_scheduler.config.num_train_timesteps)[1] for i in index[:m]]).to(device)
+                                    cfg.timesteps(noise_scheduler.config.num_train_timesteps))[1]
+                         for i in index[:m]]).to(device)
     resolutions = cfg.ospo_mask_resolutions or [_default_mask_resolution(unet)]
     weights, labels = [], []
     for timestep in FOCUS_PICTURE_TIMESTEPS:
@@ -459,6 +462,7 @@ def train_loop(config: dict) -> dict | None:
         return index, reader.read(index)
 
     shape = tuple(config["latent_shape"])
+    timesteps = cfg.timesteps(noise_scheduler.config.num_train_timesteps)
     mlflow_client = _metrics_client(config) if rank == 0 else None
     per_worker = cfg.global_batch // world
     sums: dict[str, float] = {}
@@ -473,7 +477,7 @@ def train_loop(config: dict) -> dict | None:
         for k in range(0, per_worker, cfg.micro_batch):
             part = slice(k, k + cfg.micro_batch)
             ids = index[part]
-            drawn = [pair_noise(cfg.seed, step, int(i), shape, noise_scheduler.config.num_train_timesteps) for i in ids]
+            drawn = [pair_noise(cfg.seed, step, int(i), shape, timesteps) for i in ids]
             t = torch.cat([d[0] for d in drawn]).to(device)
             noise = torch.stack([d[1] for d in drawn]).to(device)
             lat_w = torch.from_numpy(batch.latents_w[part]).to(device, torch.float32)
@@ -592,7 +596,9 @@ def check_prediction_type(cfg: TrainConfig) -> None:
     """Refuse a model that does not predict the noise: eq. 3's errors, the SFT loss and eq. 8's sampler
     step all compare the UNet's output with the noise, so a v-prediction model would train, silently,
     against the wrong target."""
-    kind = models.scheduler_config(cfg.model, model_config=cfg.model_config).get("prediction_type", "epsilon")
+    scheduler = models.scheduler_config(cfg.model, model_config=cfg.model_config)
+    cfg.timesteps(scheduler.get("num_train_timesteps", 1000))  # refuses a timestep_max past the schedule
+    kind = scheduler.get("prediction_type", "epsilon")
     if kind != "epsilon":
         raise HgdpoError(f"train.model: {cfg.model!r} is a {kind} model (prediction_type in its scheduler config); "
                          f"training supports epsilon-prediction models only (SD1.5 and its fine-tunes), for every "

@@ -3,6 +3,7 @@ for objective focus, with its picture of the weights and its W = 1 case against 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -146,7 +147,7 @@ def plain_loop_adapter(work: Path, out: Path, *, round_hidden: bool, steps: int 
                     emb = text_encoder(tokens)[0]
                 if round_hidden:
                     emb = emb.half().float()
-                drawn = [trainer.pair_noise(cfg.seed, step, int(i), (4, 16, 16), 1000) for i in ids]
+                drawn = [trainer.pair_noise(cfg.seed, step, int(i), (4, 16, 16), cfg.timesteps(1000)) for i in ids]
                 lat_w = torch.from_numpy(np.stack([pairs[int(i)][1] for i in ids])).float()
                 lat_l = torch.from_numpy(np.stack([pairs[int(i)][2] for i in ids])).float()
                 loss, _ = trainer.micro_step(cfg, unet, unet, noise_scheduler, emb, lat_w, lat_l,
@@ -304,6 +305,22 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, caps
     assert kept == ["checkpoint_00000001"]
 
 
+def test_training_timesteps_are_drawn_from_the_configured_range():
+    from hgdpo import trainer
+    from hgdpo.train_config import TrainConfig
+
+    cfg = TrainConfig(pool="p", output="o", timestep_min=600)
+    assert cfg.timesteps(1000) == (600, 1000)
+    drawn = [trainer.pair_noise(0, step, i, (4, 2, 2), cfg.timesteps(1000)) for step in range(20) for i in range(10)]
+    ts = torch.cat([t for t, _ in drawn])
+    assert int(ts.min()) >= 600 and int(ts.max()) < 1000 and len(set(ts.tolist())) > 100
+    # The default range draws what the trainer always drew (adapters trained before the setting reproduce).
+    t, noise = trainer.pair_noise(3, 7, 11, (4, 2, 2), TrainConfig(pool="p", output="o").timesteps(1000))
+    digest = hashlib.sha256(b"3:7:11").digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    assert torch.equal(t, torch.randint(0, 1000, (1,), generator=gen)) and torch.equal(noise, torch.randn((4, 2, 2), generator=gen))
+
+
 @pytest.mark.parametrize("objective", ["hgdpo", "dpo", "sft"])
 def test_a_v_prediction_model_is_refused_for_every_objective(work, tmp_path, capsys, objective):
     from hgdpo import embedded
@@ -333,6 +350,8 @@ def test_a_v_prediction_model_is_refused_for_every_objective(work, tmp_path, cap
     ("ospo_plain_pool", "train.objective: ospo trains on a pool with hard negatives"),
     ("ospo_mask_resolutions", "train.ospo_mask_resolutions[0]: the UNet of 'embedded' has no cross-attention layers "
                               "at resolution 16; it has 8"),
+    ("timestep_max", "train.timestep_max: the model's scheduler has 1000 timesteps (got 1200)"),
+    ("timestep_order", "train.timestep_max: must be above timestep_min=600 (got 500)"),
 ])
 def test_bad_input_is_refused_before_work(work, tmp_path, capsys, case, message):
     pool_dir = work / "pool"
@@ -372,6 +391,10 @@ def test_bad_input_is_refused_before_work(work, tmp_path, capsys, case, message)
         extra = ["objective=ospo"]
     elif case == "ospo_mask_resolutions":
         extra = ["objective=ospo", "ospo_mask_resolutions=[16]"]
+    elif case == "timestep_max":
+        extra = ["timestep_max=1200"]
+    elif case == "timestep_order":
+        extra = ["timestep_min=600", "timestep_max=500"]
     output = tmp_path / "out"
     assert train_job.main([f"pool={pool_dir}", f"output={output}", *BASE, *extra]) == 2
     err = capsys.readouterr().err
