@@ -46,7 +46,7 @@ from hgdpo import storage, tracking
 from hgdpo.config import changed_settings, from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.eval_config import EvalConfig
-from hgdpo.sweep_config import EVAL_PARAMETERS, TRAIN_PARAMETERS, SweepConfig, Trial, value_text
+from hgdpo.sweep_config import EVAL_PARAMETERS, PARAMETERS, TRAIN_PARAMETERS, SweepConfig, Trial, value_text
 from hgdpo.train_config import TrainConfig
 
 TRIAL_FILE = "trial.json"  # written before any work: the trial's settings
@@ -68,7 +68,8 @@ def trial_params(trial: Trial, plan) -> dict[str, Any]:
     """The trial's parameters under their common names, resolved (pool_size None -> the pool's N)."""
     return {**{k: getattr(trial.train, k) for k in TRAIN_PARAMETERS},
             "pool_size": plan.pool_size, "loser_rank": plan.loser_rank, "dataset_size": plan.dataset_size,
-            **{k: getattr(trial.evaluate, k) for k in EVAL_PARAMETERS}}
+            **{k: getattr(trial.evaluate, k) for k in EVAL_PARAMETERS},
+            **({"pool": trial.values["pool"]} if "pool" in trial.values else {})}  # a trial's own pool, as given
 
 
 def trial_peak(trial: Trial) -> tuple[float, float]:
@@ -142,12 +143,14 @@ def prepare(cfg: SweepConfig) -> Prepared:
 
     trials = cfg.expand()
     storage.check_writable(cfg.output, "sweep.output")
-    storage.check_reachable(cfg.pool, "sweep.pool")
     tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "sweep.mlflow_uri")
-    try:
-        pool.read_meta(trials[0].train.pool)
-    except HgdpoError as err:
-        raise HgdpoError(f"sweep.{err}") from None  # "pool: x is not a pool" -> "sweep.pool: ..."
+    shared = [t for t in trials if "pool" not in t.values]  # the others name their own pool
+    if shared:
+        storage.check_reachable(cfg.pool, "sweep.pool")
+        try:
+            pool.read_meta(shared[0].train.pool)
+        except HgdpoError as err:
+            raise HgdpoError(f"sweep.{err}") from None  # "pool: x is not a pool" -> "sweep.pool: ..."
     params, trainings = {}, {}
     for trial in trials:
         try:
@@ -205,7 +208,7 @@ def parent_run(prep: Prepared) -> str:
     exp = tracking.experiment_id(cfg.mlflow_experiment, uri)
     found = [r for r in client.search_runs([exp], filter_string=f"tags.sweep = '{cfg.name}' and tags.stage = 'sweep'")
              if r.data.tags.get("sweep_output") == str(prep.output)]
-    swept = sorted({k for t in prep.trials for k in t.values}, key=list(TRAIN_PARAMETERS + EVAL_PARAMETERS).index)
+    swept = sorted({k for t in prep.trials for k in t.values}, key=list(PARAMETERS).index)
     if found:
         run_id = min(found, key=lambda r: r.info.start_time).info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -527,7 +530,7 @@ def _collect(prep: Prepared, parent_id: str, pending: list[Trial], concurrency: 
             results.append(TrialResult(trial.name, prep.params[trial.name], status="FAILED", error=message))
         else:  # stopped from outside (Ctrl-C, a lost node) before it ended, or not started
             results.append(TrialResult(trial.name, prep.params[trial.name], status="UNFINISHED"))
-    swept = sorted({k for t in prep.trials for k in t.values}, key=list(TRAIN_PARAMETERS + EVAL_PARAMETERS).index)
+    swept = sorted({k for t in prep.trials for k in t.values}, key=list(PARAMETERS).index)
     finished = [t for t, r in zip(prep.trials, results) if r.status == "FINISHED"]
     return SweepResult(prep.cfg.name, str(prep.output), parent_id, results, swept,
                        list(prep.trials[0].evaluate.scorers), concurrency, head_to_head(finished, prep.cfg.duels))

@@ -31,7 +31,8 @@ TRAIN_PARAMETERS = ("objective", "pool_size", "loser_rank", "dataset_size", "bet
                     "focus_gamma_c", "focus_t_lo", "focus_t_hi", "ospo_alpha", "ospo_gamma", "ospo_margin",
                     "timestep_min", "timestep_max")
 EVAL_PARAMETERS = ("lan", "alpha")
-PARAMETERS = TRAIN_PARAMETERS + EVAL_PARAMETERS
+# A trial's own pool (e.g. an imported public set for Table 1's rows) instead of the sweep's; a named trial only.
+PARAMETERS = TRAIN_PARAMETERS + EVAL_PARAMETERS + ("pool",)
 
 # Settings the sweep sets itself in each stage (they wire a trial together).
 WIRED = {"train": ("pool", "output", "model", "model_config", "mlflow_uri", "mlflow_experiment", "mlflow_allow_local"),
@@ -86,7 +87,8 @@ class SweepConfig(Tracking):
     SECTIONS = ("train", "evaluate")  # train.key=value / evaluate.key=value overrides (hgdpo.config.load_config)
 
     name: str = doc("Name of the sweep: its MLflow parent run, and what `hgdpo table --sweep` looks for.")
-    pool: str = doc("The pool every trial trains on (of the largest N; no trial generates a pool).")
+    pool: str = doc("The pool the trials train on (of the largest N; no trial generates a pool); a named trial may "
+                    "give its own `pool` (e.g. an imported public set).")
     output: str = doc("Folder or storage URI of the sweep: trials/<trial>/train and trials/<trial>/eval are "
                       "written inside it.")
     train: dict = doc("Base settings of every trial's training (see the train configuration).", {})
@@ -184,13 +186,16 @@ class SweepConfig(Tracking):
                 raise ConfigError(f"{s}: trials {seen[name]} and {index} are both named {name!r}; "
                                   f"give distinct values or names")
             seen[name] = index
+            if "pool" in values and explicit is None:
+                raise ConfigError(f"{s}: trial {index} trains on its own pool ({values['pool']}); give it a `name`")
             folder = join(output, "trials", name)
             train = {**self.train, **{k: v for k, v in values.items() if k in TRAIN_PARAMETERS}}
             evaluate = {**base_eval, **{k: v for k, v in values.items() if k in EVAL_PARAMETERS}}
             try:
                 # pairs_folder: trials of the same selection share one pair dataset, <output>/pairs-<key>.
                 train_cfg = from_dict(TrainConfig, {"pairs_folder": output, **train, **model, **mlflow,
-                                                    "pool": absolute(self.pool), "output": join(folder, "train")})
+                                                    "pool": absolute(values.get("pool", self.pool)),
+                                                    "output": join(folder, "train")})
                 eval_cfg = from_dict(EvalConfig, {**evaluate, **model, **mlflow, "output": join(folder, "eval"),
                                                   "adapter": join(folder, "train", "adapter")})
             except ConfigError as err:  # "train.beta: ..." -> "sweep trial 'beta=-1': train.beta: ..."

@@ -359,10 +359,17 @@ def test_a_failing_trial_is_reported_and_marked_failed_and_a_rerun_tries_it_agai
      "sweep.duels[1]: no trial named 'pool_size=3'"),
     ("duel_shape", {"duels": [["pool_size=4"]]}, "sweep.duels[0]: must be [A trial, B trial]"),
     ("no_test_prompts", {"evaluate": {**EVAL}}, "evaluate.prompts: required"),
+    ("trial_pool_unnamed", {"parameters": {}, "trials": [{"objective": "dpo", "pool": "elsewhere"}]},
+     "sweep: trial 0 trains on its own pool (elsewhere); give it a `name`"),
+    ("trial_pool_missing", {"parameters": {}, "trials": [{"name": "own", "objective": "dpo", "pool": "MISSING"}]},
+     "sweep trial 'own': train.pool: "),
 ])
 def test_bad_input_is_refused_before_any_work(work, tmp_path, case, settings, message):
     if settings.get("pool") == "MISSING":
         settings = {**settings, "pool": str(tmp_path / "no-pool")}
+    for trial in settings.get("trials", []):
+        if trial.get("pool") == "MISSING":
+            trial["pool"] = str(tmp_path / "no-pool")
     config = sweep_file(work, f"bad-{case}.yaml", output=str(tmp_path / "out"),
                         mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **settings)
     code, _, err = run_main("--config", str(config))
@@ -392,6 +399,9 @@ def test_sweep_file_expands_into_valid_trials_for_the_demo_pool(path, monkeypatc
         assert f"output={cfg.pool}" in head and "hard_negatives=[replace,swap,drop]" in head
     else:
         assert cfg.pool == f"{run['output']}/pool"
+    for listed in cfg.trials:  # a trial's own pool (Table 1's public sets): the header says how it is made
+        if "pool" in listed:
+            assert f"output={listed['pool']}" in head, listed
     assert cfg.name == path.stem.replace("_", "-")
     assert f"python jobs/sweep.py --config sweeps/{path.name}" in head and f"hgdpo table --sweep {cfg.name}" in head
     trials = cfg.expand()
@@ -400,6 +410,8 @@ def test_sweep_file_expands_into_valid_trials_for_the_demo_pool(path, monkeypatc
             "config": {"keep": "all"}, "fingerprint": {"loser_rank": run["pool"]["images_per_prompt"]}}
     for trial in trials:
         t = trial.train
+        if "pool" in trial.values:
+            continue  # an imported pool of pairs, N = 2
         plan(meta, pool_size=t.pool_size, loser_rank=t.loser_rank, dataset_size=t.dataset_size,
              data_shards=t.data_shards, global_batch=t.global_batch, seed=t.seed)
         assert Path(trial.evaluate.prompts).is_file() and trial.evaluate.adapter.endswith(f"{trial.name}/train/adapter")
@@ -454,6 +466,21 @@ def test_listed_trials_are_crossed_with_the_grid_and_named_by_their_values():
     assert trial.evaluate.adapter == "/tmp/o/trials/dpo,beta=10000/train/adapter"
     with pytest.raises(ConfigError, match="nothing to sweep"):
         _cfg()
+
+
+def test_a_named_trial_trains_on_its_own_pool_and_says_so():
+    from hgdpo.pairs import plan
+    from hgdpo.sweep import trial_params
+
+    cfg = _cfg(trials=[{"name": "own", "objective": "hgdpo"}, {"name": "public", "objective": "dpo",
+                                                               "pool": "/data/public-pool"}])
+    own, public = cfg.expand()
+    assert public.train.pool == "/data/public-pool" and own.train.pool == str(Path("p").absolute())
+    assert public.evaluate.adapter == "/tmp/o/trials/public/train/adapter"
+    pairs = plan({"images_per_prompt": 2, "num_prompts": 16, "config": {"keep": "all"},
+                  "fingerprint": {"loser_rank": 2}}, pool_size=None, loser_rank=None, dataset_size=None,
+                 data_shards=1, global_batch=4, seed=0)
+    assert trial_params(public, pairs)["pool"] == "/data/public-pool" and "pool" not in trial_params(own, pairs)
 
 
 def test_concurrency_defaults_to_the_trials_that_fit_at_their_peak():
