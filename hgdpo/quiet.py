@@ -13,6 +13,16 @@ What is left out, and why:
   state" at every check; and Ray Core's note that an actor with ``max_restarts > 0`` has
   constructor arguments in the object store (ray-project/ray#53727), which Ray Train's own actors
   trigger. Both stay in Ray's session logs (``/tmp/ray/session_latest/logs``).
+* MLflow's INFO lines ("Creating initial MLflow database tables"): ``MLFLOW_LOGGING_LEVEL`` WARNING.
+* Ray's notice that a new local cluster has token authentication on (its secure default, which the
+  jobs keep). Its warning that authentication is *off* stays in.
+
+What is left in, and why: one line per Ray Data actor pool (the pool's generators, the evaluation's
+generators), "Actor with class name: 'MapWorker(MapBatches(...))' ... has constructor arguments in the
+object store and max_restarts > 0". Ray Data creates every actor pool so, whatever the class (a trivial
+one prints it too), and Ray's C++ core writes the line to the driver's stderr, where Python cannot filter
+it. It warns that an actor restarted after its node is lost may fail to start; a stage that fails so is
+rerun by its command (the pool resumes where it stopped).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ def quiet_libraries() -> None:
     # Read by Ray when it is imported: set before (a process that imported Ray already keeps its value).
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(NOISE))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -47,7 +58,15 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger(AUTH_LOGGER).addFilter(_drop_auth_enabled_notice)
     quiet_ray_data(sys.stdout.isatty())
+
+
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _drop_auth_enabled_notice(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
 
 
 def quiet_ray_data(terminal: bool) -> None:

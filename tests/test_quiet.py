@@ -80,3 +80,29 @@ def test_pool_progress_time_left_from_the_steady_rate_of_whole_parts(monkeypatch
             clock[0] += 0.001
             doubled.row()
     assert lines[-1].endswith("1.92 images/s, 20 s left"), lines[-1]  # 24 x 4 images in 50 s
+
+
+STARTUP = """
+import sys
+from hgdpo.quiet import quiet_libraries
+quiet_libraries()
+from hgdpo.raycluster import ensure_ray
+import mlflow, ray
+ensure_ray()
+mlflow.MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}").search_experiments()  # creates the store
+ray.shutdown()
+print("done")
+"""
+
+
+def test_a_local_ray_and_a_new_mlflow_store_start_without_notices(tmp_path):
+    """Ray's notice that token authentication is on (its default) and MLflow's INFO lines about creating
+    its tables stay out of a job's output."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "MLFLOW_LOGGING_LEVEL")}
+    out = subprocess.run([sys.executable, "-c", STARTUP, str(tmp_path / "mlflow.db")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+    assert (tmp_path / "mlflow.db").exists()
+    assert "Token authentication" not in out.stderr and "MLflow database tables" not in out.stderr, out.stderr
