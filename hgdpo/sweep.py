@@ -582,6 +582,26 @@ class Duel:
     a: Trial
     b: Trial
     rates: dict[str, Any]  # scorer -> winrates.WinRate
+    objects: dict[str, float] = field(default_factory=dict)  # the world's object-level rates, A's minus B's
+
+
+def duel_objects(a: Trial, b: Trial) -> dict[str, float]:
+    """The world's object-level report (``hgdpo.world.objects.summarize``) of trial ``a``'s images against
+    trial ``b``'s, paired by (prompt, seed), with bootstrap intervals over prompts: where one objective
+    draws objects, colours and relations right more often than another."""
+    from hgdpo.pool import png_image
+    from hgdpo.world.objects import object_report, summarize
+
+    reports, groups = [], None
+    for trial in (a, b):
+        table = storage.read_parquet(storage.join(trial.evaluate.output, "scores.parquet"),
+                                     columns=["prompt_id", "k", "prompt", "image_a"])
+        table = table.sort_by([("prompt_id", "ascending"), ("k", "ascending")])
+        reports.append([object_report(png_image(png), prompt) for png, prompt in
+                        zip(table.column("image_a").to_pylist(), table.column("prompt").to_pylist())])
+        groups = table.column("prompt_id").to_pylist()
+    ev = a.evaluate
+    return summarize(reports[0], reports[1], groups, resamples=ev.bootstrap, confidence=ev.confidence, seed=ev.seed)
 
 
 def _a_scores(trial: Trial) -> Any:
@@ -621,7 +641,7 @@ def head_to_head(trials: list[Trial], named: list[list[str]] | None = None) -> l
         rates = {s: win_rate(sa.column(f"score_a_{s}").to_numpy(), sb.column(f"score_a_{s}").to_numpy(),
                              sa.column("prompt_id").to_numpy(), resamples=ev.bootstrap, confidence=ev.confidence,
                              seed=ev.seed) for s in common}
-        duels.append(Duel(a, b, rates))
+        duels.append(Duel(a, b, rates, duel_objects(a, b) if "judge" in common else {}))
     return duels
 
 
@@ -631,11 +651,39 @@ def duel_metrics(duel: Duel) -> dict[str, float]:
     for scorer, r in duel.rates.items():
         key = f"h2h_{duel.a.index}_over_{duel.b.index}_{scorer}"
         out.update({key: r.rate, f"{key}_low": r.low, f"{key}_high": r.high})
+    for rate in _object_rates(duel.objects):
+        key = f"h2h_{duel.a.index}_over_{duel.b.index}_objects_{rate}"
+        out.update({key: duel.objects[f"{rate}_diff"], f"{key}_low": duel.objects[f"{rate}_diff_low"],
+                    f"{key}_high": duel.objects[f"{rate}_diff_high"]})
     return out
 
 
+def _object_rates(objects: dict[str, float]) -> list[str]:
+    from hgdpo.evaluate import OBJECT_RATES
+
+    return [rate for rate, _ in OBJECT_RATES if f"{rate}_diff" in objects]
+
+
 def format_duels(duels: list[Duel], scorers: list[str]) -> str:
-    return _duel_table([(d.a.name, d.b.name, d.rates) for d in duels], scorers)
+    text = _duel_table([(d.a.name, d.b.name, d.rates) for d in duels], scorers)
+    objects = [(d.a.name, d.b.name, {r: (d.objects[f"{r}_diff"], d.objects[f"{r}_diff_low"],
+                                         d.objects[f"{r}_diff_high"]) for r in _object_rates(d.objects)})
+               for d in duels if d.objects]
+    return text + ("\n\n" + _objects_table(objects) if objects else "")
+
+
+def _objects_table(rows: list[tuple[str, str, dict]]) -> str:
+    """The object-level head-to-head table: one row per (A trial, B trial, rate -> (A - B, low, high))."""
+    from hgdpo.evaluate import OBJECT_RATES
+
+    shown = [(rate, label) for rate, label in OBJECT_RATES if any(rate in cells for _, _, cells in rows)]
+    lines = ["Objects head to head (the world's judge; A's rate minus B's in points, paired by prompt and seed):", "",
+             "| A | B | " + " | ".join(label for _, label in shown) + " |", "|" + "---|" * (2 + len(shown))]
+    for a, b, cells in rows:
+        lines.append("| " + " | ".join([a, b, *(f"{100 * cells[r][0]:+.1f} [{100 * cells[r][1]:+.1f}, "
+                                                f"{100 * cells[r][2]:+.1f}]" if r in cells else "-"
+                                                for r, _ in shown)]) + " |")
+    return "\n".join(lines)
 
 
 def _duel_table(rows: list[tuple[str, str, dict]], scorers: list[str]) -> str:
@@ -690,15 +738,21 @@ def duels_from_metrics(metrics: dict[str, float], names: dict[int, str], scorers
     from hgdpo.winrates import WinRate
 
     found: dict[tuple[int, int], dict] = {}
+    objects: dict[tuple[int, int], dict] = {}
     for key, value in metrics.items():
         parts = key.split("_")
         if key.startswith("h2h_") and len(parts) >= 5 and parts[2] == "over" and parts[-1] not in ("low", "high"):
-            a, b, scorer = int(parts[1]), int(parts[3]), "_".join(parts[4:])
-            found.setdefault((a, b), {})[scorer] = WinRate(value, metrics[f"{key}_low"], metrics[f"{key}_high"],
-                                                           0, 0, 0, 0)
+            a, b, what = int(parts[1]), int(parts[3]), "_".join(parts[4:])
+            low, high = metrics[f"{key}_low"], metrics[f"{key}_high"]
+            if what.startswith("objects_"):
+                objects.setdefault((a, b), {})[what.removeprefix("objects_")] = (value, low, high)
+            else:
+                found.setdefault((a, b), {})[what] = WinRate(value, low, high, 0, 0, 0, 0)
     order = sorted(found, key=lambda ab: (ab[0] - ab[1] != 1, ab[0]))  # neighbours, then the last against the first
     rows = [(names.get(a, str(a)), names.get(b, str(b)), found[a, b]) for a, b in order]
-    return _duel_table(rows, scorers) if rows else ""
+    text = _duel_table(rows, scorers) if rows else ""
+    object_rows = [(names.get(a, str(a)), names.get(b, str(b)), objects[a, b]) for a, b in order if (a, b) in objects]
+    return text + ("\n\n" + _objects_table(object_rows) if object_rows else "")
 
 
 def rate_cell(r) -> str:

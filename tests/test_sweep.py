@@ -270,7 +270,8 @@ def test_neighbouring_trials_meet_head_to_head_on_the_same_prompts_and_seeds(res
         return pq.read_table(resumed["trials"] / name / "eval" / "scores.parquet").sort_by(
             [("prompt_id", "ascending"), ("k", "ascending")])
 
-    table = (resumed["trials"].parent / "table.md").read_text().split("Head to head")[1]
+    table, objects = (resumed["trials"].parent / "table.md").read_text().split("Head to head")[1].split(
+        "Objects head to head")
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| pool_size=")]
     pairs = [(TRIALS[1], TRIALS[0]), (TRIALS[2], TRIALS[1]), (TRIALS[2], TRIALS[0])]
     assert [(r[0].lstrip("| "), r[1]) for r in rows] == pairs
@@ -284,6 +285,21 @@ def test_neighbouring_trials_meet_head_to_head_on_the_same_prompts_and_seeds(res
         assert row[2] == f"{100 * want.rate:.1f}% [{100 * want.low:.1f}, {100 * want.high:.1f}]"
         key = f"h2h_{TRIALS.index(a)}_over_{TRIALS.index(b)}_judge"
         assert logged[key] == pytest.approx(want.rate) and logged[f"{key}_low"] == pytest.approx(want.low)
+    # The world's object-level rates, A's images against B's, on the same comparisons.
+    from hgdpo.pool import png_image
+    from hgdpo.world.objects import object_report, summarize
+
+    object_rows = [line.split(" | ") for line in objects.splitlines() if line.startswith("| pool_size=")]
+    assert [(r[0].lstrip("| "), r[1]) for r in object_rows] == pairs
+    assert "| A | B | colour right | shape right |" in objects
+    for row, (a, b) in zip(object_rows, pairs):
+        reports = [[object_report(png_image(png), prompt) for png, prompt in
+                    zip(t.column("image_a").to_pylist(), t.column("prompt").to_pylist())] for t in (scores(a), scores(b))]
+        want = summarize(*reports, scores(a).column("prompt_id").to_pylist(), resamples=EVAL["bootstrap"])
+        assert row[2] == (f"{100 * want['object_colour_acc_diff']:+.1f} [{100 * want['object_colour_acc_diff_low']:+.1f}, "
+                          f"{100 * want['object_colour_acc_diff_high']:+.1f}]")
+        key = f"h2h_{TRIALS.index(a)}_over_{TRIALS.index(b)}_objects_leakage"
+        assert logged[key] == pytest.approx(want["leakage_diff"])
 
 
 def test_table_command_prints_the_sweep_from_mlflow(resumed):
@@ -291,6 +307,7 @@ def test_table_command_prints_the_sweep_from_mlflow(resumed):
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     main, duels = proc.stdout.split("Head to head")
+    assert "Objects head to head" in duels and "| A | B | colour right |" in duels  # from the parent run's metrics
     lines = main.splitlines()
     assert "| trial | pool_size | lan | judge win rate [interval] | pickscore win rate [interval] | H change " \
            "| S change | V change |" in lines
