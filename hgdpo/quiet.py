@@ -46,6 +46,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(NOISE))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    if not sys.stdout.isatty():  # no colour codes around the "(RayTrainWorker pid=...)" prefixes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

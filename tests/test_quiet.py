@@ -23,9 +23,14 @@ lines = [
     "train: step 15/300 loss 0.6931 (dpo 0.6931, stat 0) accuracy 0.500",
 ]
 kept = [l for b in stdout_deduplicator.deduplicate({"ip": "x", "pid": 1, "lines": lines}) for l in b["lines"]]
+import io
+from ray._private.worker import print_worker_logs
+printed = io.StringIO()
+print_worker_logs({"ip": "x", "localhost": "x", "pid": 7, "task_name": "RayTrainWorker", "lines": kept}, printed)
 context = ray.data.DataContext.get_current()
 console = [h.level for h in logging.getLogger("ray.data").handlers if type(h).__name__ != "SessionFileHandler"]
-print(json.dumps({"kept": kept, "bars": context.enable_progress_bars, "console": console}))
+print(json.dumps({"kept": kept, "bars": context.enable_progress_bars, "console": console,
+                  "printed": printed.getvalue()}))
 """
 
 
@@ -35,6 +40,8 @@ def test_rays_repeated_notices_are_dropped_and_a_jobs_lines_kept():
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["kept"] == ["train: step 15/300 loss 0.6931 (dpo 0.6931, stat 0) accuracy 0.500"]
     assert found["bars"] is False  # stdout is a pipe here: the stages' own progress lines, no dumps
+    assert found["printed"].endswith("pid=7) train: step 15/300 loss 0.6931 (dpo 0.6931, stat 0) accuracy 0.500\n")
+    assert "\x1b[" not in found["printed"], found["printed"]  # no colour codes in a log file
     assert found["console"] and all(level >= 30 for level in found["console"])  # WARNING and up on the console
     assert len(NOISE) == 2
 
