@@ -188,6 +188,20 @@ def describe_side(cfg: EvalConfig, side: str, cache: str | None = None) -> str:
     return text + (f", images and scores read from {cache}" if cache else "")
 
 
+def summary(cfg: EvalConfig, result: EvalResult) -> str:
+    """The short report a whole run ends with: each scorer's win rate, A's colour change, where the full
+    report (``table``: means, counts, colours, the world's objects) is."""
+    pct = int(round(100 * cfg.confidence))
+    lines = [f"A ({describe_side(cfg, 'a')}) against B ({describe_side(cfg, 'b', result.baseline_cache)}), "
+             f"{result.comparisons} comparisons on {result.prompts} prompts:"]
+    for name, wr in result.win_rates.items():
+        lines.append(f"  {name}: A wins {100 * wr.rate:.1f}% ({pct}% interval {100 * wr.low:.1f} to {100 * wr.high:.1f})")
+    h, s, v = result.hsv_change
+    lines += [f"  A's colours against B's: hue {h:+.2f}%, saturation {s:+.2f}%, value {v:+.2f}%",
+              f"the full report: {storage.join(cfg.output, 'table.md')}"]
+    return "\n".join(lines)
+
+
 def table(cfg: EvalConfig, result: EvalResult) -> str:
     """The readable report: win rates per scorer, then the colour table (paper Tables 1 and 2)."""
     pct = int(round(100 * cfg.confidence))

@@ -1,10 +1,12 @@
 """The paper's tables in the miniature world, from one command (``jobs/replicate.py``).
 
-One pool of N = 20 (the pool stage, resumable), one sweep holding every trial the tables need
-(trials of the same training share one adapter, finished trials are not rerun), the agreement of
-the pool's PickScore ranking with the world's judge by n (Fig. 5a), and a report in Markdown with a
-picture per table: each table in the paper's layout with intervals, the paper's direction beside
-it, the targets met or not, and the MLflow runs.
+One pool of N = 20 (the pool stage, resumable), the world's out-of-distribution "public" set and
+its two imported pools of pairs in ``<output>/public`` (for Table 1's public-data rows, when those
+trials are run; resumable too), one sweep holding every trial the tables need (trials of the same
+training share one adapter, finished trials are not rerun), the agreement of the pool's PickScore
+ranking with the world's judge by n (Fig. 5a), and a report in Markdown with a picture per table:
+each table in the paper's layout with intervals, the paper's direction beside it, the targets met
+or not, and the MLflow runs.
 
 The trials (names as in the report):
 
@@ -13,12 +15,16 @@ The trials (names as in the report):
   ``d=0.1``, ``d=0.5``: dataset size (Table 6), as shares of the pool's prompts;
 * ``dpo``: Diffusion-DPO alone; ``dpo-beta4``, ``dpo-beta20``: with beta x4 and x20; ``sft``: the
   noise-prediction loss on the winners (Table 1); ``hgdpo-sampler``: eq. 8 with one step of the
-  sampling schedule instead of the training DDPM step (Table 2, with ``dpo`` and ``hgdpo``).
+  sampling schedule instead of the training DDPM step (Table 2, with ``dpo`` and ``hgdpo``);
+* ``dpo-public``, ``dpo-public-h``: Diffusion-DPO on the world's public set (the paper's Pick-a-Pic
+  v2) and on its "(H)" subset, each on its own imported pool, ``<output>/public/pool`` and
+  ``<output>/public/pool-h`` (Table 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,15 +42,15 @@ class ReplicateConfig(RunConfig):
 
     SECTION = "replicate"
 
-    output: str = doc("Folder or storage URI of the replication: pool/, sweep/, agreement.json and (by default) "
-                      "the report are written inside it.")
+    output: str = doc("Folder or storage URI of the replication: pool/, public/ (Table 1's public set and its "
+                      "pools), sweep/, agreement.json and (by default) the report are written inside it.")
     name: str = doc("Name of the replication's sweep (its MLflow parent run).", "replicate")
     report: str | None = doc("Where the Markdown report is written (its pictures beside it); default "
                              "<output>/replication.md.", None)
     max_concurrent_trials: int | None = doc("Trials at once (default: as many as fit the cluster).", None)
     notes: str | None = doc("A Markdown file of what people read in the measurements, included in the report "
                             "under 'What the measurements say' (the rest of the report is made from the runs).", None)
-    run: bool = doc("Build the pool and run the unfinished trials; false: only write the report from what is "
+    run: bool = doc("Build the pools and run the unfinished trials; false: only write the report from what is "
                     "finished (the rest marked unfinished).", True)
     only: list[str] = doc("Run only these trials (names as in the report, e.g. [hgdpo, n=2]); default: all. "
                           "The report marks what the missing trials would have measured as '-'.", [])
@@ -55,10 +61,14 @@ class ReplicateConfig(RunConfig):
             raise ConfigError(f"replicate.pool.images_per_prompt: the tables need N >= {max(POOL_SIZES)}")
         if self.notes is not None and not Path(self.notes).is_file():
             raise ConfigError(f"replicate.notes: {self.notes} is not a file")
-        known = [t["name"] for t in trials(1)]
+        known = [t["name"] for t in trials(1, self.output)]
         for i, name in enumerate(self.only):
             if name not in known:
                 raise ConfigError(f"replicate.only[{i}]: no trial {name!r}; trials: {', '.join(known)}")
+
+    def selected(self, name: str) -> bool:
+        """Whether trial ``name`` is run (and reported): every trial unless ``only`` names some."""
+        return not self.only or name in self.only
 
 
 POOL_SIZES = (2, 5, 10, 20)
@@ -66,10 +76,26 @@ LOSER_RANKS = (2, 10, 20)
 SHARES = (0.1, 0.5, 1.0)  # of the pool's prompts
 BETA = 2500.0  # the paper's, in the diffusers convention (DESIGN.md)
 
+# Table 1's public-data trials: each trains on its own pool, <output>/public/<folder>, imported from the world's
+# public set with these import settings. The world's subjects are its shapes, so its "(H)" (people) subset is
+# the pairs whose caption names one (as in sweeps/public_vs_own.yaml).
+PUBLIC_POOLS = {"dpo-public": ("pool", {}),
+                "dpo-public-h": ("pool-h", {"subset": "people", "people_keywords": ["circle", "square", "triangle"]})}
+PUBLIC_SET = "world-public.parquet"
+# Public-set pairs per prompt of the own pool. The paper's public sets are far larger than its own pool;
+# 4 pairs a prompt (1,200 for the world's 300 prompts) keeps the world's (H) subset (about 35% of the pairs:
+# public_set's subject_share) larger than the own pool too, while the set and its imports take minutes on
+# two CPU cores, little next to a trial. Every trial takes the same training steps, so a larger set only
+# adds variety, not steps.
+PUBLIC_PAIRS_PER_PROMPT = 4
 
-def trials(prompts: int) -> list[dict[str, Any]]:
-    """The sweep's trials for a pool of ``prompts`` prompts, in the order they run: Table 3's, then
-    Tables 2 and 1's, then the rest of Tables 5 and 6 (so a run cut short has the main tables)."""
+
+def trials(prompts: int, output: str) -> list[dict[str, Any]]:
+    """The sweep's trials for a pool of ``prompts`` prompts in replication ``output``, in the order they
+    run: Table 3's, then Tables 2 and 1's, then the rest of Tables 5 and 6 (so a run cut short has the
+    main tables)."""
+    from hgdpo.storage import join
+
     out = [{"name": "hgdpo"}]
     out += [{"name": f"n={n}", "pool_size": n} for n in POOL_SIZES[:-1]]
     out += [{"name": "dpo", "objective": "dpo", "lambda_stat": 0},
@@ -77,6 +103,8 @@ def trials(prompts: int) -> list[dict[str, Any]]:
             {"name": "dpo-beta20", "objective": "dpo", "lambda_stat": 0, "beta": 20 * BETA},
             {"name": "sft", "objective": "sft", "lambda_stat": 0},
             {"name": "dpo-beta4", "objective": "dpo", "lambda_stat": 0, "beta": 4 * BETA}]
+    out += [{"name": name, "objective": "dpo", "lambda_stat": 0, "pool": join(output, "public", folder)}
+            for name, (folder, _) in PUBLIC_POOLS.items()]
     for i in range(len(LOSER_RANKS) - 1):
         out.append({"name": f"l={LOSER_RANKS[i]}", "loser_rank": LOSER_RANKS[i]})
         out.append({"name": f"d={SHARES[i]:g}", "dataset_size": max(1, round(SHARES[i] * prompts))})
@@ -93,17 +121,19 @@ def name_of(kind: str, value: Any) -> str:
 
 DUELS = ([["hgdpo", "n=2"], ["n=5", "n=2"], ["n=10", "n=5"], ["hgdpo", "n=10"], ["hgdpo", "l=2"],
           ["hgdpo", "l=10"], ["hgdpo", "d=0.1"], ["hgdpo", "d=0.5"], ["hgdpo", "sft"], ["hgdpo", "dpo-beta4"],
-          ["hgdpo", "dpo-beta20"], ["hgdpo", "dpo"], ["hgdpo-sampler", "hgdpo"], ["hgdpo-sampler", "dpo"]])
+          ["hgdpo", "dpo-beta20"], ["hgdpo", "dpo"], ["hgdpo", "dpo-public"], ["hgdpo", "dpo-public-h"],
+          ["hgdpo-sampler", "hgdpo"], ["hgdpo-sampler", "dpo"]])
 
 
-def sweep_config(cfg: ReplicateConfig, prompts: int):
-    """The one sweep of every table's trials, on ``<output>/pool``, written to ``<output>/sweep``."""
+def sweep_config(cfg: ReplicateConfig, prompts: int, left_out: Collection[str] = ()):
+    """The one sweep of every table's (selected) trials but ``left_out``, on ``<output>/pool``, written to
+    ``<output>/sweep``."""
     from hgdpo.config import from_dict
     from hgdpo.storage import join
     from hgdpo.sweep_config import SweepConfig
 
     mlflow = {"mlflow_uri": cfg.mlflow_uri} if cfg.mlflow_uri else {}
-    chosen = [t for t in trials(prompts) if not cfg.only or t["name"] in cfg.only]
+    chosen = [t for t in trials(prompts, cfg.output) if cfg.selected(t["name"]) and t["name"] not in left_out]
     names = {t["name"] for t in chosen}
     return from_dict(SweepConfig, {
         "name": cfg.name, "pool": join(cfg.output, "pool"), "output": join(cfg.output, "sweep"),
@@ -111,6 +141,52 @@ def sweep_config(cfg: ReplicateConfig, prompts: int):
         "duels": [d for d in DUELS if set(d) <= names], "model": cfg.model, "model_config": cfg.model_config,
         "max_concurrent_trials": cfg.max_concurrent_trials, "mlflow_allow_local": cfg.mlflow_allow_local, **mlflow},
         "replicate")
+
+
+def public_imports(cfg: ReplicateConfig) -> dict[str, Any]:
+    """Trial -> the import (``ImportConfig``) of its public pool, for the selected public trials only (none:
+    no public work), each VAE-encoded by the replicate's model."""
+    from hgdpo.interchange_config import ImportConfig
+    from hgdpo.storage import join
+
+    pool_cfg = cfg.stages()[0]
+    model = {"model": pool_cfg.model, "model_config": pool_cfg.model_config, "allow_pickle": pool_cfg.allow_pickle}
+    return {name: ImportConfig(source=join(cfg.output, "public", PUBLIC_SET), output=join(cfg.output, "public", folder),
+                               **model, **settings)
+            for name, (folder, settings) in PUBLIC_POOLS.items() if cfg.selected(name)}
+
+
+def unmade_public_pools(cfg: ReplicateConfig) -> list[str]:
+    """The selected public trials whose pool is not complete (a report-only run leaves them out)."""
+    from hgdpo import pool
+
+    return [name for name, imp in public_imports(cfg).items() if pool.state(imp.output).complete is None]
+
+
+def make_public_pools(cfg: ReplicateConfig, prompts: int, log=print) -> None:
+    """The world's public set, ``PUBLIC_PAIRS_PER_PROMPT`` x ``prompts`` pairs, then the selected public
+    trials' pools imported from it; both resumable (the set is written atomically, so a file there is whole)."""
+    from hgdpo import storage
+    from hgdpo.errors import HgdpoError
+    from hgdpo.interchange import import_pairs
+    from hgdpo.world.public_set import write_public_set
+
+    imports = public_imports(cfg)
+    if not imports:
+        return
+    source, pairs = next(iter(imports.values())).source, PUBLIC_PAIRS_PER_PROMPT * prompts
+    if storage.is_file(source):
+        found = storage.parquet_rows(source)
+        if found != pairs:
+            raise HgdpoError(f"replicate: {source} holds {found} pairs; the pool's {prompts} prompts need {pairs} "
+                             f"({PUBLIC_PAIRS_PER_PROMPT} a prompt): delete {storage.parent(source)} (the set and "
+                             f"its pools) and rerun")
+        log(f"replicate: the public set {source} is already complete ({pairs} pairs)")
+    else:
+        log(f"replicate: Table 1: writing the world's public set, {pairs} pairs")
+        write_public_set(source, pairs, log=log)
+    for imp in imports.values():
+        import_pairs(imp, log)
 
 
 def pool_agreement(uri: str, model: str = "embedded", sizes: tuple[int, ...] = POOL_SIZES, *, resamples: int = 2000,
@@ -163,9 +239,13 @@ def replicate(cfg: ReplicateConfig, log=print) -> str:
     sweep_cfg = sweep_config(cfg, prompts)  # every trial's checks before the pool is made
     if cfg.run:
         build_pool(pool_cfg, log)
+        make_public_pools(cfg, prompts, log)
         result = sweep(sweep_cfg, log)
     else:
-        result = collect(sweep_cfg)
+        unmade = unmade_public_pools(cfg)
+        if unmade:
+            log(f"replicate: not reported: {', '.join(unmade)} (their public pools are not made yet)")
+        result = collect(sweep_config(cfg, prompts, unmade))
     agreement_file = storage.join(cfg.output, "agreement.json")
     if storage.is_file(agreement_file):
         agreement = {int(n): WinRate(**r) for n, r in storage.read_json(agreement_file, "agreement").items()}

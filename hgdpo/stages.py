@@ -130,11 +130,11 @@ def run_sweep(cfg, args) -> str:
 
 
 def run_run(cfg, args) -> str:
-    from hgdpo.evaluate import table
+    from hgdpo.evaluate import summary
     from hgdpo.run import run
 
     result = run(cfg)
-    return (f"\n{table(cfg.stages()[2], result.evaluation)}\n\nrun: pool {result.pool_seconds:.0f}s, train "
+    return (f"\n{summary(cfg.stages()[2], result.evaluation)}\n\nrun: pool {result.pool_seconds:.0f}s, train "
             f"{result.train_seconds:.0f}s, evaluate {result.evaluate_seconds:.0f}s; everything under {cfg.output}")
 
 

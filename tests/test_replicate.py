@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hgdpo.replicate import DUELS, trials
-from hgdpo.replication_report import Results, targets
+from hgdpo.config import load_config
+from hgdpo.replicate import (DUELS, ReplicateConfig, make_public_pools, public_imports, sweep_config, trials,
+                             unmade_public_pools)
+from hgdpo.replication_report import Results, table1, targets
 from hgdpo.winrates import WinRate
 from hgdpo.world.prompts import write_prompts
 
@@ -127,10 +129,63 @@ def test_bad_input_is_refused_before_any_work(tmp_path, setting, message):
 
 
 def test_the_trials_cover_every_table_and_every_duel_names_two_of_them():
-    names = [t["name"] for t in trials(300)]
-    assert len(names) == len(set(names)) == 13
-    assert {t["dataset_size"] for t in trials(300) if "dataset_size" in t} == {30, 150}
+    names = [t["name"] for t in trials(300, "out")]
+    assert len(names) == len(set(names)) == 15
+    assert {t["dataset_size"] for t in trials(300, "out") if "dataset_size" in t} == {30, 150}
     assert all(a in names and b in names for a, b in DUELS)
+
+
+def test_the_public_trials_are_dpo_on_their_own_pools_under_the_output():
+    own = {t["name"]: t for t in trials(300, "/r/out") if "pool" in t}
+    assert own == {"dpo-public": {"name": "dpo-public", "objective": "dpo", "lambda_stat": 0,
+                                  "pool": "/r/out/public/pool"},
+                   "dpo-public-h": {"name": "dpo-public-h", "objective": "dpo", "lambda_stat": 0,
+                                    "pool": "/r/out/public/pool-h"}}
+    assert ["hgdpo", "dpo-public"] in DUELS and ["hgdpo", "dpo-public-h"] in DUELS
+
+
+def _config(tmp_path, *settings: str) -> ReplicateConfig:
+    return load_config(ReplicateConfig, REPO / "examples" / "replicate.yaml",
+                       [f"output={tmp_path / 'out'}", f"mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}", *settings])
+
+
+def test_the_public_pools_are_imported_from_one_set_with_the_replicates_model(tmp_path):
+    public = tmp_path / "out" / "public"
+    imports = public_imports(_config(tmp_path))
+    assert list(imports) == ["dpo-public", "dpo-public-h"]
+    assert {i.source for i in imports.values()} == {str(public / "world-public.parquet")}
+    assert [(i.output, i.subset, i.model) for i in imports.values()] == [
+        (str(public / "pool"), "all", "embedded"), (str(public / "pool-h"), "people", "embedded")]
+    assert imports["dpo-public-h"].people_keywords == ["circle", "square", "triangle"]  # the world's subjects
+    assert unmade_public_pools(_config(tmp_path)) == ["dpo-public", "dpo-public-h"]  # nothing made yet
+    # A report-only run leaves the trials of unmade pools out of the sweep, with their duels.
+    cfg = sweep_config(_config(tmp_path), 300, ["dpo-public"])
+    names = [t["name"] for t in cfg.trials]
+    assert "dpo-public" not in names and "dpo-public-h" in names
+    assert ["hgdpo", "dpo-public"] not in cfg.duels and ["hgdpo", "dpo-public-h"] in cfg.duels
+    assert {t.name: t.train.pool for t in cfg.expand()}["dpo-public-h"] == str(public / "pool-h")
+
+
+def test_only_other_trials_make_no_public_work(tmp_path):
+    cfg = _config(tmp_path, "only=[hgdpo,n=2]")
+    assert public_imports(cfg) == {} and unmade_public_pools(cfg) == []
+    logged = []
+    make_public_pools(cfg, 300, logged.append)
+    assert logged == [] and not (tmp_path / "out").exists()
+    assert list(public_imports(_config(tmp_path, "only=[hgdpo,dpo-public-h]"))) == ["dpo-public-h"]
+
+
+def test_table_1_has_the_public_rows_head_to_head_and_dashes_where_unmeasured():
+    res = Results(metrics={}, duels={("hgdpo", "dpo-public"): {"judge": _rate(0.625, 0.55, 0.7),
+                                                                "pickscore": _rate(0.8, 0.712, 0.875)},
+                                     ("hgdpo", "sft"): {"judge": _rate(0.5, 0.4, 0.6)}})
+    lines = table1(res)
+    rows = [line for line in lines if line.startswith("| `hgdpo` |")]
+    assert [r.split(" | ")[1] for r in rows] == ["`sft`", "`dpo-beta4`", "`dpo-beta20`", "`dpo`", "`dpo-public`",
+                                                  "`dpo-public-h`"]
+    assert rows[4] == "| `hgdpo` | `dpo-public` | 62.5% [55.0, 70.0] | 80.0% [71.2, 87.5] |"
+    assert rows[5] == "| `hgdpo` | `dpo-public-h` | - | - |"  # not measured
+    assert rows[0] == "| `hgdpo` | `sft` | 50.0% [40.0, 60.0] | - |"  # the same layout as the own-pool rows
 
 
 def _rate(rate: float, low: float, high: float) -> WinRate:

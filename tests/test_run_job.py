@@ -60,7 +60,7 @@ def test_the_run_keeps_what_it_printed_in_a_log_file_beside_its_stages(finished)
     (log,) = (finished / "logs").glob("run-*.log")
     text = log.read_text()
     assert "pool: 4/4 prompts done (100%)" in text and "train: adapter written to" in text
-    assert "evaluate: 3/3 prompts done (100%)" in text and "| judge |" in text and "run: pool " in text
+    assert "evaluate: 3/3 prompts done (100%)" in text and "  judge: A wins " in text and "run: pool " in text
     # Not a terminal: Ray Data prints no progress dumps and no notices; the stages' own lines say it (hgdpo.quiet).
     assert "logging_progress.py" not in text and "streaming_executor.py" not in text
 
@@ -79,7 +79,12 @@ def test_rerun_does_nothing_and_prints_the_table(finished, work, capsys):
     assert main(work) == 0
     out = capsys.readouterr().out
     assert "already complete" in out and "already trained" in out and "already holds this evaluation" in out
-    assert "| judge |" in out and "| colour | H | S | V |" in out
+    # The run ends with the short report; the full one is the evaluation's table.md.
+    report = json.loads((finished / "evaluate" / "report.json").read_text())["result"]
+    judge = report["win_rates"]["judge"]
+    assert f"  judge: A wins {100 * judge['rate']:.1f}% (95% interval {100 * judge['low']:.1f} to " in out
+    assert "  A's colours against B's: hue " in out and f"the full report: {finished / 'evaluate' / 'table.md'}" in out
+    assert "| colour | H | S | V |" in (finished / "evaluate" / "table.md").read_text()
     assert (finished / "evaluate" / "report.json").stat().st_mtime_ns == stamp
 
 
