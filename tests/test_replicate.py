@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from hgdpo.config import load_config
+from hgdpo.errors import HgdpoError
 from hgdpo.replicate import (DUELS, ReplicateConfig, make_public_pools, public_imports, sweep_config, trials,
                              unmade_public_pools)
 from hgdpo.replication_report import Results, table1, targets
@@ -173,6 +174,25 @@ def test_only_other_trials_make_no_public_work(tmp_path):
     make_public_pools(cfg, 300, logged.append)
     assert logged == [] and not (tmp_path / "out").exists()
     assert list(public_imports(_config(tmp_path, "only=[hgdpo,dpo-public-h]"))) == ["dpo-public-h"]
+
+
+def test_the_public_set_and_its_pools_are_made_once_and_a_rerun_does_nothing(ray_local, tmp_path):
+    from hgdpo import pool, storage
+
+    cfg = _config(tmp_path, "only=[dpo-public-h]")
+    logged: list[str] = []
+    make_public_pools(cfg, 2, logged.append)  # 2 prompts: 8 public pairs
+    public = tmp_path / "out" / "public"
+    assert storage.parquet_rows(str(public / "world-public.parquet")) == 8
+    assert pool.state(str(public / "pool-h")).complete is not None and not (public / "pool").exists()
+    assert unmade_public_pools(cfg) == []
+    stamp = (public / "pool-h" / "pool.json").stat().st_mtime_ns
+    logged.clear()
+    make_public_pools(cfg, 2, logged.append)
+    assert any("already complete (8 pairs)" in line for line in logged), logged
+    assert (public / "pool-h" / "pool.json").stat().st_mtime_ns == stamp
+    with pytest.raises(HgdpoError, match="holds 8 pairs; the pool's 3 prompts need 12"):
+        make_public_pools(cfg, 3, logged.append)
 
 
 def test_table_1_has_the_public_rows_head_to_head_and_dashes_where_unmeasured():
