@@ -290,8 +290,23 @@ def check_locations(cfg: Any, *names: str) -> None:
         raise ConfigError(str(err)) from None
 
 
-def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def changed_settings(stored: dict[str, Any], current: dict[str, Any], cls: type | None = None) -> list[str]:
     """The settings whose values differ between a stored config and the current one (tracking settings
-    aside), sorted: what makes a finished output another job's."""
+    aside), sorted: what makes a finished output another job's. With the config class ``cls``, a setting
+    the stored config lacks (added to hgdpo after the output was written) is unchanged at its default,
+    which always does what hgdpo did before the setting existed."""
     keys = (set(stored) | set(current)) - set(TRACKING_FIELDS)
-    return sorted(k for k in keys if stored.get(k) != current.get(k))
+    added = {k: v for k, v in defaults(cls).items() if k not in stored} if cls is not None else {}
+    return sorted(k for k in keys if stored.get(k) != current.get(k)
+                  and not (k in added and current.get(k) == added[k]))
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """The default of every setting of ``cls`` that has one."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out

@@ -268,7 +268,7 @@ def _settled(cfg: EvalConfig) -> EvalResult | None:
             raise TypeError("config is not a mapping")
     except (KeyError, TypeError) as err:
         raise HgdpoError(f"output: {path} is not an evaluation report ({err}); use another output") from None
-    changed = changed_settings(stored, to_dict(cfg))
+    changed = changed_settings(stored, to_dict(cfg), EvalConfig)
     if changed:
         raise HgdpoError(f"output: {cfg.output} holds an evaluation with other settings ({', '.join(changed[:5])}); "
                          f"use another output")

@@ -176,7 +176,9 @@ def prepare(cfg: SweepConfig) -> Prepared:
             stored = storage.read_json(path, "trial state")
             ours = {"train": to_dict(trial.train), "evaluate": to_dict(trial.evaluate)}
             # Which adapter a trial evaluates (its own, or one of the same training) is the sweep's wiring.
-            changed = [f"{stage}.{k}" for stage in ours for k in changed_settings(stored[stage], ours[stage])
+            classes = {"train": TrainConfig, "evaluate": EvalConfig}
+            changed = [f"{stage}.{k}" for stage in ours
+                       for k in changed_settings(stored[stage], ours[stage], classes[stage])
                        if (stage, k) != ("evaluate", "adapter")]
             if changed:
                 raise HgdpoError(f"sweep.output: trial {trial.name!r} in {trial.folder} was run with other settings "

@@ -18,6 +18,9 @@ RESUME_FIELDS = (
     "stat_step", "stat_sampler_steps", "focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo", "focus_t_hi",
     "ospo_alpha", "ospo_gamma", "ospo_margin", "ospo_mask_resolutions", "timestep_min", "timestep_max",
 )
+# Resume settings added after adapters were trained without them: left out of the fingerprint at these
+# values (which train as before they existed), so those adapters and checkpoints still match.
+NEWER_RESUME_FIELDS = {"timestep_min": 0, "timestep_max": None}
 
 
 @dataclass(kw_only=True)
@@ -194,4 +197,5 @@ class TrainConfig(Tracking):
         return storage.parent(storage.absolute(self.output))
 
     def resume_settings(self) -> dict:
-        return {k: getattr(self, k) for k in RESUME_FIELDS}
+        return {k: getattr(self, k) for k in RESUME_FIELDS
+                if not (k in NEWER_RESUME_FIELDS and getattr(self, k) == NEWER_RESUME_FIELDS[k])}

@@ -69,3 +69,15 @@ def test_a_retired_setting_says_what_replaced_it():
     with pytest.raises(ConfigError, match=r"^pool\.scorer_gpus: no longer a setting: scoring runs in the generator "
                                           r"actors now"):
         from_dict(PoolConfig, {"prompts": "p.txt", "output": "out", "scorer_gpus": 0.5})
+
+
+def test_a_setting_added_since_an_output_was_written_is_unchanged_at_its_default():
+    from hgdpo.config import changed_settings
+    from hgdpo.train_config import TrainConfig
+
+    stored = {"pool": "p", "beta": 2500.0}  # written before timestep_min existed
+    assert changed_settings(stored, {"pool": "p", "beta": 2500.0, "timestep_min": 0}, TrainConfig) == []
+    assert changed_settings(stored, {"pool": "p", "beta": 2500.0, "timestep_min": 500}, TrainConfig) == ["timestep_min"]
+    assert changed_settings(stored, {"pool": "p", "beta": 2500.0, "timestep_min": 0}) == ["timestep_min"]  # no class
+    assert changed_settings({**stored, "timestep_min": 500}, {"pool": "p", "beta": 2500.0, "timestep_min": 0},
+                            TrainConfig) == ["timestep_min"]  # stored, so compared

@@ -319,6 +319,15 @@ def test_training_timesteps_are_drawn_from_the_configured_range():
     digest = hashlib.sha256(b"3:7:11").digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     assert torch.equal(t, torch.randint(0, 1000, (1,), generator=gen)) and torch.equal(noise, torch.randn((4, 2, 2), generator=gen))
+    # ... and adapters trained before the setting existed keep their fingerprint (they resume, reruns skip them).
+    from hgdpo.train_config import RESUME_FIELDS
+
+    default, meta = TrainConfig(pool="p", output="o"), {"fingerprint": {"pool": "x"}}
+    before = {k: getattr(default, k) for k in RESUME_FIELDS if k not in ("timestep_min", "timestep_max")}
+    assert trainer.fingerprint(default, meta) == hashlib.sha256(json.dumps(
+        dict(before, pool_fingerprint=meta["fingerprint"]), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert trainer.fingerprint(TrainConfig(pool="p", output="o", timestep_min=500), meta) != \
+        trainer.fingerprint(default, meta)
 
 
 @pytest.mark.parametrize("objective", ["hgdpo", "dpo", "sft"])
