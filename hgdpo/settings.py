@@ -73,8 +73,9 @@ class Generators:
 
     TRAILING = True  # listed after the stage's own settings (hgdpo.config.reference_fields)
 
-    generator_actors: int = doc("Generator actors: each loads the model (and the pool's PickScore) once; one per GPU.",
-                                1)
+    generator_actors: int = doc("Generator actors, one per GPU: each loads once what its stage samples with (the "
+                                "pool's: the model and PickScore, and scores its images; the evaluation's: the model "
+                                "with A's and B's adapters).", 1)
     generator_gpus: float = doc("GPUs per generator actor (fractions allowed, e.g. 0.5).", 0.0)
     generator_cpus: float = doc("CPUs per generator actor (its torch threads on CPU).", 1.0)
 

@@ -57,7 +57,7 @@ STAGES: dict[str, Stage] = {
                     "hgdpo.sample_config:SampleConfig", "hgdpo.stages:run_sample"),
     "evaluate": Stage("evaluate model A against baseline B on test prompts: win rates and colour",
                       "hgdpo.eval_config:EvalConfig", "hgdpo.stages:run_evaluate", (NO_MLFLOW,)),
-    "sweep": Stage("a sweep of trainings and their evaluations on one pool, on Ray Tune",
+    "sweep": Stage("a sweep of trainings and their evaluations (on a shared pool, or a trial's own), on Ray Tune",
                    "hgdpo.sweep_config:SweepConfig", "hgdpo.stages:run_sweep"),
     "run": Stage("the whole method: pool, HG-DPO, evaluation", "hgdpo.run:RunConfig", "hgdpo.stages:run_run"),
     "replicate": Stage("the paper's tables in the miniature world: one pool, every table's trials, one report",

@@ -122,6 +122,9 @@ class SweepConfig(Tracking):
                                       f"sweep.model, sweep.mlflow_uri); remove it")
         for key, values in self.parameters.items():
             self._check_name(key, f"{s}.parameters.{key}")
+            if key == "pool":
+                raise ConfigError(f"{s}.parameters.pool: a trial's own pool goes in `trials:`, in a trial with a "
+                                  f"`name`; it is not a grid parameter")
             if not isinstance(values, list):
                 raise ConfigError(f"{s}.parameters.{key}: must be a list of values (got {values!r})")
             if not values:

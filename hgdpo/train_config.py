@@ -89,10 +89,13 @@ class TrainConfig(Tracking):
         "Recompute the UNet's activations in the backward pass (less memory, about a third more compute); "
         "default: on when training on GPUs (gpus_per_worker > 0), off on CPU.", None)
     seed: int = doc("Seed of the LoRA initialisation, data order, timesteps and noise.", 0)
-    timestep_min: int = doc("Training timesteps are drawn uniformly from [timestep_min, timestep_max) (paper: all "
-                            "of them). Raise it to train where the noise is high and the layout is decided.", 0)
+    timestep_min: int = doc("Training timesteps (of the scheduler's 0..999 for SD1.5; higher is noisier) are drawn "
+                            "uniformly from [timestep_min, timestep_max); paper: all of them. E.g. 500 trains only "
+                            "the noisier half, where an image's composition forms. focus: its complexity term acts "
+                            "only below focus_t_hi.", 0)
     timestep_max: int | None = doc("End (exclusive) of the training timesteps; default: the scheduler's "
-                                   "num_train_timesteps (SD1.5: 1000).", None)
+                                   "num_train_timesteps (SD1.5: 1000); a larger value is refused before any work.",
+                                   None)
 
     pairs_folder: str | None = doc(
         "Folder or URI where the pair dataset (the selected pairs' latents and their prompts' text-encoder hidden "

@@ -8,8 +8,9 @@ On the embedded default, in about two hours on two CPU cores:
 
 Settings are overridden as key=value and a stage's as section.key=value (pool., train., evaluate.;
 train and evaluate are every trial's base settings). The pool is written to <output>/pool, the
-trials to <output>/sweep, Fig. 5a's agreement to <output>/agreement.json and the report (default
-<output>/replication.md) with its pictures beside it. Rerunning the command does no finished work
+trials to <output>/sweep (Table 1's public-data trials on pools imported into <output>/public),
+Fig. 5a's agreement to <output>/agreement.json and the report (default <output>/replication.md)
+with its pictures beside it. Rerunning the command does no finished work
 again: the pool and the sweep resume, and the report is written anew from what is there.
 """
 

@@ -376,6 +376,8 @@ def test_a_failing_trial_is_reported_and_marked_failed_and_a_rerun_tries_it_agai
      "sweep.duels[1]: no trial named 'pool_size=3'"),
     ("duel_shape", {"duels": [["pool_size=4"]]}, "sweep.duels[0]: must be [A trial, B trial]"),
     ("no_test_prompts", {"evaluate": {**EVAL}}, "evaluate.prompts: required"),
+    ("grid_pool", {"parameters": {"pool": ["a", "b"]}}, "sweep.parameters.pool: a trial's own pool goes in "
+                                                         "`trials:`"),
     ("trial_pool_unnamed", {"parameters": {}, "trials": [{"objective": "dpo", "pool": "elsewhere"}]},
      "sweep: trial 0 trains on its own pool (elsewhere); give it a `name`"),
     ("trial_pool_missing", {"parameters": {}, "trials": [{"name": "own", "objective": "dpo", "pool": "MISSING"}]},
