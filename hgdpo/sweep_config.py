@@ -95,9 +95,9 @@ class SweepConfig(Tracking):
     evaluate: dict = doc("Base settings of every trial's evaluation (see the evaluate configuration); "
                          "`prompts` is required.", {})
     parameters: dict = doc(f"Grid: parameter -> list of values; every combination is a trial. Parameters: "
-                           f"{', '.join(PARAMETERS)} (`lan: true`: A samples with LAN).", {})
-    trials: list[dict] = doc("Explicit trials, each a mapping of parameters (and an optional `name`); crossed "
-                             "with `parameters` when both are given.", [])
+                           f"{', '.join(PARAMETERS[:-1])} (`lan: true`: A samples with LAN).", {})
+    trials: list[dict] = doc("Explicit trials, each a mapping of parameters (and an optional `name`; a named trial "
+                             "may also give its own `pool`); crossed with `parameters` when both are given.", [])
     duels: list[list[str]] = doc("Head-to-head comparisons, each [A trial, B trial] by name; default: every trial "
                                  "against the one before it, and the last against the first.", [])
     model: str = doc("Base model of the pool, the training and the evaluation's A and B.", "embedded")
