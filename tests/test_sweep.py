@@ -490,11 +490,12 @@ def test_listed_trials_are_crossed_with_the_grid_and_named_by_their_values():
 def test_a_named_trial_trains_on_its_own_pool_and_says_so():
     from hgdpo.pairs import plan
     from hgdpo.sweep import trial_params
+    from hgdpo.sweep_config import absolute
 
     cfg = _cfg(trials=[{"name": "own", "objective": "hgdpo"}, {"name": "public", "objective": "dpo",
                                                                "pool": "/data/public-pool"}])
     own, public = cfg.expand()
-    assert public.train.pool == "/data/public-pool" and own.train.pool == str(Path("p").absolute())
+    assert public.train.pool == "/data/public-pool" and own.train.pool == absolute("p")  # the sweep's pool
     assert public.evaluate.adapter == "/tmp/o/trials/public/train/adapter"
     pairs = plan({"images_per_prompt": 2, "num_prompts": 16, "config": {"keep": "all"},
                   "fingerprint": {"loser_rank": 2}}, pool_size=None, loser_rank=None, dataset_size=None,
