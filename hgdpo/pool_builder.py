@@ -295,10 +295,10 @@ class Progress:
     def row(self) -> None:
         now = time.perf_counter()
         self.built += 1
-        if self.built == 1 or now - self.first < 1.0:
-            # rows arrive a part at a time: the steady rate (for the time left) leaves startup and the
-            # first part out
-            self.first, self.first_rows = (now if self.built == 1 else self.first), self.built
+        if self.built == 1:
+            self.first = now
+        if now - self.first < 1.0:  # rows arrive a part at a time: the steady rate (for the time left)
+            self.first_rows = self.built  # leaves startup and the first part's rows out
         done = self.before + self.built
         if not show_progress(done, self.total, self.bucket, now - self.shown):
             return

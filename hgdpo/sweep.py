@@ -50,6 +50,7 @@ from hgdpo.sweep_config import EVAL_PARAMETERS, PARAMETERS, TRAIN_PARAMETERS, Sw
 from hgdpo.train_config import TrainConfig
 
 TRIAL_FILE = "trial.json"  # written before any work: the trial's settings
+STAGE_CONFIGS = {"train": TrainConfig, "evaluate": EvalConfig}  # a trial file's sections
 RESULT_FILE = "result.json"  # written when the trial is done: its parameters and metrics
 ERROR_FILE = "error.txt"  # the message of the trial's last failure
 SWEEP_FILE = "sweep.json"  # the sweep's resolved config, versions and MLflow parent run
@@ -176,9 +177,8 @@ def prepare(cfg: SweepConfig) -> Prepared:
             stored = storage.read_json(path, "trial state")
             ours = {"train": to_dict(trial.train), "evaluate": to_dict(trial.evaluate)}
             # Which adapter a trial evaluates (its own, or one of the same training) is the sweep's wiring.
-            classes = {"train": TrainConfig, "evaluate": EvalConfig}
             changed = [f"{stage}.{k}" for stage in ours
-                       for k in changed_settings(stored[stage], ours[stage], classes[stage])
+                       for k in changed_settings(stored[stage], ours[stage], STAGE_CONFIGS[stage])
                        if (stage, k) != ("evaluate", "adapter")]
             if changed:
                 raise HgdpoError(f"sweep.output: trial {trial.name!r} in {trial.folder} was run with other settings "
@@ -587,23 +587,33 @@ class Duel:
     objects: dict[str, float] = field(default_factory=dict)  # the world's object-level rates, A's minus B's
 
 
-def duel_objects(a: Trial, b: Trial) -> dict[str, float]:
-    """The world's object-level report (``hgdpo.world.objects.summarize``) of trial ``a``'s images against
-    trial ``b``'s, paired by (prompt, seed), with bootstrap intervals over prompts: where one objective
-    draws objects, colours and relations right more often than another."""
+def object_reports(trial: Trial) -> tuple[list[str], list]:
+    """The prompt of each (prompt, seed) comparison of ``trial``'s evaluation, in ``_a_scores``'s order, and the
+    world's object-level report (``hgdpo.world.objects.object_report``) of its A image."""
     from hgdpo.pool import png_image
-    from hgdpo.world.objects import object_report, summarize
+    from hgdpo.world.objects import object_report
 
-    reports, groups = [], None
+    table = storage.read_parquet(storage.join(trial.evaluate.output, "scores.parquet"),
+                                 columns=["prompt_id", "k", "prompt", "image_a"])
+    table = table.sort_by([("prompt_id", "ascending"), ("k", "ascending")])
+    return table.column("prompt_id").to_pylist(), [
+        object_report(png_image(png), prompt)
+        for png, prompt in zip(table.column("image_a").to_pylist(), table.column("prompt").to_pylist())]
+
+
+def duel_objects(a: Trial, b: Trial, reports: dict[str, tuple[list[str], list]]) -> dict[str, float]:
+    """The object-level rates (``hgdpo.world.objects.summarize``) of trial ``a``'s images against trial
+    ``b``'s, paired by (prompt, seed), with bootstrap intervals over prompts: where one objective draws
+    objects, colours and relations right more often than another. ``reports``: ``object_reports`` by
+    trial name, filled here (a trial in several duels is judged once)."""
+    from hgdpo.world.objects import summarize
+
     for trial in (a, b):
-        table = storage.read_parquet(storage.join(trial.evaluate.output, "scores.parquet"),
-                                     columns=["prompt_id", "k", "prompt", "image_a"])
-        table = table.sort_by([("prompt_id", "ascending"), ("k", "ascending")])
-        reports.append([object_report(png_image(png), prompt) for png, prompt in
-                        zip(table.column("image_a").to_pylist(), table.column("prompt").to_pylist())])
-        groups = table.column("prompt_id").to_pylist()
+        if trial.name not in reports:
+            reports[trial.name] = object_reports(trial)
+    (groups, ra), (_, rb) = reports[a.name], reports[b.name]
     ev = a.evaluate
-    return summarize(reports[0], reports[1], groups, resamples=ev.bootstrap, confidence=ev.confidence, seed=ev.seed)
+    return summarize(ra, rb, groups, resamples=ev.bootstrap, confidence=ev.confidence, seed=ev.seed)
 
 
 def _a_scores(trial: Trial) -> Any:
@@ -632,6 +642,7 @@ def head_to_head(trials: list[Trial], named: list[list[str]] | None = None) -> l
 
     pairs = duel_pairs(trials, named)
     scores = {t.name: _a_scores(t) for pair in pairs for t in pair}
+    reports: dict[str, tuple[list[str], list]] = {}  # the world's object reports by trial, made once
     duels = []
     for a, b in pairs:
         sa, sb = scores[a.name], scores[b.name]
@@ -643,7 +654,7 @@ def head_to_head(trials: list[Trial], named: list[list[str]] | None = None) -> l
         rates = {s: win_rate(sa.column(f"score_a_{s}").to_numpy(), sb.column(f"score_a_{s}").to_numpy(),
                              sa.column("prompt_id").to_numpy(), resamples=ev.bootstrap, confidence=ev.confidence,
                              seed=ev.seed) for s in common}
-        duels.append(Duel(a, b, rates, duel_objects(a, b) if "judge" in common else {}))
+        duels.append(Duel(a, b, rates, duel_objects(a, b, reports) if "judge" in common else {}))
     return duels
 
 
