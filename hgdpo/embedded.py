@@ -74,14 +74,16 @@ def new_vae():
         block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=IMAGE_SIZE)
 
 
-def new_unet():
-    """SD1.5's UNet, scaled down: cross-attention to the text at the 8x8 level and in the middle."""
+def new_unet(text_at_16: bool = False):
+    """SD1.5's UNet, scaled down: cross-attention to the text at the 8x8 level and in the middle,
+    and with ``text_at_16`` at the latent's full 16x16 resolution too (as SD1.5 attends at 64x64)."""
     from diffusers import UNet2DConditionModel
 
+    first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if text_at_16 else ("DownBlock2D", "UpBlock2D")
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_HIDDEN,
+        block_out_channels=(32, 64), down_block_types=(first_down, "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", last_up), cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=8, norm_num_groups=16)
 
 

@@ -144,6 +144,10 @@ def targets(res: Results) -> list[Target]:
         r = res.duel(a, b)
         out.append(Target(claim, "-" if r is None else _cell(r), None if r is None else r.low > 0.5))
 
+    for b, what in (("sft", "SFT on the pool's winners"), ("dpo-beta4", "DPO with beta x4"),
+                    ("dpo-beta20", "DPO with beta x20"), ("dpo-public", "DPO on the public set"),
+                    ("dpo-public-h", "DPO on the public set's (H) subset")):
+        beats("hgdpo", b, f"Table 1: HG-DPO beats {what} head to head under the judge, interval above 50%")
     beats("hgdpo", "n=2", "Table 3: N-20 beats N-2 head to head under the judge, interval above 50%")
     lo, hi = _judge(res, "n=2"), _judge(res, "hgdpo")
     out.append(Target("Table 3: the judge win rate against the tailored model rises from N-2 to N-20",

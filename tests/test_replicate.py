@@ -220,7 +220,9 @@ def test_targets_are_decided_from_the_measurements():
     res = Results(
         metrics={"dpo": m(0.60, 0.55, -6.0, 2.0), "hgdpo": m(0.58, 0.61, -1.0, 0.4), "n=2": m(0.55, 0.5, -2.0, 1.0),
                  "hgdpo-sampler": m(0.50, 0.45, -0.2, 0.1), "dpo-beta20": m(0.52, 0.47, -3.0, 1.0)},
-        duels={("hgdpo", "n=2"): {"judge": _rate(0.56, 0.52, 0.60)}})
+        duels={("hgdpo", "n=2"): {"judge": _rate(0.56, 0.52, 0.60)},
+               ("hgdpo", "dpo-public"): {"judge": _rate(0.62, 0.55, 0.70)},
+               ("hgdpo", "sft"): {"judge": _rate(0.55, 0.49, 0.61)}})
     found = targets(res)
 
     def met(start: str):
@@ -235,3 +237,10 @@ def test_targets_are_decided_from_the_measurements():
     assert "S shift cut 83.3%" in sml[0].measured
     assert met("Table 2: beta x20") is True  # cuts 50% < SML's 83% at a lower win rate
     assert met("HG-DPO beats") is True  # lower end 61%
+    # Table 1, a target per row: above 50% for the public set, not for SFT (49% low end), unmeasured for (H).
+    assert met("Table 1: HG-DPO beats DPO on the public set head") is True
+    assert met("Table 1: HG-DPO beats SFT") is False
+    assert met("Table 1: HG-DPO beats DPO on the public set's (H)") is None
+    assert [t.claim.split(" beats ")[1].split(" head")[0] for t in found[:5]] == [
+        "SFT on the pool's winners", "DPO with beta x4", "DPO with beta x20", "DPO on the public set",
+        "DPO on the public set's (H) subset"]

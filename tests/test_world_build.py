@@ -46,3 +46,48 @@ def test_agreement_counts_pairs_and_skips_ties():
     assert agreement(ai, judge) == (2 / 5, 5)
     # a wider tie band drops pairs: only |0.9-0.1| and |0.5-0.1| remain in prompt 1, (0,1) in prompt 0...
     assert agreement(ai, judge, tie=0.39)[1] == 4
+
+
+def test_unet_only_rebuild_keeps_the_worlds_clip_and_vae(tiny_world, tmp_path):
+    """A new tailored UNet (here with text at 16x16) on a built world's CLIP and VAE, which stay bit for bit."""
+    import torch
+
+    from hgdpo.errors import HgdpoError
+
+    src, _ = tiny_world
+    settings = BuildSettings(train_captions=64, unet_steps=2, unet_batch=4, renders_per_caption=1, unet_text_at_16=True)
+    info = build(tmp_path / "v2", settings, log=lambda m: None, unet_only_from=src)
+    assert info["clip_and_vae_from"] == str(src) and "clip_s" not in info["build_seconds"]
+    old, new = models.load_pipeline(str(src / "pipeline")), models.load_pipeline(str(tmp_path / "v2" / "pipeline"))
+    for part in ("vae", "text_encoder"):
+        for name, value in getattr(old, part).state_dict().items():
+            assert torch.equal(getattr(new, part).state_dict()[name], value), (part, name)
+    assert old.unet.config.down_block_types[0] == "DownBlock2D"
+    assert list(new.unet.config.down_block_types) == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert (tmp_path / "v2" / "scorer" / "config.json").is_file()
+    with pytest.raises(HgdpoError, match="--unet-only-from: .* is not a built world"):
+        build(tmp_path / "v3", settings, log=lambda m: None, unet_only_from=tmp_path)
+
+
+def test_text_sensitivity_is_zero_when_the_unet_ignores_the_text(tmp_path):
+    """The embedded model's samples move with the caption; zero its cross-attention outputs and they do not."""
+    import torch
+
+    from hgdpo.embedded import pipeline_dir
+    from hgdpo.world.measure import sample_world, text_sensitivity
+    from hgdpo.world.prompts import make_prompts
+
+    captions = make_prompts(6, "test")
+    images = sample_world(str(pipeline_dir()), captions, 2, steps=4)
+    moved = text_sensitivity(str(pipeline_dir()), captions, images, steps=4)
+    assert moved["all"] > 0.05 and set(moved) > {"all"}, moved
+
+    deaf = models.load_pipeline(str(pipeline_dir()))
+    with torch.no_grad():
+        for name, module in deaf.unet.named_modules():
+            if name.endswith("attn2.to_out.0"):  # cross-attention's output: the text's only way in
+                module.weight.zero_()
+                module.bias.zero_()
+    deaf.save_pretrained(tmp_path / "deaf", safe_serialization=True)
+    images = sample_world(str(tmp_path / "deaf"), captions, 2, steps=4)
+    assert text_sensitivity(str(tmp_path / "deaf"), captions, images, steps=4)["all"] < 1e-4  # float noise only

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from hgdpo import embedded
+from hgdpo.errors import HgdpoError
 from hgdpo.world.prompts import make_prompts, mutate_caption
 from hgdpo.world.render import degrade, render_captions
 
@@ -56,6 +57,7 @@ class BuildSettings:
     unet_lr: float = 5e-4
     renders_per_caption: int = 2
     cfg_dropout: float = 0.1
+    unet_text_at_16: bool = False  # cross-attention at the latent's full resolution too (embedded.new_unet)
 
     def scaled(self, scale: float) -> "BuildSettings":
         """Fewer steps and captions (for a quick check that the builder runs)."""
@@ -200,7 +202,7 @@ def train_unet(captions: list[str], text_encoder, vae, s: BuildSettings, log) ->
         empty = encode_text(text_encoder, [""])[0]
     log(f"unet data: {len(latents)} latents, {len(captions)} captions ({time.perf_counter() - start:.0f}s)")
 
-    unet = embedded.new_unet().train()
+    unet = embedded.new_unet(s.unet_text_at_16).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=s.unet_lr, weight_decay=0.01)
     sched = _schedule(opt, s.unet_steps, warmup=min(200, s.unet_steps // 10 + 1))
     start = time.perf_counter()
@@ -225,8 +227,24 @@ def train_unet(captions: list[str], text_encoder, vae, s: BuildSettings, log) ->
     return unet.eval()
 
 
-def build(out: str | Path, settings: BuildSettings | None = None, log=print) -> dict:
-    """Train all three models and write ``out/pipeline``, ``out/scorer`` and ``out/world.json``."""
+def _kept_models(world: Path):
+    """A built world's CLIP (whose text tower is the SD text encoder) and VAE, to train a new UNet on."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel
+
+    if not (world / "scorer" / "config.json").is_file() or not (world / "pipeline" / "vae").is_dir():
+        raise HgdpoError(f"--unet-only-from: {world} is not a built world (no scorer/ and pipeline/vae/)")
+    clip = CLIPModel.from_pretrained(world / "scorer").eval()
+    return clip, clip.text_model, AutoencoderKL.from_pretrained(world / "pipeline" / "vae").eval()
+
+
+def build(out: str | Path, settings: BuildSettings | None = None, log=print, unet_only_from: str | Path | None = None) -> dict:
+    """Train all three models and write ``out/pipeline``, ``out/scorer`` and ``out/world.json``.
+
+    With ``unet_only_from`` (a world folder), its CLIP (the scorer and text encoder) and VAE are kept
+    as they are and only the tailored UNet is trained anew: the way to try another tailored model
+    while the world's PickScore stays the same.
+    """
     s = settings or BuildSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,12 +252,15 @@ def build(out: str | Path, settings: BuildSettings | None = None, log=print) -> 
     captions = make_prompts(s.train_captions, "train", seed=s.seed)
     times = {}
     t0 = time.perf_counter()
-    clip = train_clip(captions, s, log)
-    times["clip_s"] = time.perf_counter() - t0
-    text_encoder = clip.text_model  # a CLIPTextModel: the SD text encoder of the world
-    t1 = time.perf_counter()
-    vae = train_vae(captions, s, log)
-    times["vae_s"] = time.perf_counter() - t1
+    if unet_only_from is None:
+        clip = train_clip(captions, s, log)
+        text_encoder = clip.text_model  # a CLIPTextModel: the SD text encoder of the world
+        times["clip_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        vae = train_vae(captions, s, log)
+        times["vae_s"] = time.perf_counter() - t1
+    else:
+        clip, text_encoder, vae = _kept_models(Path(unet_only_from))
     t2 = time.perf_counter()
     unet = train_unet(captions, text_encoder, vae, s, log)
     times["unet_s"] = time.perf_counter() - t2
@@ -248,6 +269,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, log=print) -> 
     embedded.save_pipeline(out / "pipeline", text_encoder, vae, unet)
     embedded.save_scorer(out / "scorer", clip)
     info = {"settings": asdict(s), "build_seconds": times}
+    if unet_only_from is not None:
+        info["clip_and_vae_from"] = str(unet_only_from)
     (out / "world.json").write_text(json.dumps(info, indent=2))
     log(f"world: built in {times['total_s']:.0f}s -> {out}")
     return info
@@ -258,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (pipeline/, scorer/, world.json)")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps (quick checks)")
     parser.add_argument("--unet-steps", type=int, help="override the UNet's training steps")
+    parser.add_argument("--unet-text-at-16", action="store_true",
+                        help="the UNet attends to the text at the latent's full resolution too")
+    parser.add_argument("--unet-only-from", metavar="WORLD",
+                        help="keep this world folder's CLIP and VAE (e.g. hgdpo/world/weights); train only the UNet")
     args = parser.parse_args(argv)
     from hgdpo.quiet import quiet_libraries
 
@@ -265,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = BuildSettings().scaled(args.scale) if args.scale != 1.0 else BuildSettings()
     if args.unet_steps:
         settings.unet_steps = args.unet_steps
-    build(args.out, settings, log=lambda m: print(m, flush=True))
+    settings.unet_text_at_16 = args.unet_text_at_16
+    build(args.out, settings, log=lambda m: print(m, flush=True), unet_only_from=args.unet_only_from)
     return 0
 
 

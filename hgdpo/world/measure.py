@@ -8,6 +8,11 @@
   question: does the AI feedback agree with the "human"?). The judge's score is exp(-ln 3 * V)
   for its violation V (unmet constraints), so orderings are compared on V, and pairs within
   0.1 of a constraint of each other are left out as ties;
+* how much the text moves an image: the mean pixel distance between a sample and the sample of a
+  one-attribute mutation of its caption from the same seed, over the distance between two seeds'
+  samples of the same caption, overall and by the kind of mutation. Near 0: the seed alone fixes
+  the image and the text is hardly read, so preference pairs (which differ by seed) carry little a
+  model could learn about the text;
 * a grid of held-out captions with samples, for people to look at (``--grid grid.png``);
 * load time of the pipeline and scorer.
 """
@@ -28,6 +33,7 @@ from hgdpo.sampling import generate, image_seeds, set_sampler
 from hgdpo.scoring import pickscore
 from hgdpo.world.judge import judge_details
 from hgdpo.world.prompts import make_prompts
+from hgdpo.world.scene import mutate_caption
 
 
 def sample_world(pipeline: str, captions: list[str], samples: int, steps: int = 20, guidance: float = 5.0,
@@ -60,6 +66,31 @@ def agreement(scores_ai: np.ndarray, scores_judge: np.ndarray, tie: float = 0.05
     return (agree / total if total else float("nan")), total
 
 
+def text_sensitivity(pipeline: str, captions: list[str], images: np.ndarray, seed: int = 0, steps: int = 20) -> dict:
+    """Distance ratio of a caption's mutation (same seed) to another seed (same caption), overall and by kind.
+
+    ``images`` are ``sample_world(pipeline, captions, samples >= 2)``; the mutated captions are sampled
+    with the first seed of each caption, which ``sample_world`` derives from the caption's index alone.
+    """
+    from hgdpo.world.scene import mutation_options, parse_caption
+
+    rng = np.random.default_rng(seed)
+    kinds = []
+    for caption in captions:
+        options = sorted(mutation_options(parse_caption(caption)))
+        kinds.append(options[rng.integers(len(options))])
+    mutated = [mutate_caption(c, rng, kind) for c, kind in zip(captions, kinds)]
+    moved = sample_world(pipeline, mutated, 1, steps=steps, seed=seed)[:, 0].astype(np.float32)
+    first, second = images[:, 0].astype(np.float32), images[:, 1].astype(np.float32)
+    by_text = np.abs(first - moved).mean(axis=(1, 2, 3))
+    by_seed = np.abs(first - second).mean(axis=(1, 2, 3))
+    out = {"all": float(by_text.mean() / by_seed.mean())}
+    for kind in sorted(set(kinds)):
+        mask = np.array([k == kind for k in kinds])
+        out[kind] = float(by_text[mask].mean() / by_seed[mask].mean())
+    return out
+
+
 def measure(pipeline: str = "embedded", scorer: str = "embedded", n_prompts: int = 200, samples: int = 4,
             grid: str | None = None) -> dict:
     captions = make_prompts(n_prompts, "test")
@@ -85,6 +116,7 @@ def measure(pipeline: str = "embedded", scorer: str = "embedded", n_prompts: int
         "pickscore_judge_agreement": agree,
         "agreement_pairs": pairs,
         "pickscore_top1_judge_mean": float(judged[np.arange(len(judged)), picked.argmax(1)].mean()),
+        "text_vs_seed_distance": text_sensitivity(pipeline, captions, images) if samples >= 2 else None,
         "load_seconds": load_s,
         "sample_seconds": sample_s,
     }
