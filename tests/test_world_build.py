@@ -69,6 +69,31 @@ def test_unet_only_rebuild_keeps_the_worlds_clip_and_vae(tiny_world, tmp_path):
         build(tmp_path / "v3", settings, log=lambda m: None, unet_only_from=tmp_path)
 
 
+def test_continued_unet_starts_from_the_worlds_own(tiny_world, tmp_path):
+    """--continue-unet trains the world's UNet further: one step at a tiny rate leaves it close to where it was,
+    a new UNet is far from it; an architecture other than the one continued is refused."""
+    import torch
+
+    from hgdpo.errors import HgdpoError
+
+    src, _ = tiny_world
+    settings = BuildSettings(train_captions=64, unet_steps=1, unet_batch=4, unet_lr=1e-6, renders_per_caption=1)
+    info = build(tmp_path / "more", settings, log=lambda m: None, unet_only_from=src, continue_unet=True)
+    assert info["unet_continued_from"] == str(src)
+    old = models.load_pipeline(str(src / "pipeline")).unet.state_dict()
+    more = models.load_pipeline(str(tmp_path / "more" / "pipeline")).unet.state_dict()
+    new = models.load_pipeline(str(tmp_path / "more" / "pipeline")).unet.__class__(
+        **models.load_pipeline(str(src / "pipeline")).unet.config).state_dict()
+    moved = max((more[k] - old[k]).abs().max().item() for k in old)
+    assert 0 < moved < 1e-4
+    assert max((new[k] - old[k]).abs().max().item() for k in old) > 1e-2
+    settings.unet_text_at_16 = True
+    with pytest.raises(HgdpoError, match="--unet-text-at-16 differs"):
+        build(tmp_path / "bad", settings, log=lambda m: None, unet_only_from=src, continue_unet=True)
+    with pytest.raises(HgdpoError, match="--continue-unet needs --unet-only-from"):
+        build(tmp_path / "bad2", settings, log=lambda m: None, continue_unet=True)
+
+
 def test_text_sensitivity_is_zero_when_the_unet_ignores_the_text(tmp_path):
     """The embedded model's samples move with the caption; zero its cross-attention outputs and they do not."""
     import torch

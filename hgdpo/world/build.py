@@ -181,7 +181,8 @@ def encode_text(text_encoder, captions: list[str], batch: int = 512) -> torch.Te
     return torch.cat(out)
 
 
-def train_unet(captions: list[str], text_encoder, vae, s: BuildSettings, log) -> torch.nn.Module:
+def train_unet(captions: list[str], text_encoder, vae, s: BuildSettings, log, unet=None) -> torch.nn.Module:
+    """The tailored UNet: a new one (``embedded.new_unet``), or ``unet`` trained further."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(s.seed + 2)
@@ -202,7 +203,7 @@ def train_unet(captions: list[str], text_encoder, vae, s: BuildSettings, log) ->
         empty = encode_text(text_encoder, [""])[0]
     log(f"unet data: {len(latents)} latents, {len(captions)} captions ({time.perf_counter() - start:.0f}s)")
 
-    unet = embedded.new_unet(s.unet_text_at_16).train()
+    unet = (unet if unet is not None else embedded.new_unet(s.unet_text_at_16)).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=s.unet_lr, weight_decay=0.01)
     sched = _schedule(opt, s.unet_steps, warmup=min(200, s.unet_steps // 10 + 1))
     start = time.perf_counter()
@@ -238,12 +239,14 @@ def _kept_models(world: Path):
     return clip, clip.text_model, AutoencoderKL.from_pretrained(world / "pipeline" / "vae").eval()
 
 
-def build(out: str | Path, settings: BuildSettings | None = None, log=print, unet_only_from: str | Path | None = None) -> dict:
+def build(out: str | Path, settings: BuildSettings | None = None, log=print, unet_only_from: str | Path | None = None,
+          continue_unet: bool = False) -> dict:
     """Train all three models and write ``out/pipeline``, ``out/scorer`` and ``out/world.json``.
 
     With ``unet_only_from`` (a world folder), its CLIP (the scorer and text encoder) and VAE are kept
     as they are and only the tailored UNet is trained anew: the way to try another tailored model
-    while the world's PickScore stays the same.
+    while the world's PickScore stays the same. ``continue_unet`` starts from that world's UNet (a
+    tailored model trained further) instead of a new one.
     """
     s = settings or BuildSettings()
     out = Path(out)
@@ -261,8 +264,17 @@ def build(out: str | Path, settings: BuildSettings | None = None, log=print, une
         times["vae_s"] = time.perf_counter() - t1
     else:
         clip, text_encoder, vae = _kept_models(Path(unet_only_from))
+    start_unet = None
+    if continue_unet:
+        if unet_only_from is None:
+            raise HgdpoError("--continue-unet needs --unet-only-from: the world whose UNet to train further")
+        from diffusers import UNet2DConditionModel
+
+        start_unet = UNet2DConditionModel.from_pretrained(Path(unet_only_from) / "pipeline" / "unet")
+        if s.unet_text_at_16 != (start_unet.config.down_block_types[0] == "CrossAttnDownBlock2D"):
+            raise HgdpoError("--unet-text-at-16 differs from the UNet of --unet-only-from, which --continue-unet trains")
     t2 = time.perf_counter()
-    unet = train_unet(captions, text_encoder, vae, s, log)
+    unet = train_unet(captions, text_encoder, vae, s, log, start_unet)
     times["unet_s"] = time.perf_counter() - t2
     times["total_s"] = time.perf_counter() - t0
     # float32, as SD1.5 checkpoints ship: a plain `from_pretrained` gets one dtype throughout.
@@ -271,6 +283,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, log=print, une
     info = {"settings": asdict(s), "build_seconds": times}
     if unet_only_from is not None:
         info["clip_and_vae_from"] = str(unet_only_from)
+    if continue_unet:
+        info["unet_continued_from"] = str(unet_only_from)
     (out / "world.json").write_text(json.dumps(info, indent=2))
     log(f"world: built in {times['total_s']:.0f}s -> {out}")
     return info
@@ -285,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the UNet attends to the text at the latent's full resolution too")
     parser.add_argument("--unet-only-from", metavar="WORLD",
                         help="keep this world folder's CLIP and VAE (e.g. hgdpo/world/weights); train only the UNet")
+    parser.add_argument("--continue-unet", action="store_true",
+                        help="with --unet-only-from: train that world's UNet further (--unet-steps more steps)")
     args = parser.parse_args(argv)
     from hgdpo.quiet import quiet_libraries
 
@@ -293,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.unet_steps:
         settings.unet_steps = args.unet_steps
     settings.unet_text_at_16 = args.unet_text_at_16
-    build(args.out, settings, log=lambda m: print(m, flush=True), unet_only_from=args.unet_only_from)
+    build(args.out, settings, log=lambda m: print(m, flush=True), unet_only_from=args.unet_only_from,
+          continue_unet=args.continue_unet)
     return 0
 
 
