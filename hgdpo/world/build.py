@@ -249,6 +249,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, log=print, une
     tailored model trained further) instead of a new one.
     """
     s = settings or BuildSettings()
+    if continue_unet and unet_only_from is None:
+        raise HgdpoError("--continue-unet needs --unet-only-from: the world whose UNet to train further")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
@@ -266,8 +268,6 @@ def build(out: str | Path, settings: BuildSettings | None = None, log=print, une
         clip, text_encoder, vae = _kept_models(Path(unet_only_from))
     start_unet = None
     if continue_unet:
-        if unet_only_from is None:
-            raise HgdpoError("--continue-unet needs --unet-only-from: the world whose UNet to train further")
         from diffusers import UNet2DConditionModel
 
         start_unet = UNet2DConditionModel.from_pretrained(Path(unet_only_from) / "pipeline" / "unet")
