@@ -2,6 +2,8 @@
 
     python -m hgdpo.world.build --out DIR            # full build (about 20 min on 2 CPU cores)
     python -m hgdpo.world.build --out DIR --scale 0.01   # a few steps, to check the builder runs
+    # the shipped world's UNet trained 3,000 steps further, its CLIP and VAE kept (about 30 min)
+    python -m hgdpo.world.build --out DIR --unet-only-from hgdpo/world/weights --continue-unet --unet-steps 3000
 
 Three stages, each a real architecture trained on renders of the world (``hgdpo.world.render``):
 

@@ -33,7 +33,7 @@ from hgdpo.sampling import generate, image_seeds, set_sampler
 from hgdpo.scoring import pickscore
 from hgdpo.world.judge import judge_details
 from hgdpo.world.prompts import make_prompts
-from hgdpo.world.scene import mutate_caption
+from hgdpo.world.scene import mutate_caption, mutation_options, parse_caption
 
 
 def sample_world(pipeline: str, captions: list[str], samples: int, steps: int = 20, guidance: float = 5.0,
@@ -72,8 +72,6 @@ def text_sensitivity(pipeline: str, captions: list[str], images: np.ndarray, see
     ``images`` are ``sample_world(pipeline, captions, samples >= 2)``; the mutated captions are sampled
     with the first seed of each caption, which ``sample_world`` derives from the caption's index alone.
     """
-    from hgdpo.world.scene import mutation_options, parse_caption
-
     rng = np.random.default_rng(seed)
     kinds = []
     for caption in captions:
