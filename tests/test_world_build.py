@@ -80,6 +80,7 @@ def test_continued_unet_starts_from_the_worlds_own(tiny_world, tmp_path):
     settings = BuildSettings(train_captions=64, unet_steps=1, unet_batch=4, unet_lr=1e-6, renders_per_caption=1)
     info = build(tmp_path / "more", settings, log=lambda m: None, unet_only_from=src, continue_unet=True)
     assert info["unet_continued_from"] == str(src)
+    assert info["from_world"] == json.loads((src / "world.json").read_text())  # the history reads back to scratch
     from diffusers import UNet2DConditionModel
 
     old_unet = models.load_pipeline(str(src / "pipeline")).unet

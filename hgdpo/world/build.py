@@ -285,6 +285,9 @@ def build(out: str | Path, settings: BuildSettings | None = None, log=print, une
     info = {"settings": asdict(s), "build_seconds": times}
     if unet_only_from is not None:
         info["clip_and_vae_from"] = str(unet_only_from)
+        base = Path(unet_only_from) / "world.json"
+        if base.exists():  # the record of the world it came from: a chain of builds reads back to scratch
+            info["from_world"] = json.loads(base.read_text())
     if continue_unet:
         info["unet_continued_from"] = str(unet_only_from)
     (out / "world.json").write_text(json.dumps(info, indent=2))
