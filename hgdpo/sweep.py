@@ -587,39 +587,49 @@ class Duel:
     objects: dict[str, float] = field(default_factory=dict)  # the world's object-level rates, A's minus B's
 
 
-def object_reports(trial: Trial) -> tuple[list[str], list]:
-    """The prompt of each (prompt, seed) comparison of ``trial``'s evaluation, in ``_a_scores``'s order, and the
-    world's object-level report (``hgdpo.world.objects.object_report``) of its A image."""
+def object_reports(output: str) -> tuple[list[str], list]:
+    """The prompt of each (prompt, seed) comparison of the evaluation in ``output``, in ``_a_scores``'s order,
+    and the world's object-level report (``hgdpo.world.objects.object_report``) of its A image."""
     from hgdpo.pool import png_image
     from hgdpo.world.objects import object_report
 
-    table = storage.read_parquet(storage.join(trial.evaluate.output, "scores.parquet"),
-                                 columns=["prompt_id", "k", "prompt", "image_a"])
+    table = storage.read_parquet(storage.join(output, "scores.parquet"), columns=["prompt_id", "k", "prompt", "image_a"])
     table = table.sort_by([("prompt_id", "ascending"), ("k", "ascending")])
     return table.column("prompt_id").to_pylist(), [
         object_report(png_image(png), prompt)
         for png, prompt in zip(table.column("image_a").to_pylist(), table.column("prompt").to_pylist())]
 
 
-def duel_objects(a: Trial, b: Trial, reports: dict[str, tuple[list[str], list]]) -> dict[str, float]:
-    """The object-level rates (``hgdpo.world.objects.summarize``) of trial ``a``'s images against trial
-    ``b``'s, paired by (prompt, seed), with bootstrap intervals over prompts: where one objective draws
-    objects, colours and relations right more often than another. ``reports``: ``object_reports`` by
-    trial name, filled here (a trial in several duels is judged once)."""
+def _a_scores(output: str, scorers: list[str]) -> Any:
+    columns = ["prompt_id", "k", "seed", *(f"score_a_{s}" for s in scorers)]
+    table = storage.read_parquet(storage.join(output, "scores.parquet"), columns=columns)
+    return table.sort_by([("prompt_id", "ascending"), ("k", "ascending")])
+
+
+def compare_outputs(a: str, b: str, scorers: list[str], *, resamples: int = 2000, confidence: float = 0.95,
+                    seed: int = 0, reports: dict | None = None) -> tuple[dict[str, Any], dict[str, float]] | None:
+    """The A images of evaluation folder ``a`` against those of ``b``, paired by (prompt, seed): each
+    scorer's win rate (``winrates.WinRate``) with a bootstrap interval over prompts and, with the world's
+    judge among ``scorers``, the object-level rates A's minus B's (``hgdpo.world.objects.summarize``).
+    None when the two were not made on the same prompts and seeds. ``reports``: object reports by folder,
+    filled here, so that a folder in several comparisons is judged once."""
+    from hgdpo.winrates import win_rate
     from hgdpo.world.objects import summarize
 
-    for trial in (a, b):
-        if trial.name not in reports:
-            reports[trial.name] = object_reports(trial)
-    (groups, ra), (_, rb) = reports[a.name], reports[b.name]
-    ev = a.evaluate
-    return summarize(ra, rb, groups, resamples=ev.bootstrap, confidence=ev.confidence, seed=ev.seed)
-
-
-def _a_scores(trial: Trial) -> Any:
-    columns = ["prompt_id", "k", "seed", *(f"score_a_{s}" for s in trial.evaluate.scorers)]
-    table = storage.read_parquet(storage.join(trial.evaluate.output, "scores.parquet"), columns=columns)
-    return table.sort_by([("prompt_id", "ascending"), ("k", "ascending")])
+    sa, sb = _a_scores(a, scorers), _a_scores(b, scorers)
+    if not all(sa.column(c).equals(sb.column(c)) for c in ("prompt_id", "k", "seed")):
+        return None
+    groups = sa.column("prompt_id").to_numpy()
+    rates = {s: win_rate(sa.column(f"score_a_{s}").to_numpy(), sb.column(f"score_a_{s}").to_numpy(), groups,
+                         resamples=resamples, confidence=confidence, seed=seed) for s in scorers}
+    if "judge" not in scorers:
+        return rates, {}
+    reports = {} if reports is None else reports
+    for output in (a, b):
+        if output not in reports:
+            reports[output] = object_reports(output)
+    (prompts, ra), (_, rb) = reports[a], reports[b]
+    return rates, summarize(ra, rb, prompts, resamples=resamples, confidence=confidence, seed=seed)
 
 
 def duel_pairs(trials: list[Trial], named: list[list[str]] | None = None) -> list[tuple[Trial, Trial]]:
@@ -634,27 +644,20 @@ def duel_pairs(trials: list[Trial], named: list[list[str]] | None = None) -> lis
 
 
 def head_to_head(trials: list[Trial], named: list[list[str]] | None = None) -> list[Duel]:
-    """The paired comparisons of finished trials (``duel_pairs``): every trial is evaluated on the same
-    prompts and seeds, so the win rate of one adapter over another is measured on the same comparisons,
-    with a bootstrap interval over prompts (the evaluate config's ``bootstrap``, ``confidence``,
-    ``seed``). Trials evaluated on other prompts or seeds, or with other scorers, are not paired."""
-    from hgdpo.winrates import win_rate
-
-    pairs = duel_pairs(trials, named)
-    scores = {t.name: _a_scores(t) for pair in pairs for t in pair}
-    reports: dict[str, tuple[list[str], list]] = {}  # the world's object reports by trial, made once
+    """The paired comparisons of finished trials (``duel_pairs``, ``compare_outputs``): every trial is
+    evaluated on the same prompts and seeds, so the win rate of one adapter over another is measured on the
+    same comparisons, with a bootstrap interval over prompts (the evaluate config's ``bootstrap``,
+    ``confidence``, ``seed``). Trials evaluated on other prompts or seeds, or with no scorer in common, are
+    not paired."""
+    reports: dict[str, tuple[list[str], list]] = {}  # the world's object reports by evaluation, made once
     duels = []
-    for a, b in pairs:
-        sa, sb = scores[a.name], scores[b.name]
-        same = [sa.column(c).equals(sb.column(c)) for c in ("prompt_id", "k", "seed")]
+    for a, b in duel_pairs(trials, named):
         common = [s for s in a.evaluate.scorers if s in b.evaluate.scorers]
-        if not all(same) or not common:
-            continue
         ev = a.evaluate
-        rates = {s: win_rate(sa.column(f"score_a_{s}").to_numpy(), sb.column(f"score_a_{s}").to_numpy(),
-                             sa.column("prompt_id").to_numpy(), resamples=ev.bootstrap, confidence=ev.confidence,
-                             seed=ev.seed) for s in common}
-        duels.append(Duel(a, b, rates, duel_objects(a, b, reports) if "judge" in common else {}))
+        found = compare_outputs(a.evaluate.output, b.evaluate.output, common, resamples=ev.bootstrap,
+                                confidence=ev.confidence, seed=ev.seed, reports=reports) if common else None
+        if found is not None:
+            duels.append(Duel(a, b, *found))
     return duels
 
 
@@ -678,10 +681,15 @@ def _object_rates(objects: dict[str, float]) -> list[str]:
 
 
 def format_duels(duels: list[Duel], scorers: list[str]) -> str:
-    text = _duel_table([(d.a.name, d.b.name, d.rates) for d in duels], scorers)
-    objects = [(d.a.name, d.b.name, {r: (d.objects[f"{r}_diff"], d.objects[f"{r}_diff_low"],
-                                         d.objects[f"{r}_diff_high"]) for r in _object_rates(d.objects)})
-               for d in duels if d.objects]
+    return format_comparisons([(d.a.name, d.b.name, d.rates, d.objects) for d in duels], scorers)
+
+
+def format_comparisons(rows: list[tuple[str, str, dict, dict]], scorers: list[str]) -> str:
+    """The head-to-head tables of (A name, B name, scorer -> WinRate, object rates) rows: win rates, then
+    (where the world's judge scored them) the object-level differences."""
+    text = _duel_table([(a, b, rates) for a, b, rates, _ in rows], scorers)
+    objects = [(a, b, {r: (found[f"{r}_diff"], found[f"{r}_diff_low"], found[f"{r}_diff_high"])
+                       for r in _object_rates(found)}) for a, b, _, found in rows if found]
     return text + ("\n\n" + _objects_table(objects) if objects else "")
 
 

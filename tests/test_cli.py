@@ -26,7 +26,7 @@ def test_every_job_is_a_stage_of_the_command_and_the_help_lists_them(capsys):
         cli.main(["--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    for name in list(JOBS) + ["study", "table", "verify"]:
+    for name in list(JOBS) + ["study", "table", "verify", "duel"]:
         assert f"  {name} " in out or f"{{{name}" in out or f",{name}" in out, name
 
 

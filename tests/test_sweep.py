@@ -259,6 +259,35 @@ def test_rerun_of_a_finished_sweep_runs_nothing(resumed):
     assert len(children) == 3
 
 
+def test_hgdpo_duel_compares_two_evaluations_as_the_sweep_does_and_refuses_unpaired_ones(resumed, tmp_path, capsys):
+    """`hgdpo duel A B` on two trials' evaluations prints the sweep's own head-to-head row for them; evaluations
+    of other seeds, or a folder that is not a finished evaluation, exit 2 naming why."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from hgdpo.cli import main as hgdpo
+
+    a, b = (str(resumed["trials"] / name / "eval") for name in (TRIALS[1], TRIALS[0]))
+    assert hgdpo(["duel", a, b]) == 0
+    printed = capsys.readouterr().out
+    swept = (resumed["trials"].parent / "table.md").read_text()
+    row = next(line for line in swept.splitlines() if line.startswith(f"| {TRIALS[1]} | {TRIALS[0]} |"))
+    assert printed.splitlines()[4] == row.replace(f"| {TRIALS[1]} | {TRIALS[0]} |", f"| {a} | {b} |")
+    assert "colour right" in printed.split("Objects head to head")[1]
+
+    other = tmp_path / "other-seeds"
+    shutil.copytree(a, other)
+    table = pq.read_table(other / "scores.parquet")
+    pq.write_table(table.set_column(table.schema.get_field_index("seed"), "seed", pc.add(table["seed"], 1)),
+                   other / "scores.parquet")
+    assert hgdpo(["duel", a, str(other)]) == 2
+    assert "not made on the same prompts and seeds" in capsys.readouterr().err
+    assert hgdpo(["duel", a, str(tmp_path)]) == 2
+    assert "is not a finished evaluation (no report.json)" in capsys.readouterr().err
+
+
 def test_neighbouring_trials_meet_head_to_head_on_the_same_prompts_and_seeds(resumed):
     """Each trial's adapter against the one before it, and the last against the first: the win rate of A's
     scores over B's on the same (prompt, seed) comparisons, recomputed here from the trials' scores."""
