@@ -293,11 +293,12 @@ def _settings(cfg) -> str:
 
 
 def _grad_ratio(cfg, run_id: str | None) -> float | None:
-    """The mean of a trial's ``stat_dpo_grad_ratio`` probes (None without statistic matching)."""
+    """A trial's last ``stat_dpo_grad_ratio`` probe, the term's weight where training ended (None without
+    statistic matching). Not the mean: earlier runs also probed step 0, where the ratio is 0 by construction."""
     if not run_id:
         return None
     from hgdpo import tracking
     from hgdpo.sweep import _client
 
     history = _client(tracking.tracking_uri(cfg.mlflow_uri)).get_metric_history(run_id, "stat_dpo_grad_ratio")
-    return sum(h.value for h in history) / len(history) if history else None
+    return max(history, key=lambda h: h.step).value if history else None

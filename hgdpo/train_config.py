@@ -109,7 +109,7 @@ class TrainConfig(Tracking):
     metrics_every: int = doc("Steps between metric reports (MLflow, console).", 10)
     probe_every: int = doc("Steps between measurements of `stat_dpo_grad_ratio` (hgdpo: the norm of the weighted "
                            "statistic-matching term's gradient over the DPO term's; two extra backward passes of one "
-                           "micro-batch each; 0: never).", 100)
+                           "micro-batch each; 0: never; not at step 0, where a new adapter's gradient of that term is 0).", 100)
     max_failures: int = doc("Worker failures survived by resuming from the last checkpoint.", 2)
 
     mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-train")

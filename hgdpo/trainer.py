@@ -485,7 +485,9 @@ def train_loop(config: dict) -> dict | None:
             emb = torch.from_numpy(batch.hidden[part]).to(device, torch.float32)  # (m, L, D)
             last = k + cfg.micro_batch >= per_worker
             sync = model.no_sync() if (world > 1 and not last) else _null()
-            probing = k == 0 and cfg.probe_every > 0 and step % cfg.probe_every == 0 and cfg.objective == "hgdpo"
+            # Not at step 0: a new adapter's policy is the reference there, so the statistic term's gradient is 0.
+            probing = (k == 0 and cfg.probe_every > 0 and step > 0 and step % cfg.probe_every == 0
+                       and cfg.objective == "hgdpo")
             with sync:
                 nouns = None if batch.nouns is None else [decode_nouns(x) for x in batch.nouns[part]]
                 loss, stats = micro_step(cfg, model, unet, noise_scheduler, emb, lat_w, lat_l, t, noise,
