@@ -244,3 +244,17 @@ def test_targets_are_decided_from_the_measurements():
     assert [t.claim.split(" beats ")[1].split(" head")[0] for t in found[:5]] == [
         "SFT on the pool's winners", "DPO with beta x4", "DPO with beta x20", "DPO on the public set",
         "DPO on the public set's (H) subset"]
+
+
+def test_the_gradient_ratio_is_probed_after_step_0_and_table_2_shows_the_last_probe(done):
+    """At step 0 a new adapter's policy is the reference, so the statistic term's gradient is 0: no probe there.
+    Table 2's gradient column is the trial's last probe, where training ended."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{done['out'].parent / 'mlflow.db'}")
+    history = client.get_metric_history(_result(done, "hgdpo")["run_id"], "stat_dpo_grad_ratio")
+    assert history and all(h.value > 0 for h in history), [(h.step, h.value) for h in history]
+    last = max(history, key=lambda h: h.step).value
+    report = (done["out"] / "replication.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| + SML (eq. 8, DDPM step)"))
+    assert row.endswith(f"| {last:.3g} | `hgdpo` |")
