@@ -33,6 +33,8 @@ from hgdpo import lan, models, prompts as prompt_io, storage, tracking
 from hgdpo.config import changed_settings, from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.eval_config import EvalConfig
+from hgdpo.progress import SteadyRate, rate_text
+from hgdpo.quiet import show_progress
 from hgdpo.raycluster import warn_if_not_shared
 from hgdpo.winrates import WinRate, mean_hsv, percent_change, win_rate
 
@@ -292,17 +294,18 @@ def generate_and_score(cfg: EvalConfig, items: list[prompt_io.Prompt], log=print
     ds = ds.map_batches(ScoreAB, fn_constructor_kwargs=kwargs, batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=cfg.scorer_actors),
                         num_gpus=cfg.scorer_gpus, num_cpus=cfg.scorer_cpus, batch_format="numpy")
-    from hgdpo.quiet import show_progress
-
-    start = last = time.perf_counter()
+    images = len(sides) * cfg.images_per_prompt  # a prompt's row: a part of this stage
+    rate = SteadyRate(cfg.generator_actors)  # the actors' first rows carry their start-up
+    last = time.perf_counter()
     shown, done = 0, 0
     for row in ds.iter_rows():
         done += 1
         now = time.perf_counter()
+        rate.part(images, now)
         if show_progress(done, len(items), shown, now - last):  # a line per 5% of the prompts
             shown, last = done * 20 // len(items), now
-            log(f"evaluate: {done}/{len(items)} prompts done ({100 * done / len(items):.0f}%), "
-                f"{len(sides) * done * cfg.images_per_prompt / (now - start):.2f} images/s")
+            log(f"evaluate: {done}/{len(items)} prompts done ({100 * done / len(items):.0f}%)"
+                f"{rate_text(rate, (len(items) - done) * images)}")
         yield row
 
 

@@ -33,6 +33,7 @@ import math
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -43,6 +44,7 @@ from hgdpo import models, pool, prompts as prompt_io, storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.pool_config import PoolConfig
+from hgdpo.progress import SteadyRate, rate_text
 from hgdpo.quiet import show_progress
 from hgdpo.raycluster import ensure_ray, warn_if_not_shared
 
@@ -53,9 +55,25 @@ ROW_COLUMNS = ("prompt_id", "prompt_index", "prompt", "seeds", "scores", "rank",
 class RowMaker:
     """Makes pool rows: loads the model and PickScore once, then per prompt its N images, their
     scores, the ranking, and what the pool keeps. A Ray Data actor (``__call__`` on batches of
-    prompts) and the plain loop's worker (``make``)."""
+    prompts) and the plain loop's worker (``make``).
+
+    As an actor, all its torch work -- loading and every batch -- runs on one thread of its own
+    (``torch_thread``). Ray Data builds an actor's UDF on the actor's main thread but calls it from
+    another (the single-threaded wrapper of ``ActorPoolStrategy``); torch's OpenMP (libgomp) gives
+    every thread that starts parallel work a thread pool of its own, and with two pools of two
+    threads on two cores libgomp stops spinning at its barriers and sleeps on a futex instead: the
+    same ``make`` took 1.5 s there against 0.74 s on one thread (11,500 voluntary context switches
+    per prompt against 0; benchmarks/README.md)."""
 
     def __init__(self, config: dict, actor: bool = True, log=print):
+        self.torch_thread = None
+        if actor:
+            self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rowmaker-torch")
+            self.torch_thread.submit(self._load, config, actor, log).result()
+        else:
+            self._load(config, actor, log)
+
+    def _load(self, config: dict, actor: bool, log) -> None:
         from hgdpo.quiet import quiet_libraries
         from hgdpo.sampling import native_size, resolve_device_dtype, set_sampler, set_threads, setup_inference
 
@@ -128,6 +146,11 @@ class RowMaker:
                 "self_scores": self_scores, "self_least": self_least}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.torch_thread is not None:
+            return self.torch_thread.submit(self._rows, batch).result()
+        return self._rows(batch)
+
+    def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.make(str(pid), int(index), str(text))
                 for pid, index, text in zip(batch["prompt_id"], batch["prompt_index"], batch["prompt"])]
         return columns(rows)
@@ -255,17 +278,24 @@ def block_size(cfg: PoolConfig, meta: dict, pending: int) -> int:
     return max(1, min(cfg.rows_per_file, target // (2 * row_bytes), spread))
 
 
+def generator_stage(ds, cfg: PoolConfig, maker: type = RowMaker):
+    """``ds`` (prompts: ``prompt_id``, ``prompt_index``, ``prompt``) through ``cfg.generator_actors``
+    ``maker`` actors, a prompt per call: the rows (``ROW_COLUMNS``)."""
+    import ray
+
+    return ds.map_batches(maker, fn_constructor_kwargs={"config": to_dict(cfg)}, batch_size=1,
+                          compute=ray.data.ActorPoolStrategy(size=cfg.generator_actors),
+                          num_gpus=cfg.generator_gpus, num_cpus=cfg.generator_cpus, batch_format="numpy")
+
+
 def _ray_rows(cfg: PoolConfig, pending: list[prompt_io.Prompt], meta: dict) -> Iterator[dict]:
     """The Ray Data stream of the pending prompts; yields each written row's summary."""
     import ray
 
     ensure_ray()
-    config = to_dict(cfg)
     ds = ray.data.from_items([{"prompt_id": p.id, "prompt_index": p.index, "prompt": p.text} for p in pending],
                              override_num_blocks=math.ceil(len(pending) / block_size(cfg, meta, len(pending))))
-    ds = ds.map_batches(RowMaker, fn_constructor_kwargs={"config": config}, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=cfg.generator_actors),
-                        num_gpus=cfg.generator_gpus, num_cpus=cfg.generator_cpus, batch_format="numpy")
+    ds = generator_stage(ds, cfg)
     ds = ds.map_batches(write_rows, fn_kwargs={"output": storage.absolute(cfg.output),
                                                "latent_shape": meta["latent_shape"]},
                         batch_size=cfg.rows_per_file, num_cpus=cfg.writer_cpus, batch_format="numpy")
@@ -284,42 +314,38 @@ def _local_rows(cfg: PoolConfig, pending: list[prompt_io.Prompt], meta: dict, lo
 
 
 class Progress:
-    """The job's progress line, and the same figures as MLflow metrics (step: prompts done)."""
+    """The job's progress line, and the same figures as MLflow metrics (step: prompts done).
 
-    def __init__(self, cfg: PoolConfig, total: int, done: int, log, metrics=None):
+    Rows arrive a part at a time (a written file's rows together): the rate and the time left come
+    from whole parts after the first wave, over a recent window (``hgdpo.progress``)."""
+
+    def __init__(self, cfg: PoolConfig, total: int, done: int, log, metrics=None, actors: int = 1):
         self.cfg, self.total, self.before, self.log, self.metrics = cfg, total, done, log, metrics
-        self.start = self.first = time.perf_counter()
-        self.built, self.shown = 0, time.perf_counter()
+        self.start = self.shown = time.perf_counter()
+        self.built, self.last_part = 0, None
         self.bucket = done * 20 // max(total, 1)  # the 5% of the prompts last shown
+        self.images = cfg.images_per_prompt * (2 if cfg.hard_negatives else 1)  # with each seed's negative
+        self.rate = SteadyRate(actors)  # the actors' first parts carry their start-up
 
-    def row(self) -> None:
+    def row(self, part: str, part_rows: int) -> None:
+        """A row of ``part`` (a file of ``part_rows`` rows) has arrived."""
         now = time.perf_counter()
         self.built += 1
-        if self.built == 1:
-            self.first = now
-        if now - self.first < 1.0:  # rows arrive a part at a time: the steady rate (for the time left)
-            self.first_rows = self.built  # leaves startup and the first part's rows out
+        if part != self.last_part:  # the part's first row: the part is written
+            self.last_part = part
+            self.rate.part(part_rows * self.images, now)
         done = self.before + self.built
         if not show_progress(done, self.total, self.bucket, now - self.shown):
             return
         self.shown, self.bucket = now, done * 20 // self.total
-        n = self.cfg.images_per_prompt * (2 if self.cfg.hard_negatives else 1)  # with each seed's negative
-        rate = self.built * n / (now - self.start)
-        after_first = self.built - self.first_rows
-        steady = after_first * n / (now - self.first) if after_first else rate
-        left = (self.total - done) * n / steady if steady else float("nan")
-        self.log(f"pool: {done}/{self.total} prompts done ({100 * done / self.total:.0f}%), {rate:.2f} images/s, "
-                 f"{_duration(left)} left")
-        if self.metrics is not None:
-            self.metrics({"prompts_done": done, "images_per_s": rate, "seconds_left": left}, step=done)
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+        left = (self.total - done) * self.images
+        self.log(f"pool: {done}/{self.total} prompts done ({100 * done / self.total:.0f}%)"
+                 f"{rate_text(self.rate, left)}")
+        steady = self.rate.rate()
+        if self.metrics is not None and steady is not None:
+            self.metrics({"prompts_done": done, "images_per_s": steady, "seconds_left": left / steady}, step=done)
+        elif self.metrics is not None:
+            self.metrics({"prompts_done": done}, step=done)
 
 
 @contextlib.contextmanager
@@ -400,7 +426,7 @@ def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = Fa
 
     result = PoolResult(cfg.output, len(items), 0, 0.0, cfg.images_per_prompt)
     with _mlflow_run(cfg, meta, mlflow) as metrics:
-        progress = Progress(cfg, len(items), len(done), log, metrics)
+        progress = Progress(cfg, len(items), len(done), log, metrics, actors=1 if local else cfg.generator_actors)
         if pending:
             rows = _local_rows(cfg, pending, meta, log) if local else _ray_rows(cfg, pending, meta)
             for row in rows:
@@ -410,7 +436,7 @@ def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = Fa
                 result.score_w.append(float(row["score_w"]))
                 result.score_l.append(float(row["score_l"]))
                 result.score_mean.append(float(row["score_mean"]))
-                progress.row()
+                progress.row(str(row["part"]), int(row["part_rows"]))
         result.seconds = time.perf_counter() - progress.start
         st = pool.state(cfg.output)
         done = pool.done_prompt_ids(cfg.output, st.parts)

@@ -14,6 +14,8 @@ import hashlib
 import numpy as np
 import torch
 
+from hgdpo import devices
+
 SCHEDULERS = {
     "dpm_multistep": "DPMSolverMultistepScheduler",
     "ddim": "DDIMScheduler",
@@ -91,8 +93,9 @@ def setup_inference(pipe, *, attention: str = "sdpa", channels_last: bool = True
     if compile_unet:
         import importlib.util
 
-        if not cuda or importlib.util.find_spec("triton") is None:
-            log("warning: compile: torch.compile needs CUDA and Triton here; running the UNet uncompiled")
+        if not devices.compiles(pipe.unet.device) or importlib.util.find_spec("triton") is None:
+            log("warning: compile: torch.compile needs a CUDA GPU of capability 7.0 or newer and Triton; "
+                "running the UNet uncompiled")
         else:
             pipe.unet = torch.compile(pipe.unet)
             applied.append("torch.compile(unet)")

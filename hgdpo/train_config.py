@@ -83,7 +83,7 @@ class TrainConfig(Tracking):
         "`auto`: 8-bit Adam where bitsandbytes and CUDA are present (the paper's), else AdamW.", "auto")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = doc(
         "Compute dtype on GPU, also holding the frozen UNet weights (LoRA weights stay float32): `auto` is bf16 "
-        "where the GPU has it, else fp16, whose loss scaler skips a step that overflows and carries on; `no`: "
+        "where the GPU has bf16 tensor cores (Ampere on: A100, H100), else fp16 (V100, T4), whose loss scaler skips a step that overflows and carries on; `no`: "
         "float32. Always float32 on CPU.", "auto")
     gradient_checkpointing: bool | None = doc(
         "Recompute the UNet's activations in the backward pass (less memory, about a third more compute); "

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hgdpo import losses, models, pair_data, pool, storage, tracking
+from hgdpo import devices, losses, models, pair_data, pool, storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.attention import capture
@@ -130,11 +130,12 @@ class Precision:
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> Precision:
-    """``mixed_precision`` on ``device``: float32 on CPU or with `no`; bf16 where the GPU has it (`auto`)
-    or when asked; else fp16 with a ``GradScaler`` (fp16 gradients underflow without one)."""
+    """``mixed_precision`` on ``device``: float32 on CPU or with `no`; bf16 where the GPU has bf16 tensor
+    cores (`auto`: Ampere on, not emulated bf16 on V100/T4; see ``hgdpo.devices``) or when asked; else
+    fp16 with a ``GradScaler`` (fp16 gradients underflow without one)."""
     if device.type != "cuda" or cfg.mixed_precision == "no":
         return Precision(torch.float32, device.type)
-    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and torch.cuda.is_bf16_supported()):
+    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and devices.has_bf16_tensor_cores(device)):
         return Precision(torch.bfloat16, "cuda")
     return Precision(torch.float16, "cuda", torch.amp.GradScaler("cuda"))
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from hgdpo import models, trainer
+from hgdpo import devices, models, trainer
 from hgdpo.lora import add_lora
 from hgdpo.train_config import TrainConfig
 
@@ -126,6 +126,30 @@ def test_on_cpu_training_is_float32_without_a_scaler():
         assert prec.dtype == torch.float32 and prec.scaler is None
         with prec.autocast():
             assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("gpu, major_minor, dtype", [
+    ("V100", (7, 0), torch.float16), ("T4", (7, 5), torch.float16),
+    ("A100", (8, 0), torch.bfloat16), ("H100", (9, 0), torch.bfloat16)])
+def test_auto_picks_bf16_only_where_the_gpu_has_bf16_tensor_cores(monkeypatch, gpu, major_minor, dtype):
+    """On CPU, with the device's capability faked: torch.cuda.is_bf16_supported() says True on V100 and T4
+    too (it counts emulation), which must not choose bf16 there."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: major_minor)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # as on a V100
+    prec = trainer.precision(config(mixed_precision="auto"), torch.device("cuda", 0))
+    assert prec.dtype == dtype, gpu
+    assert (prec.scaler is not None) == (dtype == torch.float16)  # fp16 always with its loss scaler
+    assert trainer.precision(config(mixed_precision="bf16"), torch.device("cuda", 0)).dtype == torch.bfloat16
+    assert trainer.precision(config(mixed_precision="fp16"), torch.device("cuda", 0)).dtype == torch.float16
+    assert devices.compiles(torch.device("cuda", 0)) and not devices.compiles(torch.device("cpu"))
+
+
+def test_compile_needs_a_gpu_triton_supports(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))  # a GTX 1080
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert not devices.compiles(torch.device("cuda", 0))
+    assert not devices.has_bf16_tensor_cores(torch.device("cuda", 0))
 
 
 def test_frozen_weights_in_the_compute_dtype_lora_in_float32(setup):

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hgdpo.quiet import NOISE
 
 PROBE = """
@@ -59,9 +61,9 @@ def test_a_stage_shows_its_progress_per_5_percent_at_its_end_and_after_a_quiet_m
     assert not show_progress(3, 100_000, 0, since=59.0)
 
 
-def test_pool_progress_time_left_from_the_steady_rate_of_whole_parts(monkeypatch):
-    """Rows arrive a part at a time; the time left comes from the parts after the first, not from two
-    rows of one part that arrived a millisecond apart."""
+def test_pool_progress_rate_and_time_left_from_whole_parts_after_the_first(monkeypatch):
+    """Rows arrive a part at a time; the rate and the time left come from the parts after the first
+    (whose time is start-up), not from the start, nor from two rows of one part a millisecond apart."""
     from hgdpo import pool_builder
     from hgdpo.pool_config import PoolConfig
 
@@ -74,10 +76,12 @@ def test_pool_progress_time_left_from_the_steady_rate_of_whole_parts(monkeypatch
         clock[0] = 30.0 + 10 * part
         for row in range(8):
             clock[0] += 0.001
-            progress.row()
+            progress.row(f"part-{part}", 8)
+        if part == 0:
+            assert lines[-1] == "pool: 8/40 prompts done (20%)"  # no estimate from start-up alone
     assert lines[-1].startswith("pool: 24/40 prompts done (60%)")
-    # 16 prompts x 2 images in the 20 s after the first part: 1.6 images/s; 16 prompts left: 20 s
-    assert lines[-1].endswith("0.96 images/s, 20 s left"), lines[-1]
+    # 16 prompts x 2 images in the 20 s after the first part: 1.6 images/s; 16 prompts x 2 left: 20 s
+    assert lines[-1].endswith(", 1.60 images/s, 20 s left"), lines[-1]
     clock[0] = 0.0
     doubled = pool_builder.Progress(PoolConfig(prompts="p", output="o", images_per_prompt=2,
                                                hard_negatives=["replace"]), total=40, done=0, log=lines.append)
@@ -85,8 +89,45 @@ def test_pool_progress_time_left_from_the_steady_rate_of_whole_parts(monkeypatch
         clock[0] = 30.0 + 10 * part
         for row in range(8):
             clock[0] += 0.001
-            doubled.row()
-    assert lines[-1].endswith("1.92 images/s, 20 s left"), lines[-1]  # 24 x 4 images in 50 s
+            doubled.row(f"part-{part}", 8)
+    assert lines[-1].endswith(", 3.20 images/s, 20 s left"), lines[-1]  # each seed's negative counts
+
+
+def test_steady_rate_with_a_slow_start_and_two_actors_gives_the_right_time_left():
+    """A fake clock: two actors load for 60 s, then each finishes a 10-image part every 5 s. The rate
+    from the start would say 2.0 images/s at 100 s; the steady rate is 4.0 from the first estimate on."""
+    from hgdpo.progress import SteadyRate, duration
+
+    rate = SteadyRate(actors=2)
+    assert rate.rate() is None and rate.seconds_left(100) is None
+    rate.part(10, 60.0)
+    rate.part(10, 60.2)  # the first wave: start-up
+    rate.part(10, 65.0)
+    assert rate.rate() is None  # one part after the wave is not yet an estimate with two actors
+    rate.part(10, 65.2)
+    assert rate.rate() == pytest.approx(20 / 5.0)
+    for k in range(2, 9):
+        rate.part(10, 60.0 + 5 * k)
+        rate.part(10, 60.2 + 5 * k)
+    assert rate.rate() == pytest.approx(4.0)
+    assert rate.seconds_left(400) == pytest.approx(100.0) and duration(rate.seconds_left(400)) == "2 min"
+    assert duration(None) == "?" and duration(30) == "30 s" and duration(7200) == "2.0 h"
+
+
+def test_steady_rate_follows_a_recent_window():
+    """The rate is the recent one: after the work slows to half, an hour later it says so."""
+    from hgdpo.progress import SteadyRate
+
+    rate = SteadyRate(actors=1, window_s=300.0)
+    t = 0.0
+    for _ in range(60):  # an hour at 1 image/s
+        t += 60.0
+        rate.part(60, t)
+    assert rate.rate() == pytest.approx(1.0)
+    for _ in range(60):  # then an hour at 0.5 image/s
+        t += 120.0
+        rate.part(60, t)
+    assert rate.rate() == pytest.approx(0.5)
 
 
 STARTUP = """
