@@ -77,6 +77,7 @@ from hgdpo import models, pool, storage, tracking
 from hgdpo.config import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.interchange_config import ImportConfig, PairsExportConfig
+from hgdpo.raycluster import TorchThread
 
 PICKAPIC_NEEDED = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 HPD_NEEDED = ("prompt", "file_path", "human_preference")
@@ -519,6 +520,13 @@ class EncodeParts:
     release the GIL), so a part costs about the longer of its encode and its decode + write."""
 
     def __init__(self, payload: dict, actor: bool = True):
+        self.torch_thread = TorchThread("import-encode") if actor else None  # see TorchThread
+        if self.torch_thread is not None:
+            self.torch_thread.run(self._load, payload, actor)
+        else:
+            self._load(payload, actor)
+
+    def _load(self, payload: dict, actor: bool) -> None:
         from hgdpo.quiet import quiet_libraries
         from hgdpo.sampling import resolve_device_dtype, set_threads
 
@@ -582,7 +590,11 @@ class EncodeParts:
             yield writing.result()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        entries = list(self.make_all([json.loads(str(chunk)) for chunk in batch["chunk"]]))
+        chunks = [json.loads(str(chunk)) for chunk in batch["chunk"]]
+        if self.torch_thread is None:
+            entries = list(self.make_all(chunks))
+        else:
+            entries = self.torch_thread.run(lambda: list(self.make_all(chunks)))
         return {key: np.asarray([e[key] for e in entries]) for key in ("name", "rows", "bytes", "sha256")}
 
 

@@ -33,7 +33,6 @@ import math
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -46,7 +45,7 @@ from hgdpo.errors import HgdpoError
 from hgdpo.pool_config import PoolConfig
 from hgdpo.progress import SteadyRate, rate_text
 from hgdpo.quiet import show_progress
-from hgdpo.raycluster import ensure_ray, warn_if_not_shared
+from hgdpo.raycluster import TorchThread, ensure_ray, warn_if_not_shared
 
 ROW_COLUMNS = ("prompt_id", "prompt_index", "prompt", "seeds", "scores", "rank", "winner", "loser", "latent_index",
                "latents", "pixels_w", "pixels_l")
@@ -55,21 +54,13 @@ ROW_COLUMNS = ("prompt_id", "prompt_index", "prompt", "seeds", "scores", "rank",
 class RowMaker:
     """Makes pool rows: loads the model and PickScore once, then per prompt its N images, their
     scores, the ranking, and what the pool keeps. A Ray Data actor (``__call__`` on batches of
-    prompts) and the plain loop's worker (``make``).
-
-    As an actor, all its torch work -- loading and every batch -- runs on one thread of its own
-    (``torch_thread``). Ray Data builds an actor's UDF on the actor's main thread but calls it from
-    another (the single-threaded wrapper of ``ActorPoolStrategy``); torch's OpenMP (libgomp) gives
-    every thread that starts parallel work a thread pool of its own, and with two pools of two
-    threads on two cores libgomp stops spinning at its barriers and sleeps on a futex instead: the
-    same ``make`` took 1.5 s there against 0.74 s on one thread (11,500 voluntary context switches
-    per prompt against 0; benchmarks/README.md)."""
+    prompts) and the plain loop's worker (``make``). As an actor, its torch work runs on a
+    ``TorchThread`` (loading and every batch on one thread of its own)."""
 
     def __init__(self, config: dict, actor: bool = True, log=print):
-        self.torch_thread = None
-        if actor:
-            self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rowmaker-torch")
-            self.torch_thread.submit(self._load, config, actor, log).result()
+        self.torch_thread = TorchThread("rowmaker-torch") if actor else None
+        if self.torch_thread is not None:
+            self.torch_thread.run(self._load, config, actor, log)
         else:
             self._load(config, actor, log)
 
@@ -147,7 +138,7 @@ class RowMaker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.torch_thread is not None:
-            return self.torch_thread.submit(self._rows, batch).result()
+            return self.torch_thread.run(self._rows, batch)
         return self._rows(batch)
 
     def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -242,6 +233,7 @@ def prepare(cfg: PoolConfig, log=print, mlflow: bool = True) -> tuple[list[promp
         print(f"warning: {len(long)} prompt(s) are longer than the text encoder's 77 tokens and will be "
               f"truncated, e.g. {example.id!r} ({length} tokens): {example.text[:80]!r}...", file=sys.stderr)
     latent_shape, width, height = _latent_shape(cfg, source)
+    cfg.check_part_size(width, height, latent_shape)  # rows_per_file within the bound on one file (hgdpo.storage)
     scorer_id = cfg.scorer_model if cfg.scorer_model != "embedded" else \
         models.fingerprint(models.ModelSource("folder", str(models.embedded.scorer_dir()), "embedded"))
     settings = cfg.data_settings()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -46,3 +47,22 @@ def warn_if_not_shared(location: str, setting: str, log=print) -> None:
     if nodes > 1:
         log(f"warning: {setting}={location} is a local path and the Ray cluster has {nodes} nodes: every node "
             f"must see it at that path (a shared mount), or use object storage (s3://bucket/prefix)")
+
+
+class TorchThread:
+    """One thread of its own for a Ray Data actor's torch work: its loading and every batch.
+
+    Ray Data builds an actor's UDF on the actor's main thread and calls it from another (the
+    single-threaded wrapper of ``ActorPoolStrategy``). torch's OpenMP (libgomp) gives each thread
+    that starts parallel work a thread pool of its own, and with two pools of two threads on two
+    cores libgomp stops spinning at its barriers and sleeps on a futex: a pool prompt took 1.5 s
+    there against 0.74 s on one thread (benchmarks/README.md, ``job1``). Running both on this
+    thread keeps one pool.
+    """
+
+    def __init__(self, name: str):
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the thread; its result (or its exception)."""
+        return self._thread.submit(fn, *args, **kwargs).result()

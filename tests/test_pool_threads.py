@@ -13,9 +13,9 @@ import sys
 import threading
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import pytest
+from ray import cloudpickle
 
 from hgdpo.pool_builder import RowMaker, generator_stage
 from hgdpo.pool_config import PoolConfig
