@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hgdpo import storage
 from hgdpo.config import check_actors, check_locations, check_sampling, doc
 from hgdpo.errors import ConfigError
 from hgdpo.settings import SCORER_NAMES, BaseModel, Generators, PromptSource, Sampling, Scorers, Tracking
@@ -51,6 +52,10 @@ class EvalConfig(Tracking, Scorers, Generators, Sampling, BaseModel, PromptSourc
 
     images_per_prompt: int = doc("Seeds per prompt; A and B share them, and each seed is one comparison.", 1)
     seed: int = doc("Run seed; image k of prompt p uses a seed derived from (seed, prompt id, k).", 0)
+    rows_per_part: int = doc("(prompt, seed) rows per parquet file of scores.parquet, each with A's and B's PNGs "
+                             "(~4.1 MiB at 704x1024); B's images per file of a baseline cache. No file may pass 5 GiB "
+                             "(S3's limit on the copy that commits it; hgdpo.storage.MAX_OBJECT_BYTES): a value "
+                             "that would is refused. Changes only how the scores are split into files.", 128)
 
     bootstrap: int = doc("Bootstrap resamples (over prompts) of the win-rate intervals.", 2000)
     confidence: float = doc("Confidence of the win-rate intervals.", 0.95)
@@ -83,7 +88,7 @@ class EvalConfig(Tracking, Scorers, Generators, Sampling, BaseModel, PromptSourc
                             ("imagereward", "imagereward_model")):
             if name in self.scorers and not getattr(self, field):
                 raise ConfigError(f"{s}.{field}: required by scorer {name!r} (a checkpoint file or folder)")
-        for name in ("images_per_prompt", "bootstrap"):
+        for name in ("images_per_prompt", "bootstrap", "rows_per_part"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
         if self.picture_prompts < 0:
@@ -93,6 +98,30 @@ class EvalConfig(Tracking, Scorers, Generators, Sampling, BaseModel, PromptSourc
         check_sampling(self)
         check_actors(self, "generator", "scorer")
         check_locations(self, "output", "adapter", "baseline_adapter")
+        if self.width and self.height:  # else once the model's native size is read (hgdpo.evaluate.prepare)
+            self.check_file_size(self.width, self.height)
+
+    def check_file_size(self, width: int, height: int) -> None:
+        """Refuse settings under which a file of the evaluation would pass the bound on one file
+        (``hgdpo.storage``): a part of scores.parquet (``rows_per_part`` rows of two PNGs), or a row of a
+        baseline cache (a prompt's ``images_per_prompt`` PNGs of B). A PNG is at most about its raw RGB
+        bytes."""
+        bound, image = storage.object_bound(), width * height * 3
+        s, size = self.SECTION, storage.size_text
+        if self.rows_per_part * 2 * image > bound:
+            raise ConfigError(
+                f"{s}.rows_per_part: {self.rows_per_part} rows of ~{size(2 * image)} (A's and B's PNGs at "
+                f"{width}x{height}) would write parts of ~{size(self.rows_per_part * 2 * image)}, over "
+                f"{storage.bound_text(bound)}; lower rows_per_part to {max(1, bound // (2 * image))} or less")
+        if self.images_per_prompt * image > bound:
+            raise ConfigError(
+                f"{s}.images_per_prompt: a prompt's {self.images_per_prompt} PNGs of B at {width}x{height} "
+                f"(~{size(self.images_per_prompt * image)}, one row of a baseline cache) are over "
+                f"{storage.bound_text(bound)}; lower images_per_prompt to {bound // image} or less")
+
+    def prompts_per_baseline_part(self) -> int:
+        """Prompts per file of a baseline cache: at most ``rows_per_part`` images of B (at least one prompt)."""
+        return max(1, self.rows_per_part // self.images_per_prompt)
 
     def side(self, which: str) -> dict:
         """Model A (``"a"``) or baseline B (``"b"``): base model, adapter, alpha (None: no adapter), LAN."""

@@ -15,6 +15,12 @@ Output folder: ``scores.parquet`` (one row per prompt and seed: seeds, scores, c
 PNGs), ``side_by_side.png``, ``table.md`` and last ``report.json``; each is written atomically
 (``hgdpo.storage``: a local folder or a URI), so a folder with ``report.json`` is complete. A rerun with the same
 settings prints the stored table and does nothing else; other settings are refused.
+
+``scores.parquet`` is a folder of parts (``part-00000.parquet``, ... of ``rows_per_part`` rows, then
+``_COMPLETE.json``: ``hgdpo.storage.write_parquet_parts``), because all of an evaluation's PNGs in one
+file would pass the bound on one file (5 GiB: 2,000 prompts x 2 seeds at 704x1024 is several GB).
+Evaluations written before parts hold it as one file; ``read_scores`` reads both. A baseline cache's
+``rows.parquet`` is split the same way.
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ from hgdpo.errors import HgdpoError
 from hgdpo.eval_config import EvalConfig
 from hgdpo.progress import SteadyRate, rate_text
 from hgdpo.quiet import show_progress
-from hgdpo.raycluster import warn_if_not_shared
+from hgdpo.raycluster import TorchThread, warn_if_not_shared
 from hgdpo.winrates import WinRate, mean_hsv, percent_change, win_rate
 
 REPORT = "report.json"
+SCORES = "scores.parquet"  # a folder of parts (a single file in evaluations written before parts)
 SIDES = ("a", "b")
+LAYOUT_SETTINGS = ("rows_per_part",)  # how the scores are split into files: not another evaluation
 
 
 def scorer_specs(cfg: EvalConfig) -> list:
@@ -53,6 +61,13 @@ class GenerateAB:
     (A's and B's, or one side's when the other's rows come from elsewhere)."""
 
     def __init__(self, config: dict, sides: tuple[str, ...] = SIDES):
+        self.torch_thread = TorchThread("eval-generate")  # loading and every batch on one thread
+        self.torch_thread.run(self._load, config, sides)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.torch_thread.run(self._rows, batch)
+
+    def _load(self, config: dict, sides: tuple[str, ...]) -> None:
         from hgdpo.quiet import quiet_libraries
         from hgdpo.sampling import native_size, resolve_device_dtype, set_sampler, set_threads
 
@@ -81,7 +96,7 @@ class GenerateAB:
         native_w, native_h = native_size(next(iter(self.pipes.values())))
         self.width, self.height = cfg.width or native_w, cfg.height or native_h
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from hgdpo.sampling import image_seeds
 
         cfg, out = self.cfg, defaultdict(list)
@@ -102,6 +117,13 @@ class ScoreAB:
     """Ray Data actor: loads every scorer once; scores, colours and PNGs of the images of ``sides``."""
 
     def __init__(self, config: dict, sides: tuple[str, ...] = SIDES):
+        self.torch_thread = TorchThread("eval-score")  # loading and every batch on one thread
+        self.torch_thread.run(self._load, config, sides)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.torch_thread.run(self._rows, batch)
+
+    def _load(self, config: dict, sides: tuple[str, ...]) -> None:
         from hgdpo.quiet import quiet_libraries
         from hgdpo.sampling import resolve_device_dtype, set_threads
         from hgdpo.scorers import load_scorer
@@ -113,7 +135,7 @@ class ScoreAB:
         device, _ = resolve_device_dtype(cfg.dtype)
         self.scorers = [load_scorer(spec, allow_pickle=cfg.allow_pickle, device=device) for spec in scorer_specs(cfg)]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from hgdpo.pool import png_bytes
 
         out = defaultdict(list)
@@ -244,7 +266,8 @@ def prepare(cfg: EvalConfig, mlflow: bool = True) -> list[prompt_io.Prompt]:
     if mlflow:
         tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "evaluate.mlflow_uri")
     items = prompt_io.read_prompts(cfg.prompts, **cfg.prompt_settings())
-    models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
+    source = models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
+    cfg.check_file_size(*image_size(cfg, source))
     for name in ("adapter", "baseline_adapter"):
         if getattr(cfg, name) is not None:
             try:
@@ -255,6 +278,23 @@ def prepare(cfg: EvalConfig, mlflow: bool = True) -> list[prompt_io.Prompt]:
         check_scorer(spec, allow_pickle=cfg.allow_pickle)
         check_prompts(spec, [p.text for p in items])
     return items
+
+
+def image_size(cfg: EvalConfig, source: models.ModelSource) -> tuple[int, int]:
+    """(width, height) of the images: the configured ones, else the model's native size (its UNet's sample
+    size times its VAE's factor, as ``hgdpo.sampling.native_size``), from the configs alone."""
+    if cfg.width and cfg.height:
+        return cfg.width, cfg.height
+    from diffusers import AutoencoderKL
+
+    unet = models.component_config(cfg.model, "unet", model_config=cfg.model_config)
+    location = models._config_location(source, cfg.model_config)
+    try:
+        vae = AutoencoderKL.load_config(location, subfolder="vae")
+    except (OSError, ValueError) as err:
+        raise HgdpoError(f"model: cannot read the VAE config of {location}: {err}") from None
+    side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return cfg.width or side, cfg.height or side
 
 
 def _settled(cfg: EvalConfig) -> EvalResult | None:
@@ -270,7 +310,7 @@ def _settled(cfg: EvalConfig) -> EvalResult | None:
             raise TypeError("config is not a mapping")
     except (KeyError, TypeError) as err:
         raise HgdpoError(f"output: {path} is not an evaluation report ({err}); use another output") from None
-    changed = changed_settings(stored, to_dict(cfg), EvalConfig)
+    changed = [k for k in changed_settings(stored, to_dict(cfg), EvalConfig) if k not in LAYOUT_SETTINGS]
     if changed:
         raise HgdpoError(f"output: {cfg.output} holds an evaluation with other settings ({', '.join(changed[:5])}); "
                          f"use another output")
@@ -311,7 +351,7 @@ def generate_and_score(cfg: EvalConfig, items: list[prompt_io.Prompt], log=print
 
 # --- Baseline B made once: its rows kept for every evaluation that shares it (a sweep's trials) ---
 
-BASELINE_ROWS = "rows.parquet"  # one row per prompt: seeds, B's scores per scorer, colours, PNGs
+BASELINE_ROWS = "rows.parquet"  # one row per prompt: seeds, B's scores per scorer, colours, PNGs; in parts
 BASELINE_INFO = "baseline.json"  # written last: a folder holding it is complete
 
 
@@ -357,10 +397,16 @@ def build_baseline(cfg: EvalConfig, items: list[prompt_io.Prompt], cache: str, l
         f"seed(s), once for every evaluation that shares it, into {location}")
     start = time.perf_counter()
     rows = sorted(generate_and_score(cfg, items, log, sides=("b",)), key=lambda r: int(r["prompt_index"]))
-    columns = {"prompt_id": [str(r["prompt_id"]) for r in rows], "seeds": [r["seeds"].tolist() for r in rows],
-               **{f"score_b_{name}": [r[f"score_b_{name}"].tolist() for r in rows] for name in cfg.scorers},
-               "hsv_b": [r["hsv_b"].tolist() for r in rows], "png_b": [[bytes(p) for p in r["png_b"]] for r in rows]}
-    storage.write_parquet(storage.join(location, BASELINE_ROWS), pa.table(columns))
+
+    def part(chunk: list[dict]) -> pa.Table:
+        return pa.table({
+            "prompt_id": [str(r["prompt_id"]) for r in chunk], "seeds": [r["seeds"].tolist() for r in chunk],
+            **{f"score_b_{name}": [r[f"score_b_{name}"].tolist() for r in chunk] for name in cfg.scorers},
+            "hsv_b": [r["hsv_b"].tolist() for r in chunk], "png_b": [[bytes(p) for p in r["png_b"]] for r in chunk]})
+
+    n = cfg.prompts_per_baseline_part()
+    storage.write_parquet_parts(storage.join(location, BASELINE_ROWS),
+                                (part(rows[i:i + n]) for i in range(0, len(rows), n)))
     images = sum(len(r["seeds"]) for r in rows)
     storage.write_json(storage.join(location, BASELINE_INFO), {
         "key": storage.name(location), "settings": settings, "prompts": len(rows),
@@ -431,12 +477,20 @@ def object_metrics(cfg: EvalConfig, rows: list[dict]) -> dict[str, float]:
 
 
 def write_scores(path: str, cfg: EvalConfig, rows: list[dict]) -> None:
-    """One parquet row per (prompt, seed): ids, seed, every score, colours, both PNGs."""
+    """One parquet row per (prompt, seed): ids, seed, every score, colours, both PNGs; a part of at most
+    ``cfg.rows_per_part`` rows per file (``storage.write_parquet_parts``), built one part at a time."""
+    storage.write_parquet_parts(path, _score_parts(cfg, rows))
+
+
+def _score_parts(cfg: EvalConfig, rows: list[dict]):
     import pyarrow as pa
 
     columns = defaultdict(list)
     for r in rows:
         for k, seed in enumerate(r["seeds"]):
+            if columns and len(columns["prompt_id"]) == cfg.rows_per_part:
+                yield pa.table(dict(columns))
+                columns = defaultdict(list)
             columns["prompt_id"].append(str(r["prompt_id"]))
             columns["prompt_index"].append(int(r["prompt_index"]))
             columns["prompt"].append(str(r["prompt"]))
@@ -448,7 +502,19 @@ def write_scores(path: str, cfg: EvalConfig, rows: list[dict]) -> None:
                 for channel, value in zip("hsv", r[f"hsv_{side}"][k]):
                     columns[f"{channel}_{side}"].append(float(value))
                 columns[f"image_{side}"].append(bytes(r[f"png_{side}"][k]))
-    storage.write_parquet(path, pa.table(dict(columns)))
+    yield pa.table(dict(columns))
+
+
+def read_scores(output: str, columns: list[str] | None = None):
+    """The scores table of the evaluation in folder ``output``, one row per (prompt, seed) in prompt order:
+    its parts (checked against their manifest), or the single ``scores.parquet`` of an evaluation written
+    before parts."""
+    return storage.read_parquet(storage.join(output, SCORES), columns=columns)
+
+
+def has_scores(output: str) -> bool:
+    """``output`` holds an evaluation's finished scores (either layout)."""
+    return storage.is_parquet(storage.join(output, SCORES))
 
 
 def side_by_side(cfg: EvalConfig, rows: list[dict]):
@@ -530,7 +596,7 @@ def evaluate(cfg: EvalConfig, *, log=print, mlflow_run_id: str | None = None, re
         files["side_by_side.png"] = picture.getvalue()
     report = {"config": to_dict(cfg), "versions": tracking.versions(), "result": result.to_json()}
     files[REPORT] = json.dumps(report, indent=2).encode()  # last: a folder with a report is complete
-    write_scores(storage.join(output, "scores.parquet"), cfg, rows)
+    write_scores(storage.join(output, SCORES), cfg, rows)
     for file, content in files.items():
         storage.write_bytes(storage.join(output, file), content)
     if record_mlflow:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
+from hgdpo import storage
 from hgdpo.config import check_actors, check_locations, check_sampling, doc
 from hgdpo.errors import ConfigError
 from hgdpo.settings import BaseModel, Generators, PromptSource, Sampling, Tracking
@@ -64,7 +66,9 @@ class PoolConfig(Tracking, Generators, Sampling, BaseModel, PromptSource):
                         "compiling takes minutes and pays only for long runs.", False)
 
     writer_cpus: float = doc("CPUs per task that PNG-encodes the winners' and losers' images and writes a part.", 0.5)
-    rows_per_file: int = doc("Prompts per parquet file of the pool.", 64)
+    rows_per_file: int = doc("Prompts per parquet file of the pool. A row holds the kept latents and two PNGs "
+                             "(~5.8 MiB at 704x1024 with N = 20), and no file may pass 5 GiB (S3's limit on the copy "
+                             "that commits it; hgdpo.storage.MAX_OBJECT_BYTES): a value that would is refused.", 64)
 
     mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-pool")
     log_pairs: int = doc("Winner/loser pairs shown in the MLflow picture.", 4)
@@ -101,6 +105,25 @@ class PoolConfig(Tracking, Generators, Sampling, BaseModel, PromptSource):
         check_sampling(self)
         check_actors(self, "generator")
         check_locations(self, "output")
+        if self.width and self.height:  # the images alone; the latents join when the model is read (check_part_size)
+            self.check_part_size(self.width, self.height)
+
+    def row_bytes(self, width: int, height: int, latent_shape: list[int] | None = None) -> int:
+        """About the most bytes a pool row takes in a part: the winner's and loser's PNGs (a PNG is at most
+        about its raw RGB bytes) and, when ``latent_shape`` (K, C, h, w) is known, the float16 latents
+        (the same sum as ``hgdpo.pool_builder.block_size``'s)."""
+        latents = 2 * math.prod(latent_shape) if latent_shape is not None else 0
+        return latents + 2 * width * height * 3
+
+    def check_part_size(self, width: int, height: int, latent_shape: list[int] | None = None) -> None:
+        """Refuse a ``rows_per_file`` whose parts would pass the bound on one file (``hgdpo.storage``)."""
+        bound, row = storage.object_bound(), self.row_bytes(width, height, latent_shape)
+        if self.rows_per_file * row > bound:
+            raise ConfigError(
+                f"{self.SECTION}.rows_per_file: {self.rows_per_file} rows of ~{storage.size_text(row)} "
+                f"({width}x{height}{', with latents' if latent_shape else ''}) would write parts of "
+                f"~{storage.size_text(self.rows_per_file * row)}, over {storage.bound_text(bound)}; lower "
+                f"rows_per_file to {max(1, bound // row)} or less")
 
     def resolved_loser_rank(self) -> int:
         """Rank (1 = best) of the stored loser: the configured one, or N (the argmin)."""

@@ -15,6 +15,16 @@ temporary names; ``remove_temporaries`` deletes the ones a crash left behind. A 
 that dies at any point; on a local disk nothing is fsync'ed, so a power loss may still lose the
 last files written before it.
 
+**No file is larger than ``MAX_OBJECT_BYTES``** (5 GiB): the move onto the final name is one S3
+``CopyObject``, which S3 refuses above 5 GiB, so ``write`` refuses a file that grows past it, on every
+store (a run on a laptop fails where a run on a bucket would), before anything is moved, and removes
+the temporary file. A table that can grow past it is written as a folder of parts
+(``write_parquet_parts``: bounded parts, then ``_COMPLETE.json`` last); ``read_parquet`` reads a file
+and such a folder alike. The jobs' configs refuse settings that would make a larger file (``rows_per_file``
+of a pool, ``rows_per_part`` of an evaluation), naming the setting. ``HGDPO_MAX_OBJECT_BYTES`` (bytes)
+lowers the bound, in every process that writes (the tests; a store with a smaller limit); it cannot
+raise it.
+
 **Credentials** come from the standard environment of each process (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` for an
 S3-compatible store, an instance profile; ``GOOGLE_APPLICATION_CREDENTIALS``), never from a
@@ -35,7 +45,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
@@ -45,6 +55,11 @@ from hgdpo.errors import HgdpoError
 TMP_PREFIX = ".tmp-"
 CREDENTIAL_QUERY = ("access_key", "secret_key", "session_token")
 OBJECT_STORES = ("s3", "gcs")  # pyarrow type names of stores where folders need no creation
+MAX_OBJECT_BYTES = 5 << 30  # S3's limit on one CopyObject, which is how `write` moves a file onto its name
+BOUND_ENV = "HGDPO_MAX_OBJECT_BYTES"  # lowers the bound (tests; a store with a smaller limit)
+PARTS_MANIFEST = "_COMPLETE.json"  # in a folder of parquet parts: written last, its presence marks them complete
+PARTS_FORMAT = "hgdpo-parts/1"
+PART_NAME = "part-{:05d}.parquet"
 CREDENTIAL_HINT = ("check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
                    "AWS_SESSION_TOKEN / AWS_PROFILE, or GOOGLE_APPLICATION_CREDENTIALS)")
 
@@ -203,17 +218,78 @@ def read_json(location: str, what: str = "file") -> Any:
         raise HgdpoError(f"{location}: corrupt {what}, not valid JSON ({err})") from None
 
 
+def object_bound() -> int:
+    """The most bytes one file may have: ``MAX_OBJECT_BYTES``, or less when ``HGDPO_MAX_OBJECT_BYTES`` says so."""
+    value = os.environ.get(BOUND_ENV, "").strip()
+    if not value:
+        return MAX_OBJECT_BYTES
+    try:
+        bound = int(value)
+    except ValueError:
+        raise HgdpoError(f"{BOUND_ENV}={value!r}: not a whole number of bytes") from None
+    if not 0 < bound <= MAX_OBJECT_BYTES:
+        raise HgdpoError(f"{BOUND_ENV}={value}: must be between 1 and {MAX_OBJECT_BYTES} ({size_text(MAX_OBJECT_BYTES)}, "
+                         f"S3's limit on the copy that moves a file onto its name); it can only lower the bound")
+    return bound
+
+
+def bound_text(bound: int | None = None) -> str:
+    """The bound on one file in words, with why it is there (for error messages)."""
+    bound = object_bound() if bound is None else bound
+    lowered = f", lowered by {BOUND_ENV}" if bound < MAX_OBJECT_BYTES else ""
+    text = size_text(bound) if size_text(bound) in (f"{bound} B", "5 GiB") else f"{size_text(bound)} ({bound} bytes)"
+    return (f"the {text} bound on one file (storage.MAX_OBJECT_BYTES{lowered}: S3 moves a written "
+            f"file onto its name with one CopyObject, which refuses more than 5 GiB)")
+
+
+def size_text(n: float) -> str:
+    """Bytes in binary units: ``5 GiB``, ``1.4 MiB``."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f}".removesuffix(".0") + f" {unit}"
+    return f"{int(n)} B"
+
+
+class _Bounded:
+    """A writable file that refuses to grow past ``bound`` bytes: the write that would pass it raises, so a
+    file over the bound fails before the rest of it is uploaded, and is never moved onto its name."""
+
+    closed = False
+
+    def __init__(self, out, location: str, bound: int):
+        self.out, self.location, self.bound, self.size = out, location, bound, 0
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if self.size + n > self.bound:
+            raise HgdpoError(f"{self.location}: the file grows past {bound_text(self.bound)}; nothing was written "
+                             f"under its name; write it in smaller parts")
+        self.size += n
+        return self.out.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close(self) -> None:  # ``write`` closes ``out`` itself, after the last byte
+        self.closed = True
+
+
 def write(location: str, fill: Callable[[Any], None]) -> None:
     """Write a file atomically: ``fill(stream)`` writes into a temporary file, which is then moved onto
-    ``location`` (see the module docstring). On any error the temporary file is removed."""
+    ``location`` (see the module docstring). On any error the temporary file is removed. A file that
+    grows past ``object_bound()`` is an error naming it and the bound, raised before any move."""
     fs, path = resolve(location)
     folder, base = posixpath.split(path)
+    bound = object_bound()
     if fs.type_name not in OBJECT_STORES:
         fs.create_dir(folder, recursive=True)
     tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{base}")
     try:
         with fs.open_output_stream(tmp) as out:
-            fill(out)
+            fill(_Bounded(out, location, bound))
         fs.move(tmp, path)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -287,11 +363,78 @@ def write_png(location: str, image) -> None:
     write_bytes(location, buf.getvalue())
 
 
-def read_parquet(location: str, columns: list[str] | None = None):
+def write_parquet_parts(location: str, tables: Iterable, **kwargs) -> dict:
+    """A table too large for one file (``MAX_OBJECT_BYTES``), as a folder of parquet files: each of ``tables``
+    (the caller bounds their rows; at least one) atomically as ``part-00000.parquet``, ``part-00001.parquet``,
+    ..., then ``_COMPLETE.json`` last (the manifest, as a pool's: ``parts`` in order, ``rows``, and per part its
+    ``rows``, ``bytes`` and ``sha256``). The manifest an earlier writer left is deleted first, and a single
+    file of the same name (the layout before parts) too, so until the new manifest nothing under
+    ``location`` looks complete; parts of an earlier, longer write are deleted before it. Returns the
+    manifest."""
+    if is_file(location):
+        delete(location)
+    delete(join(location, PARTS_MANIFEST))
+    files: dict[str, dict] = {}
+    for i, table in enumerate(tables):
+        part = PART_NAME.format(i)
+        size, sha256 = write_parquet(join(location, part), table, **kwargs)
+        files[part] = {"rows": table.num_rows, "bytes": size, "sha256": sha256}
+    if not files:
+        raise HgdpoError(f"{location}: no table to write (give at least one part, empty if need be)")
+    for stale in listdir(location):
+        if stale not in files and stale.startswith("part-") and stale.endswith(".parquet"):
+            delete(join(location, stale))
+    manifest = {"format": PARTS_FORMAT, "parts": list(files), "rows": sum(f["rows"] for f in files.values()),
+                "files": files}
+    write_json(join(location, PARTS_MANIFEST), manifest)
+    return manifest
+
+
+def is_parquet(location: str) -> bool:
+    """A parquet file, or a folder of parts with its manifest (``write_parquet_parts``: complete)."""
+    kind = _info(location).type
+    return kind == pafs.FileType.File or (kind == pafs.FileType.Directory and is_file(join(location, PARTS_MANIFEST)))
+
+
+def parquet_files(location: str) -> list[str]:
+    """The files a parquet location holds, in order: itself when it is a file; a folder's parts, from its
+    manifest, each checked to exist with its recorded size (one listing, no file opened). Refuses a folder
+    without the manifest (an interrupted writer's) or with a part missing or of another size."""
+    if _info(location).type != pafs.FileType.Directory:  # a file (or nothing: pyarrow's error says so, as before)
+        return [location]
+    manifest_path = join(location, PARTS_MANIFEST)
+    if not is_file(manifest_path):
+        raise HgdpoError(f"{location}: a folder of parquet parts without {PARTS_MANIFEST}: its writer did not finish")
+    manifest = read_json(manifest_path, "parts manifest")
+    try:
+        parts, files = list(manifest["parts"]), manifest["files"]
+    except (KeyError, TypeError) as err:
+        raise HgdpoError(f"{manifest_path}: not a parts manifest ({err})") from None
+    found = sizes(location)
+    for part in parts:
+        if part not in found:
+            raise HgdpoError(f"{location}: part {part} is missing (listed in {PARTS_MANIFEST})")
+        if found[part] != files.get(part, {}).get("bytes"):
+            raise HgdpoError(f"{location}: part {part} has {found[part]} bytes, not the {files.get(part, {}).get('bytes')} "
+                             f"its writer wrote (cut short or replaced)")
+    return [join(location, part) for part in parts]
+
+
+def iter_parquet(location: str, columns: list[str] | None = None) -> Iterator:
+    """The tables of a parquet location (``parquet_files``), one file at a time (memory bounded by a part)."""
     import pyarrow.parquet as pq
 
-    fs, path = resolve(location)
-    return pq.read_table(path, columns=columns, filesystem=fs)
+    for file in parquet_files(location):
+        fs, path = resolve(file)
+        yield pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def read_parquet(location: str, columns: list[str] | None = None):
+    """A parquet file, or a folder of parts (``write_parquet_parts``) as one table."""
+    import pyarrow as pa
+
+    tables = list(iter_parquet(location, columns))
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 def makedirs(location: str) -> None:

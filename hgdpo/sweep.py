@@ -590,10 +590,11 @@ class Duel:
 def object_reports(output: str) -> tuple[list[str], list]:
     """The prompt of each (prompt, seed) comparison of the evaluation in ``output``, in ``_a_scores``'s order,
     and the world's object-level report (``hgdpo.world.objects.object_report``) of its A image."""
+    from hgdpo.evaluate import read_scores
     from hgdpo.pool import png_image
     from hgdpo.world.objects import object_report
 
-    table = storage.read_parquet(storage.join(output, "scores.parquet"), columns=["prompt_id", "k", "prompt", "image_a"])
+    table = read_scores(output, columns=["prompt_id", "k", "prompt", "image_a"])
     table = table.sort_by([("prompt_id", "ascending"), ("k", "ascending")])
     return table.column("prompt_id").to_pylist(), [
         object_report(png_image(png), prompt)
@@ -601,8 +602,10 @@ def object_reports(output: str) -> tuple[list[str], list]:
 
 
 def _a_scores(output: str, scorers: list[str]) -> Any:
+    from hgdpo.evaluate import read_scores
+
     columns = ["prompt_id", "k", "seed", *(f"score_a_{s}" for s in scorers)]
-    table = storage.read_parquet(storage.join(output, "scores.parquet"), columns=columns)
+    table = read_scores(output, columns=columns)
     return table.sort_by([("prompt_id", "ascending"), ("k", "ascending")])
 
 

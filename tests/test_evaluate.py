@@ -11,7 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hgdpo import lan, lora, models
+from hgdpo import lan, lora, models, storage
+from hgdpo.config import from_dict
+from hgdpo.errors import HgdpoError
+from hgdpo.eval_config import EvalConfig
+from hgdpo.evaluate import SCORES, has_scores, read_scores, write_scores
 from hgdpo.pool import png_image
 from hgdpo.sampling import image_seeds, set_sampler
 from hgdpo.world.judge import judge_batch
@@ -52,8 +56,13 @@ def run(work: Path, name: str, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def a_vs_base(ray_local, work, adapter):
-    assert run(work, "ab", f"adapter={adapter}", "alpha=1.0") == 0
+    """8 (prompt, seed) rows, written in parts of 3."""
+    assert run(work, "ab", f"adapter={adapter}", "alpha=1.0", "rows_per_part=3") == 0
     return work / "ab"
+
+
+def scores(folder: Path) -> list[dict]:
+    return read_scores(str(folder)).to_pylist()
 
 
 def test_the_same_model_on_both_sides_ties_everywhere(ray_local, work, capsys):
@@ -67,7 +76,10 @@ def test_the_same_model_on_both_sides_ties_everywhere(ray_local, work, capsys):
 
 
 def test_rows_hold_the_images_of_each_side_from_the_shared_seeds(work, a_vs_base, adapter):
-    table = pq.read_table(a_vs_base / "scores.parquet").to_pylist()
+    table = scores(a_vs_base)
+    assert sorted(p.name for p in (a_vs_base / SCORES).iterdir()) == [
+        "_COMPLETE.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [pq.read_metadata(a_vs_base / SCORES / f"part-0000{i}.parquet").num_rows for i in range(3)] == [3, 3, 2]
     assert len(table) == 8 and [r["k"] for r in table[:2]] == [0, 1]
     row = table[3]  # prompt 1, seed 1
     seeds = image_seeds(0, row["prompt_id"], 2)
@@ -85,7 +97,7 @@ def test_rows_hold_the_images_of_each_side_from_the_shared_seeds(work, a_vs_base
 
 
 def test_report_figures_follow_from_the_scores(work, a_vs_base):
-    rows = pq.read_table(a_vs_base / "scores.parquet").to_pylist()
+    rows = scores(a_vs_base)
     report = json.loads((a_vs_base / "report.json").read_text())
     result = report["result"]
     for name in ("judge", "pickscore"):
@@ -107,7 +119,7 @@ def test_the_world_object_report_of_both_sides_follows_from_their_images(work, a
     paired difference, recomputed here from the stored images."""
     from hgdpo.world.objects import object_report
 
-    rows = pq.read_table(a_vs_base / "scores.parquet").to_pylist()
+    rows = scores(a_vs_base)
     result = json.loads((a_vs_base / "report.json").read_text())["result"]
     objects = result["objects"]
     for side in ("a", "b"):
@@ -150,7 +162,7 @@ def test_mlflow_holds_the_figures_and_the_files(work, a_vs_base):
 
 def test_rerun_does_nothing_and_other_settings_are_refused(work, a_vs_base, adapter, capsys):
     before = (a_vs_base / "report.json").stat().st_mtime_ns
-    assert run(work, "ab", f"adapter={adapter}", "alpha=1.0") == 0
+    assert run(work, "ab", f"adapter={adapter}", "alpha=1.0") == 0  # rows_per_part only splits the files
     assert "already holds this evaluation" in capsys.readouterr().out
     assert (a_vs_base / "report.json").stat().st_mtime_ns == before
     assert run(work, "ab", f"adapter={adapter}", "alpha=0.5") == 2
@@ -175,8 +187,7 @@ def test_baseline_rows_made_once_give_the_evaluation_that_makes_both_sides(ray_l
     assert made == 8 and evaluation.build_baseline(cfg, items, cache) == (location, 0)  # made once
     result = evaluation.evaluate(cfg, baseline_cache=cache)
     assert result.baseline_cache == location and result.generated == {"a": 8, "b": 0}
-    assert pq.read_table(work / "cached" / "scores.parquet").to_pylist() == \
-        pq.read_table(a_vs_base / "scores.parquet").to_pylist()
+    assert scores(work / "cached") == scores(a_vs_base)  # one part of 8 rows here, three there
     whole = json.loads((a_vs_base / "report.json").read_text())["result"]["metrics"]
     assert whole["generated_images_b"] == 8
     assert {k: v for k, v in result.metrics().items() if not k.startswith("generated_")} == \
@@ -230,7 +241,83 @@ def test_partiprompts_people_with_the_real_model_scorers(ray_local, tmp_path, pa
                               f"output={tmp_path / 'parti'}", "scorers=[pickscore,clip]", "images_per_prompt=1",
                               "steps=2", "bootstrap=50", "picture_prompts=1", "--no-mlflow"])
     assert code == 0
-    rows = pq.read_table(tmp_path / "parti" / "scores.parquet").to_pylist()
+    rows = scores(tmp_path / "parti")
     assert len(rows) == 2 and all(0 <= r["score_a_clip"] <= 100 for r in rows)
     report = json.loads((tmp_path / "parti" / "report.json").read_text())["result"]
     assert report["win_rates"]["clip"]["ties"] == 2  # A and B are the same model here
+
+
+# --- The scores in parts: no file over the bound on one file (hgdpo.storage.MAX_OBJECT_BYTES) ---
+
+
+WORLD_CAPTIONS = ("a red circle", "a blue square", "a green triangle", "a black square")
+
+
+def synthetic_rows(prompts: int = 4, seeds: int = 2) -> list[dict]:
+    """Rows as ``generate_and_score`` yields them, with 64x64 noise PNGs (~12 kB each, incompressible)."""
+    from hgdpo.pool import png_bytes
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(prompts):
+        row = {"prompt_id": f"p{i}", "prompt_index": i, "prompt": WORLD_CAPTIONS[i % len(WORLD_CAPTIONS)],
+               "seeds": np.arange(seeds, dtype=np.int64) + 10 * i}
+        for side in ("a", "b"):
+            row[f"score_{side}_judge"] = rng.random(seeds)
+            row[f"hsv_{side}"] = rng.random((seeds, 3))
+            row[f"png_{side}"] = [png_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(seeds)]
+        rows.append(row)
+    return rows
+
+
+def parts_config(output: str, rows_per_part: int) -> EvalConfig:
+    return from_dict(EvalConfig, {"prompts": "test.txt", "output": output, "scorers": ["judge"],
+                                  "rows_per_part": rows_per_part})
+
+
+def test_scores_in_parts_on_s3_read_back_as_the_old_single_file_does(s3_env, monkeypatch, tmp_path):
+    """With the bound lowered below the whole scores (8 rows of two ~12 kB PNGs), parts of 3 rows are written to
+    the bucket and read back through the reader as the one file of an evaluation written before parts."""
+    from hgdpo.evaluate import _score_parts
+
+    rows = synthetic_rows()
+    old = f"s3://hgdpo-test/evaluations/{tmp_path.name}/old"
+    (whole,) = _score_parts(parts_config(old, 8), rows)  # every row in one table, as the writer before parts made it
+    storage.write_parquet(storage.join(old, SCORES), whole)  # the layout before parts: a single file
+    assert storage.is_file(storage.join(old, SCORES)) and has_scores(old)
+
+    monkeypatch.setenv(storage.BOUND_ENV, "100000")
+    assert storage.sizes(old)[SCORES] > 100000  # one file of these scores is over the bound
+    new = f"s3://hgdpo-test/evaluations/{tmp_path.name}/new"
+    write_scores(storage.join(new, SCORES), parts_config(new, 3), rows)
+    assert storage.listdir(storage.join(new, SCORES)) == [
+        storage.PARTS_MANIFEST, "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert has_scores(new) and read_scores(new).equals(whole) and read_scores(old).equals(whole)
+    assert read_scores(new).to_pylist() == read_scores(old).to_pylist()
+    assert [r["k"] for r in read_scores(new).to_pylist()] == [0, 1] * 4
+    assert read_scores(new, columns=["image_a"]).column("image_a").to_pylist() == [
+        png for r in rows for png in r["png_a"]]
+
+    from hgdpo.sweep import _a_scores, object_reports
+
+    assert _a_scores(new, ["judge"]).equals(_a_scores(old, ["judge"]))
+    assert object_reports(new)[0] == object_reports(old)[0]
+
+
+def test_scores_over_the_bound_fail_naming_the_file_and_leave_nothing_complete(s3_env, monkeypatch, tmp_path):
+    """A part over the lowered bound fails before it is moved onto its name; the scores an earlier run left
+    complete no longer look complete, and no temporary object is left."""
+    rows = synthetic_rows()
+    out = f"s3://hgdpo-test/evaluations/{tmp_path.name}"
+    monkeypatch.setenv(storage.BOUND_ENV, "100000")
+    write_scores(storage.join(out, SCORES), parts_config(out, 3), rows)
+    assert has_scores(out)
+    with pytest.raises(HgdpoError) as err:
+        write_scores(storage.join(out, SCORES), parts_config(out, 8), rows)
+    assert str(err.value).startswith(f"{out}/{SCORES}/part-00000.parquet: the file grows past the 97.7 KiB "
+                                     f"(100000 bytes) bound on one file")
+    assert not has_scores(out)
+    with pytest.raises(HgdpoError, match="without _COMPLETE.json: its writer did not finish"):
+        read_scores(out)
+    keys = s3_env.keys("hgdpo-test", f"evaluations/{tmp_path.name}/")
+    assert not [k for k in keys if "/.tmp-" in k] and not [k for k in keys if k.endswith(storage.PARTS_MANIFEST)]

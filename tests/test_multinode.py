@@ -112,7 +112,7 @@ def test_every_stage_writes_to_the_bucket(world, finished):
     checkpoints = sorted({k.split("/")[3] for k in rel if re.match(r"train/checkpoints/train/checkpoint_\d{8}/", k)})
     assert checkpoints == ["checkpoint_00000036", "checkpoint_00000040"]  # num_to_keep = 2
     assert "train/checkpoints/train/checkpoint_00000040/adapter/hgdpo_adapter.json" in rel  # the final one
-    assert {f"evaluate/{f}" for f in ("report.json", "table.md", "scores.parquet", "side_by_side.png")} <= set(rel)
+    assert {f"evaluate/{f}" for f in ("report.json", "table.md", "scores.parquet/_COMPLETE.json", "side_by_side.png")} <= set(rel)
     # The pair dataset the training workers read (by ranged GETs), beside train/.
     pairs = {k.split("/")[0] for k in rel if re.fullmatch(r"pairs-\w+/pairs\.json", k)}
     assert len(pairs) == 1 and {f"{next(iter(pairs))}/index.parquet"} <= set(rel)

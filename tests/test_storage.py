@@ -153,3 +153,63 @@ def test_json_that_is_not_json_names_the_file(tmp_path):
     (tmp_path / "pool.json").write_text("{not json")
     with pytest.raises(HgdpoError, match=r"pool\.json: corrupt pool metadata, not valid JSON"):
         storage.read_json(str(tmp_path / "pool.json"), "pool metadata")
+
+
+def test_a_file_over_the_bound_is_refused_before_the_move_and_leaves_nothing(root, monkeypatch):
+    """S3 commits a write with one CopyObject, which refuses objects over 5 GiB: ``write`` refuses any file
+    past the bound (here lowered to 1,000 bytes), naming it and the bound, and the old file stays whole."""
+    monkeypatch.setenv(storage.BOUND_ENV, "1000")
+    target = storage.join(root, "big.bin")
+    storage.write_bytes(target, b"o" * 1000)  # at the bound: written
+    with pytest.raises(HgdpoError) as err:
+        storage.write_bytes(target, b"n" * 1001)
+    message = str(err.value)
+    assert message.startswith(f"{target}: the file grows past the 1000 B bound on one file (storage.MAX_OBJECT_BYTES, "
+                              f"lowered by {storage.BOUND_ENV}: S3 moves") and "smaller parts" in message
+    assert storage.read_bytes(target) == b"o" * 1000  # replaced whole or not at all
+    with pytest.raises(HgdpoError, match=r"new\.parquet: the file grows past the 1000 B bound"):
+        storage.write_parquet(storage.join(root, "new.parquet"), pa.table({"x": [b"z" * 2000]}))
+    assert storage.listdir(root) == ["big.bin"] and storage.remove_temporaries(root) == 0  # no temporary left
+
+
+@pytest.mark.parametrize("value, message", [("6442450944", "it can only lower the bound"),
+                                            ("0", "must be between 1 and"), ("5GB", "not a whole number")])
+def test_the_bound_can_be_lowered_not_raised(monkeypatch, tmp_path, value, message):
+    assert storage.object_bound() == storage.MAX_OBJECT_BYTES == 5 << 30
+    monkeypatch.setenv(storage.BOUND_ENV, value)
+    with pytest.raises(HgdpoError, match=message):
+        storage.write_bytes(str(tmp_path / "x"), b"x")
+
+
+def test_parquet_parts_read_as_one_table_and_only_when_complete(root, monkeypatch):
+    """A folder of parts (manifest last) reads like the single file it replaces; without its manifest, or with
+    a part cut short, it is refused; a shorter rewrite leaves none of the old parts."""
+    monkeypatch.setenv(storage.BOUND_ENV, "4000")
+    rng = np.random.default_rng(0)
+    table = pa.table({"i": list(range(9)), "png": [rng.bytes(300) for _ in range(9)]})  # 2.7 kB, incompressible
+    location = storage.join(root, "scores.parquet")
+    storage.write_parquet(location, table.slice(0, 3))  # the layout before parts: one file under the name
+    assert storage.read_parquet(location).equals(table.slice(0, 3)) and storage.is_parquet(location)
+    with pytest.raises(HgdpoError, match=r"grows past the 3\.9 KiB \(4000 bytes\) bound"):
+        storage.write_parquet(storage.join(root, "whole.parquet"), pa.concat_tables([table] * 2))
+    manifest = storage.write_parquet_parts(location, (table.slice(i, 3) for i in range(0, 9, 3)))
+    assert manifest["parts"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert manifest["rows"] == 9 and storage.listdir(location) == [storage.PARTS_MANIFEST, *manifest["parts"]]
+    assert storage.read_parquet(location).equals(table) and storage.is_parquet(location)
+    assert storage.read_parquet(location, columns=["i"]).column("i").to_pylist() == list(range(9))
+    assert [t.num_rows for t in storage.iter_parquet(location)] == [3, 3, 3]
+
+    part = storage.join(location, "part-00001.parquet")
+    whole = storage.read_bytes(part)
+    storage.write_bytes(part, whole[:-10])
+    with pytest.raises(HgdpoError, match=r"part part-00001\.parquet has \d+ bytes, not the \d+ its writer wrote"):
+        storage.read_parquet(location)
+    storage.write_bytes(part, whole)
+    storage.delete(storage.join(location, storage.PARTS_MANIFEST))  # as a writer that died before its manifest
+    assert not storage.is_parquet(location)
+    with pytest.raises(HgdpoError, match="without _COMPLETE.json: its writer did not finish"):
+        storage.read_parquet(location)
+
+    storage.write_parquet_parts(location, [table.slice(0, 2)])
+    assert storage.listdir(location) == [storage.PARTS_MANIFEST, "part-00000.parquet"]
+    assert storage.read_parquet(location).equals(table.slice(0, 2))

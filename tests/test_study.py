@@ -1,21 +1,16 @@
 """The user study on SQLite: the world end to end through the HTTP API, pool studies (Fig. 5a),
-results, gold flags, agreement, exports, MLflow, and bad input refused with nothing stored."""
+results, agreement, exports, MLflow, and bad input refused with nothing stored."""
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 from pathlib import Path
 
 import httpx
-import krippendorff
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from hgdpo import lora, models, storage
 from hgdpo.pool import png_image
@@ -23,72 +18,7 @@ from hgdpo.study import db
 from hgdpo.study.app import Running, make_app
 from hgdpo.world.judge import judge
 from hgdpo.world.prompts import write_prompts
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
-import build_pool as pool_job  # noqa: E402
-import evaluate as evaluate_job  # noqa: E402
-import study as study_job  # noqa: E402
-
-
-def synthetic_evaluation(folder: Path, n: int, prompts: int = 4) -> Path:
-    """An evaluation output folder holding only ``scores.parquet`` with ``n`` rows of small solid-colour
-    PNGs (for the tests of the web and database layers, where the pictures do not matter)."""
-    def png(value: int) -> bytes:
-        out = io.BytesIO()
-        Image.new("RGB", (8, 8), (value % 256, (value * 7) % 256, 40)).save(out, format="PNG")
-        return out.getvalue()
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = range(n)
-    pq.write_table(pa.table({
-        "prompt_id": [f"p{i % prompts}" for i in rows], "prompt_index": [i % prompts for i in rows],
-        "prompt": [f"prompt number {i % prompts}" for i in rows], "k": [i // prompts for i in rows],
-        "seed": list(rows), "score_a_judge": [float(i % 3) for i in rows], "score_b_judge": [1.0 for _ in rows],
-        "image_a": [png(2 * i) for i in rows], "image_b": [png(2 * i + 1) for i in rows]}),
-        folder / "scores.parquet")
-    return folder
-
-
-def read_invites(path: Path) -> dict[str, str]:
-    lines = path.read_text().splitlines()[1:]
-    return dict(line.split(",", 1) for line in lines)
-
-
-def token_of(link: str) -> str:
-    return link.rsplit("/", 1)[1]
-
-
-class Rater:
-    """A rater through the JSON API, as a script (or the load test) uses it."""
-
-    def __init__(self, url: str, token: str):
-        self.http = httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}, timeout=30)
-
-    def next(self) -> dict:
-        response = self.http.get("/api/next")
-        response.raise_for_status()
-        return response.json()
-
-    def vote(self, item: int, choice: str, csrf: str) -> httpx.Response:
-        return self.http.post("/api/vote", json={"item": item, "choice": choice}, headers={"x-csrf-token": csrf})
-
-    def image(self, path: str) -> np.ndarray:
-        response = self.http.get(path)
-        response.raise_for_status()
-        return png_image(response.content)
-
-
-def judge_rater(rater: Rater) -> int:
-    """Answer every item by the world's judge of the two images shown; returns the votes cast."""
-    cast, state = 0, rater.next()
-    while not state["done"]:
-        left, right = (judge(rater.image(state[side]), state["prompt"]) for side in ("left", "right"))
-        choice = "left" if left > right else "right" if right > left else "tie"
-        response = rater.vote(state["item"], choice, state["csrf"])
-        assert response.status_code == 201
-        state, cast = response.json(), cast + 1
-    return cast
+from studykit import Rater, evaluate_job, judge_rater, pool_job, read_invites, study_job, synthetic_evaluation, token_of
 
 
 @pytest.fixture(scope="module")
@@ -213,42 +143,6 @@ def test_pool_study_measures_the_agreement_of_pickscore_with_people(world_pool, 
     assert result["kind"] == "pool" and result["scorer"] == "pickscore"
     assert result["human"]["rate"] == pytest.approx(expected)  # winner over loser, as the judge sees them
     assert result["ai_agreement"]["rate"] == pytest.approx(expected)  # PickScore always prefers the winner
-
-
-def test_gold_failures_are_flagged_and_excluded_and_alpha_comes_from_the_votes(work):
-    source = synthetic_evaluation(work / "gold-eval", 6, prompts=3)
-    database, invites = work / "gold.db", work / "gold.csv"
-    assert study_job.main(["create", f"db={database}", f"source={source}", "study=gold", "raters=3",
-                           "gold_items=2", f"invites={invites}"]) == 0
-    engine = db.connect(str(database))
-    server = Running(make_app(engine))
-    links = read_invites(invites)
-    try:
-        # rater 1 and 2 always choose A (wherever it is shown), rater 3 always B: 3 fails the gold items
-        for name, pick in (("rater-001", "a"), ("rater-002", "a"), ("rater-003", "b")):
-            rater = Rater(server.url, token_of(links[name]))
-            while not (state := rater.next())["done"]:
-                flip = engine.connect().execute(
-                    db.sa.select(db.assignments.c.flip).join(db.raters, db.raters.c.id == db.assignments.c.rater_id)
-                    .where(db.raters.c.name == name, db.assignments.c.item_id == state["item"])).scalar()
-                shown_a = "right" if flip else "left"
-                choice = shown_a if pick == "a" else ("left" if shown_a == "right" else "right")
-                assert rater.vote(state["item"], choice, state["csrf"]).status_code == 201
-    finally:
-        server.stop()
-    from hgdpo.study.results import summary
-
-    kept = summary(engine, "gold", resamples=200)
-    assert kept["flagged"] == ["rater-003"]
-    assert (kept["human"]["rate"], kept["votes"], kept["raters"]) == (1.0, 12, 2)
-    assert kept["alpha"] is None and "same answer" in kept["alpha_note"]  # two raters who always agree
-    everyone = summary(engine, "gold", exclude_flagged=False, resamples=200)
-    assert (everyone["human"]["rate"], everyone["votes"]) == (pytest.approx(2 / 3), 18)
-    matrix = np.array([[0] * 6, [0] * 6, [1] * 6], dtype=float)  # A = 0, B = 1 per rater and item
-    assert everyone["alpha"] == pytest.approx(krippendorff.alpha(reliability_data=matrix,
-                                                                 level_of_measurement="nominal"))
-    assert everyone["alpha"] < 0  # worse than chance: the third rater disagrees on every item
-    engine.dispose()
 
 
 def test_bad_input_is_refused_with_the_right_status_and_nothing_stored(mini):

@@ -20,7 +20,7 @@ import pytest
 from hgdpo.study import db
 from hgdpo.study.app import Running, make_app
 from hgdpo.study.results import summary
-from test_study import Rater, read_invites, study_job, synthetic_evaluation, token_of
+from studykit import Rater, read_invites, study_job, synthetic_evaluation, token_of
 
 RATERS = 50
 ITEMS = {"sqlite": 40, "postgresql": 8}  # 2,000 votes on the default database; 400 on PostgreSQL

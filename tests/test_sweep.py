@@ -279,7 +279,8 @@ def test_hgdpo_duel_compares_two_evaluations_as_the_sweep_does_and_refuses_unpai
 
     other = tmp_path / "other-seeds"
     shutil.copytree(a, other)
-    table = pq.read_table(other / "scores.parquet")
+    table = pq.read_table(other / "scores.parquet")  # the parts (this also tests the one-file layout)
+    shutil.rmtree(other / "scores.parquet")
     pq.write_table(table.set_column(table.schema.get_field_index("seed"), "seed", pc.add(table["seed"], 1)),
                    other / "scores.parquet")
     assert hgdpo(["duel", a, str(other)]) == 2

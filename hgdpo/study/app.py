@@ -1,14 +1,18 @@
 """The study's web app (FastAPI, server-rendered pages, one small script for keyboard shortcuts).
 
-Raters open ``/r/<token>`` (their invite link): the token goes into an HttpOnly, SameSite=Strict
+Raters open ``/r/<token>`` (their invite link): the token goes into an HttpOnly, SameSite=Lax
 cookie and they land on ``/rate``, which shows the first item they have not answered, its two
 images with the sides of their assignment, and their progress; they can close the page and come
 back at any time. The same flow as JSON, for scripts: ``GET /api/next`` and ``POST /api/vote``
 (``{"item": id, "choice": "left"|"right"|"tie"}``; it answers with the next item), authenticated by the cookie or by
 ``Authorization: Bearer <token>``. Admins open ``/a/<token>``: ``/admin`` and ``/api/admin``.
 
-Every post carries a CSRF token (a form field, or the ``X-CSRF-Token`` header): an HMAC of the
-rater's id under the study's secret, which a page of another site cannot read. Images are served
+The cookie is Lax, not Strict, because invite links are clicked on other sites (webmail, chat, a
+QR reader): a navigation that starts on another site carries no Strict cookie, not even to the
+303's follow-up on this one, so the first click would land without a token. Lax cookies go with
+top-level GETs only, which change nothing here; every post carries a CSRF token (a form field, or
+the ``X-CSRF-Token`` header): an HMAC of the rater's id under the study's secret, which a page of
+another site cannot read. Images are served
 only as ``/image/<item>/<left|right>`` of an item assigned to the asking rater, so a URL never says
 which side is A. Request bodies above ``max_body`` bytes get 413 before any handler runs. The
 server keeps no access log: the invite paths carry tokens.
@@ -131,7 +135,7 @@ def make_app(engine, *, max_body: int = 16384, secure_cookies: bool = False) -> 
 
     def enter(token: str, cookie: str, target: str) -> Response:
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(cookie, token, httponly=True, samesite="strict", secure=secure_cookies, path="/")
+        response.set_cookie(cookie, token, httponly=True, samesite="lax", secure=secure_cookies, path="/")
         return response
 
     @app.get("/r/{token}")

@@ -4,6 +4,7 @@ create a study, serve it, add or revoke raters, read the results, export the vot
 from __future__ import annotations
 
 import json
+import sys
 
 from hgdpo.study.config import CreateConfig, ExportConfig, RatersConfig, ResultsConfig, ServeConfig
 
@@ -52,6 +53,8 @@ def run_results(cfg: ResultsConfig, args=None) -> None:
     if cfg.mlflow:
         run_id = log_mlflow(cfg, result, json.loads(study["config"]))
         print(f"mlflow run {run_id}")
+    if result["warning"]:
+        print(f"warning: study {cfg.study}: {result['warning']}", file=sys.stderr)
     human = result["human"]
     if human is None:
         print(f"study {cfg.study}: no votes on pairs yet -> {cfg.output}")
@@ -60,7 +63,8 @@ def run_results(cfg: ResultsConfig, args=None) -> None:
     print(f"study {cfg.study}: human win rate of A {human['rate']:.3f} [{human['low']:.3f}, {human['high']:.3f}] "
           f"from {result['votes']} votes on {result['items']} pairs by {result['raters']} raters; "
           f"{result['scorer']} {result['ai']['rate']:.3f}; alpha {alpha}; "
-          f"{len(result['flagged'])} raters flagged -> {cfg.output}")
+          f"{len(result['flagged'])} raters flagged ({result['flagged_share']:.0%} of the votes on pairs) "
+          f"-> {cfg.output}")
 
 
 def run_export(cfg: ExportConfig, args=None) -> None:

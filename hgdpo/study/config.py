@@ -10,7 +10,11 @@ from hgdpo.errors import ConfigError
 
 DB_DOC = ("Database: a file path (SQLite, WAL mode; `sqlite:///path` too) or `postgresql://user@host:port/name` "
           "(password from $PGPASSWORD or ~/.pgpass, never in the URL).")
-DEFAULT_QUESTION = "Which image is more natural?"
+QUESTIONS = {"naturalness": "Which image is more natural?",  # the paper's (App. E)
+             "prompt_fidelity": "Which image matches the prompt better?"}
+# Words that say what a question asks; one naming only the other kind is refused (its gold items would be wrong).
+QUESTION_WORDS = {"naturalness": ("natural", "realistic", "realism", "photoreal", "artifact", "artefact"),
+                  "prompt_fidelity": ("prompt", "caption", "match", "describ", "faithful")}
 
 
 @dataclass
@@ -24,12 +28,18 @@ class CreateConfig:
     invites: str = doc("CSV file the rater and admin links are written to (mode 0600; they carry the tokens).")
     kind: Literal["auto", "evaluation", "pool"] = doc("What `source` is; `auto` looks for scores.parquet.", "auto")
     study: str | None = doc("Study id (letters, digits, - and _); default: derived from the source's name.", None)
-    question: str = doc("The question raters answer (paper: the more natural image).", DEFAULT_QUESTION)
+    question_kind: Literal["naturalness", "prompt_fidelity"] = doc(
+        "What raters judge; it decides the gold items, so each has a right answer: `naturalness`, an image "
+        "against a visibly corrupted copy of itself (blocks scrambled, heavy noise); `prompt_fidelity`, the "
+        "prompt's image against another prompt's.", "naturalness")
+    question: str | None = doc("The question raters answer; none: the kind's (naturalness: \"Which image is more "
+                               "natural?\", the paper's; prompt_fidelity: \"Which image matches the prompt "
+                               "better?\"). One that asks about the other kind is refused.", None)
     items: int | None = doc("Number of pairs in the study, drawn at random (seeded) from the source; none: all.",
                             None)
     scorer: str | None = doc("Evaluation studies: the scorer whose scores are the AI feedback compared with people "
                              "(default `judge` if present, else the first in scores.parquet).", None)
-    gold_items: int = doc("Attention checks shown to every rater: the prompt's image against another prompt's.", 2)
+    gold_items: int = doc("Attention checks shown to every rater, mixed among the pairs (see `question_kind`).", 2)
     raters: int = doc("Raters invited now (more later with `raters add=N`).", 3)
     items_per_rater: int | None = doc("Pairs each rater judges (spread evenly over the items); none: all.", None)
     seed: int = doc("Seed of the item draw, the gold items, the assignments and the sides shown.", 0)
@@ -47,8 +57,19 @@ class CreateConfig:
         if self.study is not None and not _valid_id(self.study):
             raise ConfigError(f"{self.SECTION}.study: {self.study!r} may hold only letters, digits, - and _ "
                               f"(at most 64)")
-        if not self.question.strip():
+        if self.question is not None and not self.question.strip():
             raise ConfigError(f"{self.SECTION}.question: must not be empty")
+        other = next(k for k in QUESTIONS if k != self.question_kind)
+        words = self.question_text().lower()
+        if (any(w in words for w in QUESTION_WORDS[other])
+                and not any(w in words for w in QUESTION_WORDS[self.question_kind])):
+            raise ConfigError(f"{self.SECTION}.question_kind: the question {self.question_text()!r} asks about "
+                              f"{other}, but question_kind={self.question_kind!r} (its gold items would have no "
+                              f"right answer); set question_kind={other} or change the question")
+
+    def question_text(self) -> str:
+        """The question shown to raters: ``question``, or the standard one of ``question_kind``."""
+        return (self.question or QUESTIONS[self.question_kind]).strip()
 
 
 @dataclass
@@ -75,7 +96,8 @@ class ResultsConfig:
     study: str = doc("Study id (printed by `create`).")
     output: str = doc("Folder or storage URI for results.json, votes.parquet and votes.csv.")
     exclude_flagged: bool = doc("Leave out the votes of raters who failed gold items.", True)
-    gold_pass: float = doc("Fraction of gold items a rater must answer right not to be flagged.", 1.0)
+    gold_pass: float = doc("Fraction of gold items a rater must answer right not to be flagged (a tie is wrong); "
+                           "results warn when flagged raters cast over 20% of the votes on pairs.", 1.0)
     bootstrap: int = doc("Bootstrap resamples (over items) of the intervals.", 2000)
     confidence: float = doc("Confidence of the intervals.", 0.95)
     mlflow: bool = doc("Log the results as an MLflow run linked to the source's run.", True)

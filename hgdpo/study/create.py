@@ -4,14 +4,17 @@
   evaluated model, B the baseline; the AI feedback is one scorer's scores of both (Fig. 3).
 * From a pool (one row per prompt): A is the winner, B the loser; the AI feedback is PickScore,
   which picked them (Fig. 5a: do people agree with it?).
-* Gold items, the attention checks: a prompt's image (A) against an image of another prompt (B),
-  so A is right; every rater gets all of them, mixed among their pairs.
+* Gold items, the attention checks, with a right answer (A) under the question asked (``gold``):
+  every rater gets all of them, mixed among their pairs. Items are stored in a shuffled order, so
+  their ids (which the page and the API show) do not tell gold items from pairs.
 * Each rater judges ``items_per_rater`` pairs, spread so every pair gets as many raters as it can,
   in a shuffled order, each with the sides drawn at random (recorded in ``assignments.flip``).
+* The invites file holds the tokens: a local one is created with mode 0600 before a byte is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -23,11 +26,12 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from hgdpo import storage
+from hgdpo import pool, storage
 from hgdpo.config import to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.study import db
 from hgdpo.study.config import CreateConfig
+from hgdpo.study.gold import gold_pairs
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class Invite:
 
 
 def source_kind(source: str) -> str:
-    if storage.is_file(storage.join(source, "scores.parquet")):
+    if storage.is_parquet(storage.join(source, "scores.parquet")):  # one file, or parts with their manifest
         return "evaluation"
     if storage.exists(storage.join(source, "pool.json")):
         return "pool"
@@ -79,8 +83,6 @@ def evaluation_pairs(source: str, scorer: str | None) -> tuple[list[Pair], str]:
 
 def pool_pairs(source: str) -> tuple[list[Pair], str]:
     """Winner (A) vs loser (B) of every prompt of a pool, with their PickScores."""
-    from hgdpo import pool
-
     columns = ["prompt_id", "prompt", "seeds", "scores", "winner", "loser", "image_w", "image_l"]
     pairs = []
     for part in pool.read_parts(source, columns=columns):
@@ -103,21 +105,6 @@ def choose(pairs: list[Pair], n: int | None, rng: random.Random, source: str) ->
     return [pairs[i] for i in keep]
 
 
-def gold_pairs(pairs: list[Pair], n: int, rng: random.Random) -> list[Pair]:
-    """``n`` attention checks: pair i's A image against the A image of a pair with another prompt."""
-    if n == 0:
-        return []
-    prompts = {p.prompt for p in pairs}
-    if len(prompts) < 2:
-        raise HgdpoError("gold_items: gold items need pairs of at least two different prompts; set gold_items=0")
-    out = []
-    for k in range(n):
-        own = pairs[rng.randrange(len(pairs))]
-        other = rng.choice([p for p in pairs if p.prompt != own.prompt])
-        out.append(Pair(own.prompt_id, own.prompt, own.seed, own.png_a, other.png_a, float("nan"), float("nan")))
-    return out
-
-
 def default_id(source: str) -> str:
     base = "".join(c if (c.isalnum() and c.isascii()) or c in "-_" else "-" for c in storage.name(source))[:40]
     return f"{base or 'study'}-{secrets.token_hex(3)}"
@@ -135,7 +122,9 @@ def create(cfg: CreateConfig) -> tuple[str, list[Invite]]:
             raise HgdpoError(f"scorer: a pool's AI feedback is its PickScore; leave scorer unset (got {cfg.scorer!r})")
         pairs, scorer = pool_pairs(source)
     pairs = choose(pairs, cfg.items, rng, source)
-    gold = gold_pairs(pairs, cfg.gold_items, rng)
+    gold = gold_pairs(pairs, cfg.gold_items, cfg.question_kind, rng)
+    rows = list(enumerate([(p, False) for p in pairs] + [(p, True) for p in gold]))  # position: pairs, then gold
+    rng.shuffle(rows)  # ids follow the insertion order: shuffled, an item's id does not say it is gold
     study_id = cfg.study or default_id(source)
     engine = db.connect(cfg.db, create=True)
     admin_token = secrets.token_urlsafe(32)
@@ -144,10 +133,10 @@ def create(cfg: CreateConfig) -> tuple[str, list[Invite]]:
             if conn.execute(sa.select(db.studies.c.id).where(db.studies.c.id == study_id)).first():
                 raise HgdpoError(f"study: {study_id!r} already exists in this database; choose another id")
             conn.execute(db.studies.insert().values(
-                id=study_id, kind=kind, source=source, question=cfg.question.strip(), scorer=scorer,
+                id=study_id, kind=kind, source=source, question=cfg.question_text(), scorer=scorer,
                 config=json.dumps(to_dict(cfg)), admin_hash=db.token_hash(admin_token),
                 secret=secrets.token_hex(32), created=time.time()))
-            for position, (pair, is_gold) in enumerate([(p, False) for p in pairs] + [(p, True) for p in gold]):
+            for position, (pair, is_gold) in rows:
                 image_a = conn.execute(db.images.insert().values(study_id=study_id, png=pair.png_a)).inserted_primary_key[0]
                 image_b = conn.execute(db.images.insert().values(study_id=study_id, png=pair.png_b)).inserted_primary_key[0]
                 conn.execute(db.items.insert().values(
@@ -196,7 +185,8 @@ def _add_raters(conn, study_id: str, n: int, per_rater: int | None, seed: int, b
 
 
 def write_invites(location: str, invites: list[Invite], *, append: bool) -> None:
-    """The links, one per line (``name,link``); a local file gets mode 0600 (the links are the tokens)."""
+    """The links, one per line (``name,link``); a local file has mode 0600 from its creation (the links
+    are the tokens)."""
     rows = []
     if append and storage.exists(location):
         rows = list(csv.reader(io.StringIO(storage.read_text(location))))[1:]
@@ -205,6 +195,27 @@ def write_invites(location: str, invites: list[Invite], *, append: bool) -> None
     writer = csv.writer(out)
     writer.writerow(["name", "link"])
     writer.writerows(rows)
-    storage.write_text(location, out.getvalue())
-    if storage.is_local(location) and not storage.is_uri(location):
-        os.chmod(location, 0o600)
+    if storage.is_local(location):
+        write_private(storage.resolve(location)[1], out.getvalue().encode("utf-8"))
+    else:
+        storage.write_text(location, out.getvalue())  # an object store: access is its bucket's policy
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Write ``path`` atomically and readable by its owner only at every moment: a temporary file beside
+    it, created with mode 0600 (``O_CREAT | O_EXCL``: never an existing file or link), then renamed
+    onto it. A chmod after writing would leave the tokens world-readable in between."""
+    folder, base = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    tmp = os.path.join(folder, f"{storage.TMP_PREFIX}{secrets.token_hex(8)}-{base}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -10,8 +10,11 @@
   (the AI always prefers A, the winner) it equals the human win rate.
 * Inter-rater agreement: Krippendorff's alpha, nominal (A / B / tie), from the ``krippendorff``
   package, over pairs with at least two votes.
-* A rater who answered gold items and got less than ``gold_pass`` of them right is flagged;
-  ``exclude_flagged`` drops their votes from every figure.
+* A rater who answered gold items and got less than ``gold_pass`` of them right (a tie is wrong)
+  is flagged; ``exclude_flagged`` drops their votes from every figure. The summary says who was
+  flagged on which gold items, how often each gold item was failed (one failed by many raters is
+  more likely a bad item than bad raters), and what share of the votes on pairs the flagged raters
+  cast; above ``FLAGGED_SHARE_WARNING`` it carries a ``warning``.
 """
 
 from __future__ import annotations
@@ -28,12 +31,40 @@ from hgdpo.study import db
 from hgdpo.winrates import WinRate, win_rate
 
 VALUE = {"a": 1.0, "b": 0.0, "tie": 0.5}
+FLAGGED_SHARE_WARNING = 0.2  # more of the votes on pairs than this from flagged raters: a warning
 NOMINAL = {"a": 0, "b": 1, "tie": 2}
 
 
 def flagged_raters(engine, study_id: str, gold_pass: float) -> list[str]:
     return [r["name"] for r in db.rater_progress(engine, study_id)
             if r["gold_answered"] and r["gold_right"] / r["gold_answered"] < gold_pass]
+
+
+def gold_report(all_votes: list[dict], flagged: list[str], exclude_flagged: bool) -> dict:
+    """Who was flagged on which gold items, each gold item's failures, the flagged raters' share of
+    the votes on pairs, and a warning when that share is above ``FLAGGED_SHARE_WARNING``."""
+    gold = [v for v in all_votes if v["gold"]]
+    items: dict[int, dict] = {}
+    for v in gold:
+        entry = items.setdefault(v["item_id"], {"item": v["item_id"], "prompt_id": v["prompt_id"], "answered": 0,
+                                                "wrong": 0})
+        entry["answered"] += 1
+        entry["wrong"] += v["answer"] != "a"
+    raters = [{"rater": name, "gold_answered": sum(v["rater"] == name for v in gold),
+               "failed_items": sorted(v["item_id"] for v in gold if v["rater"] == name and v["answer"] != "a")}
+              for name in flagged]
+    on_pairs = [v for v in all_votes if not v["gold"]]
+    by_flagged = sum(v["rater"] in flagged for v in on_pairs)
+    share = by_flagged / len(on_pairs) if on_pairs else None
+    warning = None
+    if share is not None and share > FLAGGED_SHARE_WARNING:
+        worst = max(items.values(), key=lambda e: (e["wrong"], -e["item"]))
+        warning = (f"{len(flagged)} flagged raters cast {share:.0%} of the votes on pairs ({by_flagged} of "
+                   f"{len(on_pairs)}){', all left out' if exclude_flagged else ''}; above "
+                   f"{FLAGGED_SHARE_WARNING:.0%}, check the gold items before trusting the figures (item "
+                   f"{worst['item']} was failed by {worst['wrong']} of {worst['answered']} raters)")
+    return {"flagged_raters": raters, "gold_items": sorted(items.values(), key=lambda e: e["item"]),
+            "flagged_votes": by_flagged, "flagged_share": share, "warning": warning}
 
 
 def _rate(values: list[float], groups: list[int], resamples: int, confidence: float, seed: int) -> WinRate:
@@ -73,7 +104,8 @@ def summary(engine, study_id: str, *, exclude_flagged: bool = True, gold_pass: f
     pairs = [v for v in kept if not v["gold"]]
     out = {"study": study_id, "kind": study["kind"], "source": study["source"], "scorer": study["scorer"],
            "question": study["question"], "exclude_flagged": exclude_flagged, "gold_pass": gold_pass,
-           "flagged": flagged, "votes": len(pairs), "gold_votes": sum(v["gold"] for v in kept),
+           "flagged": flagged, **gold_report(all_votes, flagged, exclude_flagged),
+           "votes": len(pairs), "gold_votes": sum(v["gold"] for v in kept),
            "items": len({v["item_id"] for v in pairs}), "raters": len({v["rater"] for v in pairs}),
            "human": None, "ai": None, "ai_agreement": None, "alpha": None, "alpha_note": "no votes on pairs"}
     if not pairs:
@@ -124,6 +156,8 @@ def write(engine, cfg) -> dict:
 def metrics(result: dict) -> dict[str, float]:
     out = {"votes": float(result["votes"]), "items": float(result["items"]), "raters": float(result["raters"]),
            "flagged_raters": float(len(result["flagged"]))}
+    if result["flagged_share"] is not None:
+        out["flagged_vote_share"] = float(result["flagged_share"])
     for key in ("human", "ai", "ai_agreement"):
         if result[key]:
             out[f"{key}_win_rate" if key != "ai_agreement" else "ai_agreement"] = result[key]["rate"]
