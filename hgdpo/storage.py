@@ -250,21 +250,16 @@ def size_text(n: float) -> str:
     return f"{int(n)} B"
 
 
-class _Bounded:
-    """A writable file that refuses to grow past ``bound`` bytes: the write that would pass it raises, so a
-    file over the bound fails before the rest of it is uploaded, and is never moved onto its name."""
+class _Passing:
+    """A writable file that passes the bytes on to ``out`` and counts them (``tell``)."""
 
     closed = False
 
-    def __init__(self, out, location: str, bound: int):
-        self.out, self.location, self.bound, self.size = out, location, bound, 0
+    def __init__(self, out=None):
+        self.out, self.size = out, 0
 
     def write(self, data) -> int:
-        n = memoryview(data).nbytes
-        if self.size + n > self.bound:
-            raise HgdpoError(f"{self.location}: the file grows past {bound_text(self.bound)}; nothing was written "
-                             f"under its name; write it in smaller parts")
-        self.size += n
+        self.size += memoryview(data).nbytes
         return self.out.write(data)
 
     def tell(self) -> int:
@@ -275,6 +270,21 @@ class _Bounded:
 
     def close(self) -> None:  # ``write`` closes ``out`` itself, after the last byte
         self.closed = True
+
+
+class _Bounded(_Passing):
+    """A writable file that refuses to grow past ``bound`` bytes: the write that would pass it raises, so a
+    file over the bound fails before the rest of it is uploaded, and is never moved onto its name."""
+
+    def __init__(self, out, location: str, bound: int):
+        super().__init__(out)
+        self.location, self.bound = location, bound
+
+    def write(self, data) -> int:
+        if self.size + memoryview(data).nbytes > self.bound:
+            raise HgdpoError(f"{self.location}: the file grows past {bound_text(self.bound)}; nothing was written "
+                             f"under its name; write it in smaller parts")
+        return super().write(data)
 
 
 def write(location: str, fill: Callable[[Any], None]) -> None:
@@ -309,28 +319,17 @@ def write_json(location: str, data: Any) -> None:
     write_text(location, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-class _Digesting:
+class _Digesting(_Passing):
     """A writable file that hashes the bytes on their way to ``out``: a written file's size and sha256
     without reading it back (a pool's manifest records them; reading an object back costs a download)."""
 
-    closed = False
-
     def __init__(self):
-        self.out, self.hash, self.size = None, hashlib.sha256(), 0
+        super().__init__()
+        self.hash = hashlib.sha256()
 
     def write(self, data) -> int:
         self.hash.update(data)
-        self.size += len(data)
-        return self.out.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.out.flush()
-
-    def close(self) -> None:  # ``write`` closes ``out`` itself, after the last byte
-        self.closed = True
+        return super().write(data)
 
 
 def write_parquet(location: str, table, **kwargs) -> tuple[int, str]:

@@ -51,15 +51,21 @@ def answered(page) -> int:
     return int(re.match(r"(\d+) /", page.inner_text("#count")).group(1))
 
 
-def test_a_rater_answers_by_keyboard_and_mouse_reloads_and_resumes(browser, tmp_path):
+def served_study(tmp_path, study: str, raters: int):
+    """A study of 4 synthetic pairs and a gold item, served on 127.0.0.1: its engine, server and links."""
     source = synthetic_evaluation(tmp_path / "eval", 4, prompts=2)
     database = tmp_path / "study.db"
-    assert study_job.main(["create", f"db={database}", f"source={source}", "study=browser", "raters=2",
+    assert study_job.main(["create", f"db={database}", f"source={source}", f"study={study}", f"raters={raters}",
                            "gold_items=1", f"invites={tmp_path / 'invites.csv'}"]) == 0
     engine = db.connect(str(database))
     server = Running(make_app(engine))
     links = {name: link.replace("http://127.0.0.1:8000", server.url)
              for name, link in read_invites(tmp_path / "invites.csv").items()}
+    return engine, server, links
+
+
+def test_a_rater_answers_by_keyboard_and_mouse_reloads_and_resumes(browser, tmp_path):
+    engine, server, links = served_study(tmp_path, "browser", 2)
     try:
         page = browser.new_page()
         page.goto(links["rater-001"])
@@ -140,13 +146,8 @@ def other_site(pages: dict[str, str]):
 
 
 def test_an_invite_clicked_on_another_site_works_and_that_site_cannot_post_a_vote(browser, tmp_path):
-    source = synthetic_evaluation(tmp_path / "eval", 4, prompts=2)
-    database = tmp_path / "study.db"
-    assert study_job.main(["create", f"db={database}", f"source={source}", "study=mail", "raters=1",
-                           "gold_items=1", f"invites={tmp_path / 'invites.csv'}"]) == 0
-    engine = db.connect(str(database))
-    server = Running(make_app(engine))
-    invite = read_invites(tmp_path / "invites.csv")["rater-001"].replace("http://127.0.0.1:8000", server.url)
+    engine, server, links = served_study(tmp_path, "mail", 1)
+    invite = links["rater-001"]
     last = db.sa.select(db.assignments.c.item_id).order_by(db.assignments.c.position.desc()).limit(1)
     item = engine.connect().execute(last).scalar()  # still unanswered when the other site posts
     forged = (f'<form method="post" action="{server.url}/rate"><input name="item" value="{item}">'
