@@ -59,7 +59,7 @@ def make_prompts(n: int) -> list[str]:
 
 def pool_config(args, work: Path, name: str, **overrides):
     """The PoolConfig of a run: the benchmark's prompts and settings, written to ``work/name``."""
-    from hgdpo.pool_config import PoolConfig
+    from hgdpo.pool.config import PoolConfig
 
     settings = {"prompts": str(work / "prompts.txt"), "output": str(work / name), "images_per_prompt": args.images,
                 "steps": args.steps, "seed": 0, "dtype": "float32", "rows_per_file": args.rows_per_file}
@@ -97,7 +97,7 @@ def part_bytes(folder: Path) -> dict:
 
 
 def run_bytes(args, work: Path, model: Path) -> dict:
-    from hgdpo.pool_builder import build_pool
+    from hgdpo.pool.build import build_pool
 
     cfg = pool_config(args, work, "bytes", model=str(model), max_prompts=args.bytes_prompts, steps=2,
                       generator_cpus=2, **PAPER)
@@ -124,8 +124,8 @@ def run_bytes(args, work: Path, model: Path) -> dict:
 
 
 def memory_child(args, work: Path, model: Path, vae_batch: int) -> dict:
-    from hgdpo.config import to_dict
-    from hgdpo.pool_builder import RowMaker
+    from hgdpo.config.core import to_dict
+    from hgdpo.pool.build import RowMaker
 
     cfg = pool_config(args, work, "memory", model=str(model), steps=2, vae_batch=vae_batch, **PAPER)
     maker = RowMaker(to_dict(cfg), actor=False, log=lambda *_: None)
@@ -181,7 +181,7 @@ def figures(args, start: float, folder: Path) -> dict:
 
 
 def loop_child(args, work: Path, name: str) -> dict:
-    from hgdpo.pool_builder import build_pool
+    from hgdpo.pool.build import build_pool
 
     build_pool(pool_config(args, work, name), log=lambda *_: None, mlflow=False, local=True)
     return {}
@@ -194,7 +194,7 @@ def run_loop(args, work: Path, name: str) -> dict:
 
 
 def run_job(args, work: Path, name: str, actors: int, cpus: float) -> dict:
-    from hgdpo.pool_builder import build_pool
+    from hgdpo.pool.build import build_pool
 
     cfg = pool_config(args, work, name, generator_actors=actors, generator_cpus=cpus)
     start, before = time.time(), object_store_created()
@@ -208,8 +208,8 @@ def calls_child(args, work: Path, threads: int) -> dict:
     """Per prompt, warm: the seconds of the model calls alone, and of the whole ``make``."""
     import torch
 
-    from hgdpo.config import to_dict
-    from hgdpo.pool_builder import RowMaker
+    from hgdpo.config.core import to_dict
+    from hgdpo.pool.build import RowMaker
 
     torch.set_num_threads(threads)
     maker = RowMaker(to_dict(pool_config(args, work, "calls")), actor=False, log=lambda *_: None)
@@ -382,7 +382,7 @@ def parse_args(argv):
 
 
 def run_child(args) -> int:
-    from hgdpo.quiet import quiet_libraries
+    from hgdpo.infra.quiet import quiet_libraries
 
     quiet_libraries()
     work = Path(args.workdir)
@@ -403,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from hgdpo import embedded
-    from hgdpo.quiet import quiet_libraries
+    from hgdpo.infra.quiet import quiet_libraries
+    from hgdpo.models import embedded
 
     quiet_libraries()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]

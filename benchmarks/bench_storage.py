@@ -1,16 +1,16 @@
 """Benchmark of hgdpo's atomic write against writing straight to the final name, for a pool part.
 
-What it measures: the cost of ``hgdpo.storage.write`` (through ``write_parquet``, exactly the call
-``hgdpo.pool.write_part`` makes): the part is written to ``.tmp-<uuid>-<name>`` in the same folder,
+What it measures: the cost of ``hgdpo.infra.storage.write`` (through ``write_parquet``, exactly the call
+``hgdpo.pool.store.write_part`` makes): the part is written to ``.tmp-<uuid>-<name>`` in the same folder,
 then moved onto its name with ``fs.move`` -- a rename on a local disk, a server-side ``CopyObject`` +
 ``DeleteObject`` on S3 -- against writing the same table straight to its final name:
 
-* ``atomic`` -- ``hgdpo.storage.write_parquet(location, table, compression="zstd")``;
-* ``direct`` -- ``fs, path = hgdpo.storage.resolve(location)``, then
+* ``atomic`` -- ``hgdpo.infra.storage.write_parquet(location, table, compression="zstd")``;
+* ``direct`` -- ``fs, path = hgdpo.infra.storage.resolve(location)``, then
   ``with fs.open_output_stream(path) as out: pq.write_table(table, out, compression="zstd")``.
 
 The data is one synthetic pool part at the paper's SD1.5 scale, built once with
-``hgdpo.pool.to_table`` before any timing: ``--rows`` prompts (default 64, the pool's
+``hgdpo.pool.store.to_table`` before any timing: ``--rows`` prompts (default 64, the pool's
 ``rows_per_file``), each with ``latents`` of shape (20, 4, 128, 88) float16 (N = 20 images at
 704x1024, ``keep: all``; standard-normal values, like SD latents), random seeds, scores and ranks,
 and two ~300 KB blobs of random bytes standing in for the PNGs ``image_w`` / ``image_l``.
@@ -222,7 +222,7 @@ def s3_environment(endpoint: str):
 
 
 def write_atomic(location: str, table) -> None:
-    from hgdpo import storage
+    from hgdpo.infra import storage
 
     storage.write_parquet(location, table, compression="zstd")  # what pool.write_part does
 
@@ -230,7 +230,7 @@ def write_atomic(location: str, table) -> None:
 def write_direct(location: str, table) -> None:
     import pyarrow.parquet as pq
 
-    from hgdpo import storage
+    from hgdpo.infra import storage
 
     fs, path = storage.resolve(location)
     with fs.open_output_stream(path) as out:
@@ -252,7 +252,7 @@ def check_written(location: str) -> int:
     """The size of the file at ``location``; fails if it is missing or a temporary is left beside it."""
     import pyarrow.fs as pafs
 
-    from hgdpo import storage
+    from hgdpo.infra import storage
 
     fs, path = storage.resolve(location)
     info = fs.get_file_info(path)
@@ -284,7 +284,7 @@ def timed(server_pid: int | None, fn, *fn_args) -> dict:
 
 def run(args, table, stores: dict[str, tuple[str, int | None]]) -> dict:
     """Every timing: ``{store: {"atomic": [...], "direct": [...], "move": [...]}}``, and the encoding alone."""
-    from hgdpo import storage
+    from hgdpo.infra import storage
 
     runs: dict = {store: {"atomic": [], "direct": [], "move": []} for store in stores}
     encode: list = []
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import pyarrow.parquet  # noqa: F401  (imported before any timing)
 
-    from hgdpo import pool
+    from hgdpo.pool import store as pool
 
     t_all = time.time()
     mach = this_machine()
@@ -433,9 +433,9 @@ def main(argv: list[str] | None = None) -> int:
             "part": {"rows": table.num_rows, "table_MB": table.nbytes / MB,
                      "file_MB": {k: v / MB for k, v in measured["file_bytes"].items()}, "build_s": build_s},
             "definitions": {
-                "atomic": "hgdpo.storage.write_parquet(location, table, compression='zstd'): write "
+                "atomic": "hgdpo.infra.storage.write_parquet(location, table, compression='zstd'): write "
                           ".tmp-<uuid>-<name>, then fs.move onto the name",
-                "direct": "fs, path = hgdpo.storage.resolve(location); fs.open_output_stream(path) + "
+                "direct": "fs, path = hgdpo.infra.storage.resolve(location); fs.open_output_stream(path) + "
                           "pq.write_table(table, out, compression='zstd')",
                 "move": "fs.move of the direct variant's file to a new name, timed on its own",
                 "ratio_atomic_direct": "median atomic wall / median direct wall",

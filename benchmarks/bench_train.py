@@ -5,7 +5,7 @@ One run measures, on the embedded default model (SD1.5 architecture, 64x64 image
 built once with ``jobs/build_pool.py``:
 
 * **(a) steps: hgdpo vs dpo** -- one optimizer step on a micro-batch of ``--pairs`` pairs:
-  ``hgdpo.trainer.micro_step`` (objective ``hgdpo``: eq. 3 + eq. 8 from the same predictions),
+  ``hgdpo.train.trainer.micro_step`` (objective ``hgdpo``: eq. 3 + eq. 8 from the same predictions),
   backward, gradient clipping, AdamW, LR schedule -- against the same with objective ``dpo``.
   Same pairs, timesteps and noise (``trainer.pair_noise``) in both; wall time per step.
 * **(b) steps: ours vs naive** -- our hgdpo step against a straightforward implementation written
@@ -13,7 +13,7 @@ built once with ``jobs/build_pool.py``:
   images (the latents decoded once, beforehand, to uint8 pixels) that the VAE encoder turns into
   latents every step (one VAE call for winners and losers, ``latent_dist.sample()`` as in
   diffusers' Diffusion-DPO example); winner and loser through the UNets separately (4 UNet calls
-  of m instead of 2 of 2m). Same losses (``hgdpo.losses``). Wall time per step, and peak memory:
+  of m instead of 2 of 2m). Same losses (``hgdpo.objectives.losses``). Wall time per step, and peak memory:
   each variant in a fresh process (see ``memory_child``).
 * **(c) the job** -- ``jobs/train.py``'s ``main()`` on the pool with workers=1 (cpus_per_worker 1
   and 2) and workers=2 (cpus_per_worker 1: two cores, one each), the same global batch,
@@ -95,8 +95,8 @@ def load_pairs(pool_dir: Path, m: int) -> dict:
     import numpy as np
     import torch
 
-    from hgdpo import pool
-    from hgdpo.pairs import choose_pair
+    from hgdpo.pool import store as pool
+    from hgdpo.train.pairs import choose_pair
 
     meta = pool.read_meta(str(pool_dir))
     n = int(meta["images_per_prompt"])
@@ -126,7 +126,7 @@ def make_batch(inputs: dict, seed: int, step: int, noise_scheduler) -> dict:
     """The step's inputs: pairs plus the trainer's own timestep and noise draw per pair."""
     import torch
 
-    from hgdpo.trainer import pair_noise
+    from hgdpo.train.trainer import pair_noise
 
     shape = tuple(inputs["lat_w"].shape[1:])
     drawn = [pair_noise(seed, step, int(i), shape, (0, noise_scheduler.config.num_train_timesteps))
@@ -196,9 +196,9 @@ class Step:
     def __init__(self, name: str, objective: str, pipe, unet, noise_scheduler, args):
         import torch
 
-        from hgdpo import trainer
-        from hgdpo.lora import add_lora
-        from hgdpo.train_config import TrainConfig
+        from hgdpo.models.lora import add_lora
+        from hgdpo.train import trainer
+        from hgdpo.train.config import TrainConfig
 
         self.name, self.pipe, self.unet, self.ns = name, pipe, unet, noise_scheduler
         self.cfg = TrainConfig(pool="-", output="-", objective=objective, lora_rank=args.lora_rank,
@@ -219,7 +219,7 @@ class Step:
         return [p for n, p in self.unet.named_parameters() if p.requires_grad and "lora_B" in n]
 
     def loss(self, b, from_pixels: bool = True):
-        from hgdpo import pair_data, trainer
+        from hgdpo.train import pair_data, trainer
 
         if "emb" not in b:  # the trainer's pairs carry the prompts' hidden states, encoded once
             b["emb"] = pair_data.encode_prompts(self.tok, self.pipe.text_encoder, b["prompts"])
@@ -257,7 +257,7 @@ class NaiveStep(Step):
     def loss(self, b, from_pixels: bool = True):
         import torch
 
-        from hgdpo import losses
+        from hgdpo.objectives import losses
 
         ids = self.tok(list(b["prompts"]), padding="max_length", max_length=self.tok.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
@@ -302,8 +302,8 @@ def setup(args, inputs_file: Path):
     import torch
     from diffusers import DDPMScheduler
 
-    from hgdpo import models
-    from hgdpo.quiet import quiet_libraries
+    from hgdpo.infra.quiet import quiet_libraries
+    from hgdpo.models import loading as models
 
     quiet_libraries()
     torch.set_num_threads(args.threads)
@@ -696,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from hgdpo.quiet import quiet_libraries
+    from hgdpo.infra.quiet import quiet_libraries
 
     quiet_libraries()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
@@ -711,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             res["pool"] = {"path": str(pool_dir), "build_s": pool_s}
         inputs_file = work / f"inputs-{args.pairs}.pt"
         if parts & {"steps", "memory"}:
-            from hgdpo import models
+            from hgdpo.models import loading as models
 
             pipe = models.load_pipeline("embedded")
             inputs = load_pairs(pool_dir, args.pairs)

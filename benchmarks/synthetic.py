@@ -22,7 +22,7 @@ def tiny_sd15(dst: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from hgdpo import embedded
+    from hgdpo.models import embedded
 
     if (dst / "model_index.json").exists():
         return dst
@@ -46,9 +46,9 @@ def write_pool(dst: Path, prompts_file: Path, model: Path, rows: int, rows_per_f
     accepts it for ``model``. Kept and reused when it is already complete. ``format_1``: in the earlier
     format (``hgdpo-pool/1``: one ``latents`` column, one row group a part), for a baseline revision
     that reads only that."""
-    from hgdpo import pool
-    from hgdpo.pool_builder import prepare
-    from hgdpo.pool_config import PoolConfig
+    from hgdpo.pool import store as pool
+    from hgdpo.pool.build import prepare
+    from hgdpo.pool.config import PoolConfig
 
     if (dst / pool.COMPLETE).exists():
         return dst
@@ -80,7 +80,8 @@ def write_pool(dst: Path, prompts_file: Path, model: Path, rows: int, rows_per_f
 
 def _write_format_1(dst: Path, table) -> tuple[str, dict]:
     """A part as ``hgdpo-pool/1`` wrote it: all K latents of a row in one ``latents`` column."""
-    from hgdpo import pool, storage
+    from hgdpo.infra import storage
+    from hgdpo.pool import store as pool
 
     latents = pool.latents_of(table)
     column = pool.tensor_array(latents, pool.latents_type(latents.shape[1:]))

@@ -151,7 +151,7 @@ def run_job(args, src: Path, pool_dir: Path, model: Path, out: Path) -> dict:
 
 def run_scale(args, work: Path) -> dict:
     """Every pool size, today's code and (with ``--baseline``) REV's, interleaved by size."""
-    from hgdpo import embedded
+    from hgdpo.models import embedded
 
     model = tiny_sd15(work / "tiny-sd15")
     sizes = [int(r) for r in args.scale_rows.split(",")]

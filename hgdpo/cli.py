@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "table":
-            from hgdpo.sweep import table_from_mlflow
+            from hgdpo.sweep.sweep import table_from_mlflow
 
             print(table_from_mlflow(args.sweep, args.mlflow_uri, args.experiment))
         elif args.command == "verify":
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def verify_pool(location: str) -> str:
     """``hgdpo verify``: the pool's summary when every part is as its manifest records it."""
-    from hgdpo import pool, storage
+    from hgdpo.infra import storage
+    from hgdpo.pool import store as pool
 
     storage.check_reachable(location, "pool")
     with storage.errors("pool", location):
@@ -96,8 +97,8 @@ def verify_pool(location: str) -> str:
 def duel_evaluations(a: str, b: str) -> str:
     """``hgdpo duel``: the head-to-head tables of evaluation ``a``'s A images against evaluation ``b``'s, on the
     scorers both have, with ``a``'s bootstrap settings."""
-    from hgdpo import storage
-    from hgdpo.sweep import compare_outputs, format_comparisons
+    from hgdpo.infra import storage
+    from hgdpo.sweep.sweep import compare_outputs, format_comparisons
 
     configs = []
     for setting, location in (("duel A", a), ("duel B", b)):

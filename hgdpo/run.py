@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hgdpo.config import ALLOW_LOCAL_DOC, check_locations, doc, from_dict
+from hgdpo.config.core import ALLOW_LOCAL_DOC, check_locations, doc, from_dict
 from hgdpo.errors import ConfigError
-from hgdpo.eval_config import EvalConfig
-from hgdpo.pool_config import PoolConfig
-from hgdpo.storage import join
-from hgdpo.train_config import TrainConfig
+from hgdpo.evaluate.config import EvalConfig
+from hgdpo.infra.storage import join
+from hgdpo.pool.config import PoolConfig
+from hgdpo.train.config import TrainConfig
 
 # Settings the run sets itself in each stage (they wire the stages together).
 WIRED = {"pool": ("prompts", "output"), "train": ("pool", "output", "model", "model_config"),
@@ -32,7 +32,7 @@ class RunConfig:
     """Pool -> HG-DPO training -> evaluation against the base model, as one job."""
 
     SECTION = "run"
-    SECTIONS = WIRED  # section.key=value overrides (hgdpo.config.load_config)
+    SECTIONS = WIRED  # section.key=value overrides (hgdpo.config.core.load_config)
 
     output: str = doc("Folder or storage URI of the run: pool/, train/ and evaluate/ are written inside it.")
     train_prompts: str = doc("Prompt file the pool is built from (any format the pool job reads).")
@@ -87,7 +87,7 @@ class RunResult:
     pool_seconds: float
     train_seconds: float
     evaluate_seconds: float
-    evaluation: Any  # hgdpo.evaluate.EvalResult
+    evaluation: Any  # hgdpo.evaluate.evaluate.EvalResult
 
     @property
     def seconds(self) -> float:
@@ -97,10 +97,12 @@ class RunResult:
 def run(cfg: RunConfig, log=print) -> RunResult:
     """Pool, then training, then evaluation; the storage, MLflow store, prompts, model and scorers are
     checked first."""
-    from hgdpo import storage, tracking
-    from hgdpo.evaluate import evaluate, prepare as prepare_evaluation
-    from hgdpo.pool_builder import build_pool, prepare as prepare_pool
-    from hgdpo.trainer import train
+    from hgdpo.evaluate.evaluate import evaluate
+    from hgdpo.evaluate.evaluate import prepare as prepare_evaluation
+    from hgdpo.infra import storage, tracking
+    from hgdpo.pool.build import build_pool
+    from hgdpo.pool.build import prepare as prepare_pool
+    from hgdpo.train.trainer import train
 
     storage.check_writable(cfg.output, "run.output")
     tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "run.mlflow_uri")

@@ -48,27 +48,27 @@ def _resolve(path: str) -> Any:
 NO_MLFLOW = ("--no-mlflow", "do not record the run in MLflow")
 STAGES: dict[str, Stage] = {
     "pool": Stage("build a preference pool: N images per prompt from your model, ranked by PickScore (paper 3.1)",
-                  "hgdpo.pool_config:PoolConfig", "hgdpo.stages:run_pool",
+                  "hgdpo.pool.config:PoolConfig", "hgdpo.stages:run_pool",
                   (NO_MLFLOW, ("--no-ray", "build in this process without Ray (one model, torch's threads)"),
                    ("--verify", "on a finished pool, read every part and check its checksum; rebuild the bad ones"))),
     "train": Stage("train LoRA with HG-DPO (or dpo, sft, focus, ospo) on a pool, on Ray Train",
-                   "hgdpo.train_config:TrainConfig", "hgdpo.stages:run_train"),
+                   "hgdpo.train.config:TrainConfig", "hgdpo.stages:run_train"),
     "sample": Stage("sample images of prompts, with an adapter at weight alpha and optionally LAN",
-                    "hgdpo.sample_config:SampleConfig", "hgdpo.stages:run_sample"),
+                    "hgdpo.evaluate.sample_config:SampleConfig", "hgdpo.stages:run_sample"),
     "evaluate": Stage("evaluate model A against baseline B on test prompts: win rates and colour",
-                      "hgdpo.eval_config:EvalConfig", "hgdpo.stages:run_evaluate", (NO_MLFLOW,)),
+                      "hgdpo.evaluate.config:EvalConfig", "hgdpo.stages:run_evaluate", (NO_MLFLOW,)),
     "sweep": Stage("a sweep of trainings and their evaluations (on a shared pool, or a trial's own), on Ray Tune",
-                   "hgdpo.sweep_config:SweepConfig", "hgdpo.stages:run_sweep"),
+                   "hgdpo.sweep.config:SweepConfig", "hgdpo.stages:run_sweep"),
     "run": Stage("the whole method: pool, HG-DPO, evaluation", "hgdpo.run:RunConfig", "hgdpo.stages:run_run"),
     "replicate": Stage("the paper's tables in the miniature world: one pool, every table's trials, one report",
-                       "hgdpo.replicate:ReplicateConfig", "hgdpo.stages:run_replicate"),
+                       "hgdpo.replication.replicate:ReplicateConfig", "hgdpo.stages:run_replicate"),
     "import": Stage("import a public preference set (Pick-a-Pic v2, HPDv2, an hgdpo export) as a pool of pairs",
-                    "hgdpo.interchange_config:ImportConfig", "hgdpo.stages:run_import",
+                    "hgdpo.interchange.config:ImportConfig", "hgdpo.stages:run_import",
                     (("--no-ray", "import in this process without Ray"),)),
     "export": Stage("export a pool's pairs as Pick-a-Pic-style parquet, for other Diffusion-DPO tools",
-                    "hgdpo.interchange_config:PairsExportConfig", "hgdpo.stages:run_export"),
+                    "hgdpo.interchange.config:PairsExportConfig", "hgdpo.stages:run_export"),
     "export-lora": Stage("export an adapter as a diffusers folder or one kohya file (A1111, ComfyUI)",
-                         "hgdpo.kohya:ExportConfig", "hgdpo.stages:run_export_lora"),
+                         "hgdpo.models.kohya:ExportConfig", "hgdpo.stages:run_export_lora"),
 }
 STEPS = {"study": ("create", "serve", "raters", "results", "export")}  # a stage of several steps: "<stage> <step>"
 for _step, _summary in zip(STEPS["study"], (
@@ -81,7 +81,7 @@ for _step, _summary in zip(STEPS["study"], (
 
 
 def run_pool(cfg, args) -> str | None:
-    from hgdpo.pool_builder import build_pool
+    from hgdpo.pool.build import build_pool
 
     result = build_pool(cfg, mlflow=not args.no_mlflow, local=args.no_ray, verify=args.verify)
     if result.skipped:
@@ -90,7 +90,7 @@ def run_pool(cfg, args) -> str | None:
 
 
 def run_train(cfg, args) -> str | None:
-    from hgdpo.trainer import train
+    from hgdpo.train.trainer import train
 
     result = train(cfg)
     if result.skipped:
@@ -102,7 +102,7 @@ def run_train(cfg, args) -> str | None:
 def run_sample(cfg, args) -> str:
     import time
 
-    from hgdpo.samples import run
+    from hgdpo.evaluate.samples import run
 
     start = time.perf_counter()
     manifest = run(cfg)
@@ -112,7 +112,7 @@ def run_sample(cfg, args) -> str:
 
 
 def run_evaluate(cfg, args) -> str:
-    from hgdpo.evaluate import evaluate, table
+    from hgdpo.evaluate.evaluate import evaluate, table
 
     result = evaluate(cfg, record_mlflow=not args.no_mlflow)
     done = "" if result.skipped else \
@@ -121,7 +121,7 @@ def run_evaluate(cfg, args) -> str:
 
 
 def run_sweep(cfg, args) -> str:
-    from hgdpo.sweep import sweep
+    from hgdpo.sweep.sweep import sweep
 
     result = sweep(cfg)
     ran = [t.name for t in result.trials if not t.skipped]
@@ -130,7 +130,7 @@ def run_sweep(cfg, args) -> str:
 
 
 def run_run(cfg, args) -> str:
-    from hgdpo.evaluate import summary
+    from hgdpo.evaluate.evaluate import summary
     from hgdpo.run import run
 
     result = run(cfg)
@@ -139,13 +139,13 @@ def run_run(cfg, args) -> str:
 
 
 def run_replicate(cfg, args) -> str:
-    from hgdpo.replicate import replicate
+    from hgdpo.replication.replicate import replicate
 
     return f"\nreplicate: the report is {replicate(cfg)}"
 
 
 def run_import(cfg, args) -> str | None:
-    from hgdpo.interchange import import_pairs
+    from hgdpo.interchange.interchange import import_pairs
 
     result = import_pairs(cfg, local=args.no_ray)
     if result.skipped:
@@ -154,14 +154,14 @@ def run_import(cfg, args) -> str | None:
 
 
 def run_export(cfg, args) -> str:
-    from hgdpo.interchange import export_pairs
+    from hgdpo.interchange.interchange import export_pairs
 
     result = export_pairs(cfg)
     return f"export: {result.rows} pairs in {result.seconds:.1f}s"
 
 
 def run_export_lora(cfg, args) -> str:
-    from hgdpo.kohya import export
+    from hgdpo.models.kohya import export
 
     files = export(cfg)
     return f"export: {cfg.adapter} written as {cfg.format} LoRA to {cfg.output} ({len(files)} file(s))"
@@ -170,7 +170,7 @@ def run_export_lora(cfg, args) -> str:
 def parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     """The command line of stage ``name``: its description (``doc``'s first line, else the stage's
     summary), ``--config``, the overrides, its flags, and every setting in ``--help``."""
-    from hgdpo.config import describe
+    from hgdpo.config.core import describe
 
     stage = STAGES[name]
     out = argparse.ArgumentParser(prog=f"hgdpo {name}", description=(doc or stage.summary).splitlines()[0],
@@ -187,13 +187,13 @@ def parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
 def main(name: str, argv: list[str] | None = None, doc: str | None = None,
          report: Callable[[str], None] = print) -> int:
     """Run stage ``name`` with ``argv``: 0 done, 2 bad input, 1 failure."""
-    from hgdpo.config import load_config
+    from hgdpo.config.core import load_config
     from hgdpo.errors import HgdpoError
 
     args = parser(name, doc).parse_intermixed_args(argv)
     stage = STAGES[name]
     try:
-        from hgdpo.quiet import quiet_libraries
+        from hgdpo.infra.quiet import quiet_libraries
 
         quiet_libraries()
         cfg = load_config(stage.config_class(), args.config, args.overrides)
@@ -271,7 +271,7 @@ def log_file(name: str, cfg: Any) -> Iterator[_LogCopy | None]:
     """For the ``LOGGED`` stages on a local output, everything the job prints (its own lines, its
     warnings and tracebacks, what Ray forwards from its workers) also goes to
     ``<output>/logs/<stage>-<UTC time>.log`` once the output folder exists; the console stays as it is."""
-    from hgdpo import storage
+    from hgdpo.infra import storage
 
     if name not in LOGGED or not storage.is_local(cfg.output):
         yield None

@@ -1,7 +1,7 @@
 """Export a trained adapter for other tools: diffusers LoRA (a folder) or kohya LoRA (one .safetensors file).
 
 The kohya file is what AUTOMATIC1111, ComfyUI, Forge and kohya's scripts load (`lora_unet_*` keys,
-each layer's `alpha` the adapter's real lora_alpha; see `hgdpo/kohya.py`):
+each layer's `alpha` the adapter's real lora_alpha; see `hgdpo/models/kohya.py`):
 
     python jobs/export_lora.py adapter=runs/demo/train/adapter format=kohya output=hgdpo-demo.safetensors
     python jobs/export_lora.py adapter=s3://bucket/runs/dpo/adapter format=kohya dtype=float16 \\

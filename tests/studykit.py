@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from hgdpo.pool import png_image
+from hgdpo.pool.store import png_image
 from hgdpo.world.judge import judge
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Cross-attention capture (hgdpo.attention) on tiny real UNets, and OSPO's masks (hgdpo.masks)
+"""Cross-attention capture (hgdpo.models.attention) on tiny real UNets, and OSPO's masks (hgdpo.objectives.masks)
 against hand-computed values."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from hgdpo import models
-from hgdpo.attention import capture, cross_attention_layers
-from hgdpo.lora import add_lora
-from hgdpo.masks import (
+from hgdpo.models import loading as models
+from hgdpo.models.attention import capture, cross_attention_layers
+from hgdpo.models.lora import add_lora
+from hgdpo.objectives.masks import (
     gaussian_blur,
     mask_weight,
     minmax_normalise,

@@ -214,8 +214,8 @@ def test_rayjob_mounts_its_config_map_where_the_entrypoint_reads_it():
 
 
 def test_rayjob_pool_config_is_accepted_by_hgdpo(tmp_path):
-    from hgdpo.config import load_config
-    from hgdpo.pool_config import PoolConfig
+    from hgdpo.config.core import load_config
+    from hgdpo.pool.config import PoolConfig
 
     path, job = rayjob()
     config_path = Path(entrypoint_config(job["spec"]))
@@ -295,7 +295,7 @@ def test_working_dir_upload_excludes_the_virtualenv_and_fits(tmp_path):
         f"the working dir zips to {size / 2**20:.1f} MiB, over the dashboard's upload limit"
     names = zipfile.ZipFile(target).namelist()
     assert not [n for n in names if n.startswith((".venv/", ".git/"))]
-    for needed in ("jobs/build_pool.py", "examples/pool.yaml", "examples/prompts.txt", "hgdpo/pool.py"):
+    for needed in ("jobs/build_pool.py", "examples/pool.yaml", "examples/prompts.txt", "hgdpo/pool/store.py"):
         assert needed in names
 
 

@@ -1,8 +1,8 @@
 import pytest
 
-from hgdpo.config import load_config, markdown_table, parse_overrides
+from hgdpo.config.core import load_config, markdown_table, parse_overrides
 from hgdpo.errors import ConfigError
-from hgdpo.pool_config import PoolConfig
+from hgdpo.pool.config import PoolConfig
 
 
 def write(tmp_path, text):
@@ -64,7 +64,7 @@ def test_reference_lists_every_field():
 
 
 def test_a_retired_setting_says_what_replaced_it():
-    from hgdpo.config import from_dict
+    from hgdpo.config.core import from_dict
 
     with pytest.raises(ConfigError, match=r"^pool\.scorer_gpus: no longer a setting: scoring runs in the generator "
                                           r"actors now"):
@@ -72,8 +72,8 @@ def test_a_retired_setting_says_what_replaced_it():
 
 
 def test_a_setting_added_since_an_output_was_written_is_unchanged_at_its_default():
-    from hgdpo.config import changed_settings
-    from hgdpo.train_config import TrainConfig
+    from hgdpo.config.core import changed_settings
+    from hgdpo.train.config import TrainConfig
 
     stored = {"pool": "p", "beta": 2500.0}  # written before timestep_min existed
     assert changed_settings(stored, {"pool": "p", "beta": 2500.0, "timestep_min": 0}, TrainConfig) == []

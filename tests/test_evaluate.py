@@ -11,13 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hgdpo import lan, lora, models, storage
-from hgdpo.config import from_dict
+from hgdpo.config.core import from_dict
 from hgdpo.errors import HgdpoError
-from hgdpo.eval_config import EvalConfig
-from hgdpo.evaluate import SCORES, has_scores, read_scores, write_scores
-from hgdpo.pool import png_image
-from hgdpo.sampling import image_seeds, set_sampler
+from hgdpo.evaluate.config import EvalConfig
+from hgdpo.evaluate.evaluate import SCORES, has_scores, read_scores, write_scores
+from hgdpo.infra import storage
+from hgdpo.models import lan, lora
+from hgdpo.models import loading as models
+from hgdpo.models.sampling import image_seeds, set_sampler
+from hgdpo.pool.store import png_image
 from hgdpo.world.judge import judge_batch
 from hgdpo.world.prompts import write_prompts
 
@@ -174,9 +176,9 @@ def test_baseline_rows_made_once_give_the_evaluation_that_makes_both_sides(ray_l
     scores file (every score, colour and both images) and the figures of the evaluation that made both."""
     import mlflow
 
-    from hgdpo import evaluate as evaluation
-    from hgdpo.config import from_dict, to_dict
-    from hgdpo.eval_config import EvalConfig
+    from hgdpo.config.core import from_dict, to_dict
+    from hgdpo.evaluate import evaluate as evaluation
+    from hgdpo.evaluate.config import EvalConfig
 
     cfg = from_dict(EvalConfig, {"prompts": str(work / "test.txt"), "output": str(work / "cached"),
                                  "adapter": str(adapter), "alpha": 1.0, "images_per_prompt": 2, "steps": 4,
@@ -247,7 +249,7 @@ def test_partiprompts_people_with_the_real_model_scorers(ray_local, tmp_path, pa
     assert report["win_rates"]["clip"]["ties"] == 2  # A and B are the same model here
 
 
-# --- The scores in parts: no file over the bound on one file (hgdpo.storage.MAX_OBJECT_BYTES) ---
+# --- The scores in parts: no file over the bound on one file (hgdpo.infra.storage.MAX_OBJECT_BYTES) ---
 
 
 WORLD_CAPTIONS = ("a red circle", "a blue square", "a green triangle", "a black square")
@@ -255,7 +257,7 @@ WORLD_CAPTIONS = ("a red circle", "a blue square", "a green triangle", "a black 
 
 def synthetic_rows(prompts: int = 4, seeds: int = 2) -> list[dict]:
     """Rows as ``generate_and_score`` yields them, with 64x64 noise PNGs (~12 kB each, incompressible)."""
-    from hgdpo.pool import png_bytes
+    from hgdpo.pool.store import png_bytes
 
     rng = np.random.default_rng(0)
     rows = []
@@ -278,7 +280,7 @@ def parts_config(output: str, rows_per_part: int) -> EvalConfig:
 def test_scores_in_parts_on_s3_read_back_as_the_old_single_file_does(s3_env, monkeypatch, tmp_path):
     """With the bound lowered below the whole scores (8 rows of two ~12 kB PNGs), parts of 3 rows are written to
     the bucket and read back through the reader as the one file of an evaluation written before parts."""
-    from hgdpo.evaluate import _score_parts
+    from hgdpo.evaluate.evaluate import _score_parts
 
     rows = synthetic_rows()
     old = f"s3://hgdpo-test/evaluations/{tmp_path.name}/old"
@@ -298,7 +300,7 @@ def test_scores_in_parts_on_s3_read_back_as_the_old_single_file_does(s3_env, mon
     assert read_scores(new, columns=["image_a"]).column("image_a").to_pylist() == [
         png for r in rows for png in r["png_a"]]
 
-    from hgdpo.sweep import _a_scores, object_reports
+    from hgdpo.sweep.sweep import _a_scores, object_reports
 
     assert _a_scores(new, ["judge"]).equals(_a_scores(old, ["judge"]))
     assert object_reports(new)[0] == object_reports(old)[0]

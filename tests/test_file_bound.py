@@ -1,4 +1,4 @@
-"""Settings that would make a file over the bound on one file (``hgdpo.storage.MAX_OBJECT_BYTES``, 5 GiB:
+"""Settings that would make a file over the bound on one file (``hgdpo.infra.storage.MAX_OBJECT_BYTES``, 5 GiB:
 S3's limit on the CopyObject that commits every write) are refused before any work, naming the setting.
 
 A PNG is counted at its raw RGB bytes (about its largest); a pool row adds its float16 latents.
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from hgdpo import storage
-from hgdpo.config import from_dict
+from hgdpo.config.core import from_dict
 from hgdpo.errors import ConfigError
-from hgdpo.eval_config import EvalConfig
-from hgdpo.pool_config import PoolConfig
+from hgdpo.evaluate.config import EvalConfig
+from hgdpo.infra import storage
+from hgdpo.pool.config import PoolConfig
 from hgdpo.world.prompts import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]

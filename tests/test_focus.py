@@ -1,4 +1,4 @@
-"""FocusDPO's focus weight (hgdpo.focus) on small hand-built latents, the arithmetic written out."""
+"""FocusDPO's focus weight (hgdpo.objectives.focus) on small hand-built latents, the arithmetic written out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hgdpo.focus import (
+from hgdpo.objectives.focus import (
     FocusSettings,
     complexity_map,
     complexity_schedule,
@@ -15,7 +15,7 @@ from hgdpo.focus import (
     difference_map,
     focus_weight,
 )
-from hgdpo.losses import per_sample_error, weighted_per_sample_error
+from hgdpo.objectives.losses import per_sample_error, weighted_per_sample_error
 
 B, C, H, W = 2, 4, 16, 16
 REGION = (slice(None), slice(None), slice(5, 10), slice(6, 11))  # a 5x5 block of every sample

@@ -1,4 +1,4 @@
-"""ImageReward on transformers' BLIP classes (``hgdpo.imagereward``), loaded through ``hgdpo.scorers``.
+"""ImageReward on transformers' BLIP classes (``hgdpo.scorers.imagereward``), loaded through ``hgdpo.scorers.registry``.
 
 A tiny model of ImageReward's architecture (BLIP ViT at 224 px with 16-px patches, a BERT text encoder
 cross-attending to it, the 5-Linear reward head) is saved here in the released checkpoint's key
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from hgdpo import imagereward
 from hgdpo.errors import HgdpoError
-from hgdpo.scorers import ScorerSpec, check_scorer, load_scorer
+from hgdpo.scorers import imagereward
+from hgdpo.scorers.registry import ScorerSpec, check_scorer, load_scorer
 
 V_WIDTH, V_LAYERS, V_HEADS, PATCH, SIZE = 128, 2, 2, 16, 224  # heads: BLIP's 64-wide heads (128 / 64)
 T_WIDTH, T_LAYERS, T_HEADS, T_FFN, T_POSITIONS = 64, 2, 4, 96, 40  # T_HEADS from med_config.json (16-wide)

@@ -16,14 +16,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from close import assert_same_latents, latents_differ
 from PIL import Image
 
-from close import assert_same_latents, latents_differ
-from hgdpo import pool
 from hgdpo.errors import HgdpoError
-from hgdpo.interchange import (EXPORT_SCHEMA, EncodeParts, decode_image, encode, fit, import_pairs, is_people,
-                               iter_json, load_vae, plan)
-from hgdpo.interchange_config import PEOPLE_KEYWORDS, ImportConfig
+from hgdpo.interchange.config import PEOPLE_KEYWORDS, ImportConfig
+from hgdpo.interchange.interchange import (
+    EXPORT_SCHEMA,
+    EncodeParts,
+    decode_image,
+    encode,
+    fit,
+    import_pairs,
+    is_people,
+    iter_json,
+    load_vae,
+    plan,
+)
+from hgdpo.pool import store as pool
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -164,7 +174,7 @@ def test_fit_scales_to_cover_then_crops_the_centre():
 def built(work):
     """A finished pool of N = 3 images a prompt, written with the pool library as the pool job writes one (the
     export reads only its columns): renders as the PNGs, scores that make the winner and loser any of the three."""
-    from hgdpo import models
+    from hgdpo.models import loading as models
     from hgdpo.world.render import render_captions
 
     prompts = ["a red circle on the left", "a blue square at the top", "a green triangle", "a yellow circle"]
@@ -224,9 +234,10 @@ def test_export_is_pick_a_pic_shaped_and_imports_back_to_the_same_pairs(ray_loca
     assert import_job.main([f"source={out}", f"output={back}", "rows_per_file=3"]) == 0  # finished: nothing to do
 
     # the trainer's checks and pair selection read it: the same pairs, the winner first
-    from hgdpo import models, pair_data
-    from hgdpo.trainer import prepare
-    from hgdpo.train_config import TrainConfig
+    from hgdpo.models import loading as models
+    from hgdpo.train import pair_data
+    from hgdpo.train.config import TrainConfig
+    from hgdpo.train.trainer import prepare
 
     cfg = TrainConfig(pool=str(back), output=str(work / "train-back"), global_batch=2, micro_batch=2, data_shards=1)
     meta, plan_, _ = prepare(cfg)
@@ -293,8 +304,8 @@ def test_an_interrupted_import_resumes_to_what_an_uninterrupted_one_writes(picka
 STREAM = textwrap.dedent("""
     import json, sys, tracemalloc
     import pyarrow as pa
-    from hgdpo.interchange import _fetch_pickapic, plan, source_files
-    from hgdpo.interchange_config import ImportConfig
+    from hgdpo.interchange.interchange import _fetch_pickapic, plan, source_files
+    from hgdpo.interchange.config import ImportConfig
     cfg = ImportConfig(source=sys.argv[1], output="unused", rows_per_file=4)
     tracemalloc.start()
     planned = plan(cfg, log=lambda *_: None)
@@ -404,8 +415,8 @@ def test_the_worlds_public_set_imports_and_its_subject_subset_is_the_world_capti
 
 
 def test_the_public_sets_scores_are_the_worlds_pickscore():
-    from hgdpo import models
-    from hgdpo.scoring import pickscore
+    from hgdpo.models import loading as models
+    from hgdpo.scorers.pickscore import pickscore
     from hgdpo.world.public_set import load_pickscore, score_pairs
     from hgdpo.world.render import render_captions
 
@@ -419,7 +430,7 @@ def test_the_public_sets_scores_are_the_worlds_pickscore():
 def test_an_error_of_ours_inside_a_ray_actor_comes_back_as_itself():
     """Ray Data hands back a failed map UDF's error with only the remote traceback's text (seen with Ray 2.60:
     the job then prints the message and exits 2, as in the local path)."""
-    from hgdpo.interchange import _our_error
+    from hgdpo.interchange.interchange import _our_error
 
     remote = RuntimeError("ray::MapWorker(MapBatches(EncodeParts)).submit()\n  File ...\nhgdpo.errors.HgdpoError: "
                           "/d/train.parquet: row 5: the image cannot be decoded (...)\n")

@@ -1,6 +1,6 @@
-"""Kohya LoRA export (``hgdpo.kohya``, ``jobs/export_lora.py``): the file community tools load.
+"""Kohya LoRA export (``hgdpo.models.kohya``, ``jobs/export_lora.py``): the file community tools load.
 
-The adapter is made as the trainer saves it (``hgdpo.lora.save_adapter``) on the embedded UNet, with
+The adapter is made as the trainer saves it (``hgdpo.models.lora.save_adapter``) on the embedded UNet, with
 ``lora_alpha = 10`` at rank 4 (scale 2.5, not 1) and its B weights perturbed (a fresh LoRA is a
 no-op). The exported file is read back by diffusers' ``load_lora_weights``, which converts kohya
 files itself: an independent reader of the format.
@@ -17,8 +17,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hgdpo import kohya, lan, lora, models, storage
-from hgdpo.sampling import sample_latents
+from hgdpo.infra import storage
+from hgdpo.models import kohya, lan, lora
+from hgdpo.models import loading as models
+from hgdpo.models.sampling import sample_latents
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))

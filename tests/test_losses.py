@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from hgdpo.losses import (
+from hgdpo.objectives.losses import (
     ddim_eps_coefficient,
     ddpm_eps_coefficient,
     dpo_loss,

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from servers import ACCESS_KEY, REPO, SECRET_KEY, clean_env, start_mlflow, start_ray_cluster, start_s3
 
 pytestmark = pytest.mark.cluster
@@ -131,9 +130,11 @@ def test_the_outputs_read_back_from_the_bucket(world, finished, s3_env):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from hgdpo import embedded, pool, storage
+    from hgdpo.infra import storage
+    from hgdpo.models import embedded
+    from hgdpo.models.sampling import image_seeds
+    from hgdpo.pool import store as pool
     from hgdpo.prompts import read_prompts
-    from hgdpo.sampling import image_seeds
 
     table = pool.read(f"{RUN}/pool")
     assert table.num_rows == 4 and table.column_names == [f.name for f in pool.schema((4, 4, 8, 8))]
@@ -248,7 +249,7 @@ def test_a_killed_training_job_resumes_from_the_bucket(world, finished, s3_env):
     import psutil
     from safetensors.torch import load_file
 
-    from hgdpo import storage
+    from hgdpo.infra import storage
 
     cluster, work = world["cluster"], world["work"]
     output = f"s3://{BUCKET}/runs/killed"
@@ -307,7 +308,7 @@ def guarded_store(tmp_path_factory):
 
 
 def _no_model_loading(monkeypatch):
-    from hgdpo import models
+    from hgdpo.models import loading as models
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad setting was refused")

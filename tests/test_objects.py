@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hgdpo.winrates import win_rate
+from hgdpo.report.winrates import win_rate
 from hgdpo.world.judge import judge_details
 from hgdpo.world.objects import (
     RATES,

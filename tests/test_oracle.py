@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hgdpo import pool
-from hgdpo.config import from_dict
+from hgdpo.config.core import from_dict
 from hgdpo.errors import HgdpoError
-from hgdpo.pool_builder import build_pool
-from hgdpo.pool_config import PoolConfig
+from hgdpo.pool import store as pool
+from hgdpo.pool.build import build_pool
+from hgdpo.pool.config import PoolConfig
 from hgdpo.world.judge import judge_details
 from hgdpo.world.oracle import SCORER, main, rerank
 from hgdpo.world.prompts import write_prompts

@@ -1,4 +1,4 @@
-"""OSPO for diffusion (hgdpo.ospo): the questions, the self-judge on the tailored model, the pair rule, the
+"""OSPO for diffusion (hgdpo.pool.ospo): the questions, the self-judge on the tailored model, the pair rule, the
 noun tokens and the mask weights; a pool with hard negatives; bad input."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hgdpo import ospo
 from hgdpo.errors import ConfigError
+from hgdpo.pool import ospo
 
 
 def test_questions_are_distinct_perturbations_fixed_by_seed_and_prompt():
@@ -44,8 +44,8 @@ def test_margins_are_differences_to_the_original_texts_error():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from hgdpo import models
-    from hgdpo.sampling import set_sampler
+    from hgdpo.models import loading as models
+    from hgdpo.models.sampling import set_sampler
 
     p = models.load_pipeline("embedded", dtype=torch.float32, device="cpu")
     set_sampler(p, "dpm_multistep")
@@ -80,7 +80,7 @@ def test_the_self_judge_prefers_images_of_the_prompt_to_their_hard_negatives(pip
     the originals score above the negatives from the same seeds on most prompts."""
     from diffusers import DDPMScheduler
 
-    from hgdpo.sampling import image_seeds, sample_latents
+    from hgdpo.models.sampling import image_seeds, sample_latents
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     prompts = ["a blue square on the right", "a green square in the center",
@@ -129,9 +129,9 @@ def test_mask_weights_rise_on_the_nouns_attended_positions_and_stay_one_without_
 
 
 def test_a_pool_with_hard_negatives_keeps_them_beside_the_originals_from_the_same_seeds(tmp_path):
-    from hgdpo import pool
-    from hgdpo.pool_builder import build_pool
-    from hgdpo.pool_config import PoolConfig
+    from hgdpo.pool import store as pool
+    from hgdpo.pool.build import build_pool
+    from hgdpo.pool.config import PoolConfig
 
     (tmp_path / "p.txt").write_text("a red circle left of a blue square\na green triangle\n")
     cfg = PoolConfig(prompts=str(tmp_path / "p.txt"), output=str(tmp_path / "pool"), images_per_prompt=3, steps=3,
@@ -163,7 +163,7 @@ def test_a_pool_with_hard_negatives_keeps_them_beside_the_originals_from_the_sam
     ({"self_judge_questions": 0}, "pool.self_judge_questions: must be at least 1"),
 ])
 def test_bad_pool_settings_are_refused_by_name(settings, message):
-    from hgdpo.pool_config import PoolConfig
+    from hgdpo.pool.config import PoolConfig
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         PoolConfig(prompts="p.txt", output="out", **settings)
@@ -175,7 +175,7 @@ def test_bad_pool_settings_are_refused_by_name(settings, message):
     ({"ospo_mask_resolutions": []}, "train.ospo_mask_resolutions: empty"),
 ])
 def test_bad_training_settings_are_refused_by_name(settings, message):
-    from hgdpo.train_config import TrainConfig
+    from hgdpo.train.config import TrainConfig
 
     with pytest.raises(ConfigError, match=message):
         TrainConfig(pool="p", output="o", objective="ospo", **settings)

@@ -1,5 +1,5 @@
 """The pair dataset: what selection reads from the pool, what it writes, reuse and resume, and what a
-worker reads back (``hgdpo.pair_data``), on a pool of the embedded model."""
+worker reads back (``hgdpo.train.pair_data``), on a pool of the embedded model."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hgdpo import models, pair_data, pool
 from hgdpo.errors import HgdpoError
-from hgdpo.pairs import choose_pair
-from hgdpo.pairs import plan as make_plan
-from hgdpo.train_config import TrainConfig
+from hgdpo.models import loading as models
+from hgdpo.pool import store as pool
+from hgdpo.train import pair_data
+from hgdpo.train.config import TrainConfig
+from hgdpo.train.pairs import choose_pair
+from hgdpo.train.pairs import plan as make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -96,7 +98,7 @@ def synthetic_part(folder: Path, first: int, rows: int = 4, n: int = 4, latent=(
 
 
 def test_selection_reads_the_small_columns_then_only_the_latents_of_rows_it_keeps(tmp_path):
-    from hgdpo.pairs import PairPlan
+    from hgdpo.train.pairs import PairPlan
 
     part = synthetic_part(tmp_path, first=4)  # prompts 4..7
     full = PairPlan(pool_size=4, loser_rank=4, dataset_size=8, data_shards=2, global_batch=4, seed=0)
@@ -115,7 +117,7 @@ def test_selection_reads_the_small_columns_then_only_the_latents_of_rows_it_keep
 
 
 def test_selecting_among_the_first_n_reads_only_the_latent_columns_its_pairs_are_in(tmp_path):
-    from hgdpo.pairs import PairPlan
+    from hgdpo.train.pairs import PairPlan
 
     n_images, rows = 8, 2 * pool.GROUP_ROWS
     part = synthetic_part(tmp_path, first=0, rows=rows, n=n_images)

@@ -1,4 +1,4 @@
-"""OSPO-style prompt perturbations (hgdpo.perturb) and the scene helpers behind them.
+"""OSPO-style prompt perturbations (hgdpo.pool.perturb) and the scene helpers behind them.
 
 Free-text cases give the exact set of results a prompt can get (collected over many seeds), so
 they hold for any generator stream; world cases check every caption of a prompt set.
@@ -12,8 +12,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hgdpo import perturb as P
-from hgdpo.perturb import (
+from hgdpo.pool import perturb as P
+from hgdpo.pool.perturb import (
     KINDS,
     applicable_kinds,
     noun_phrases,

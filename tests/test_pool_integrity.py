@@ -16,8 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from hgdpo import cli, pool, storage
+from hgdpo import cli
 from hgdpo.errors import HgdpoError
+from hgdpo.infra import storage
+from hgdpo.pool import store as pool
 from hgdpo.world.prompts import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]

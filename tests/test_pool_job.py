@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from close import assert_same_latents, assert_same_pixels, latents_differ
-from hgdpo import embedded, pool
+
+from hgdpo.models import embedded
+from hgdpo.models.sampling import image_seeds
+from hgdpo.pool import store as pool
 from hgdpo.prompts import read_prompts
-from hgdpo.sampling import image_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -83,9 +84,9 @@ def test_any_row_regenerates_alone(built):
     order differ in their last bits, so the comparison allows float16's and uint8's rounding of
     that (tests/close.py), which still tells one seed's image from another's.
     """
-    from hgdpo import models
-    from hgdpo.sampling import generate, set_sampler
-    from hgdpo.scoring import pickscore
+    from hgdpo.models import loading as models
+    from hgdpo.models.sampling import generate, set_sampler
+    from hgdpo.scorers.pickscore import pickscore
 
     row = pool.read(str(built)).slice(3, 1)
     record = pool.without_latents(row).to_pylist()[0]
@@ -169,9 +170,9 @@ def test_the_job_equals_the_plain_loop_row_by_row(built, work, tmp_path):
     functions (one thread here too) give the same pool; only how rows are split into parts differs."""
     import torch
 
-    from hgdpo.config import load_config
-    from hgdpo.pool_builder import build_pool
-    from hgdpo.pool_config import PoolConfig
+    from hgdpo.config.core import load_config
+    from hgdpo.pool.build import build_pool
+    from hgdpo.pool.config import PoolConfig
 
     cfg = load_config(PoolConfig, None, settings(work, tmp_path / "loop", "rows_per_file=3"))
     threads = torch.get_num_threads()
@@ -308,8 +309,8 @@ def test_bad_input_fails_early_and_writes_nothing(tmp_path, capsys, case, messag
 def test_input_blocks_stay_within_a_part_and_one_output_block():
     """A block's rows must stay one Ray Data block (128 MiB) with room to spare: at the paper's shapes
     (N = 20 latents of 4x128x88 float16, 1.8 MB, and two 704x1024 images, 4.3 MB) that is 10 prompts."""
-    from hgdpo.pool_builder import block_size
-    from hgdpo.pool_config import PoolConfig
+    from hgdpo.pool.build import block_size
+    from hgdpo.pool.config import PoolConfig
 
     paper = {"latent_shape": [20, 4, 128, 88], "width": 704, "height": 1024}
     cfg = PoolConfig(prompts="p.txt", output="out", generator_actors=8, rows_per_file=64)

@@ -14,9 +14,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from hgdpo import devices, models, trainer
-from hgdpo.lora import add_lora
-from hgdpo.train_config import TrainConfig
+from hgdpo.infra import devices
+from hgdpo.models import loading as models
+from hgdpo.models.lora import add_lora
+from hgdpo.train import trainer
+from hgdpo.train.config import TrainConfig
 
 SHAPE = (4, 16, 16)  # the embedded model's latents
 
@@ -201,7 +203,7 @@ def predictions(unet, noise_scheduler, batch) -> tuple[torch.Tensor, ...]:
 def test_the_probe_measures_the_ratio_of_the_two_terms_gradient_norms_and_changes_no_gradient(setup):
     """``stat_dpo_grad_ratio`` = ||grad(lambda * L_stat)|| / ||grad(L_DPO)|| over the LoRA parameters, here from
     the two terms built directly (eq. 3 and 8); the probe leaves the step's own gradient as it is without it."""
-    from hgdpo import losses
+    from hgdpo.objectives import losses
 
     cfg, unet, params, _, _, noise_scheduler, batch = setup
     m = len(batch["lat_w"])
@@ -229,7 +231,7 @@ def test_stat_step_sampler_takes_one_ddim_step_of_the_sampling_schedule(setup):
     """With ``stat_step: sampler`` eq. 8's coefficient is that of one DDIM step t -> t - 1000/stat_sampler_steps:
     the statistic-matching term is the DDPM one with each sample's squared coefficient swapped, about 100x at
     50 steps."""
-    from hgdpo import losses
+    from hgdpo.objectives import losses
 
     _, unet, _, _, _, noise_scheduler, batch = setup
     args = (unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"], batch["t"], batch["noise"],
@@ -263,8 +265,8 @@ def test_bad_stat_step_settings_are_refused():
 def test_the_focus_objective_is_dpo_on_errors_weighted_by_the_pairs_focus_map(setup):
     """``objective: focus``: eq. 3 with each error weighted by ``focus.focus_weight`` of its pair (the same map for
     winner and loser, policy and reference); with every focus term off it is exactly ``dpo``."""
-    from hgdpo import losses
-    from hgdpo.focus import focus_weight
+    from hgdpo.objectives import losses
+    from hgdpo.objectives.focus import focus_weight
 
     _, unet, _, _, _, noise_scheduler, batch = setup
     args = (unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"], batch["t"], batch["noise"])

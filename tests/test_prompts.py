@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hgdpo.errors import HgdpoError
+from hgdpo.models.tokenizer import clip_tokenizer
 from hgdpo.prompts import derived_id, digest, overlong, read_prompts
-from hgdpo.tokenizer import clip_tokenizer
 
 
 def test_txt_skips_blank_lines_and_derives_stable_ids(tmp_path):

@@ -1,4 +1,4 @@
-"""What a job prints (hgdpo.quiet): Ray's repeated notices dropped where Ray forwards worker lines, Ray Data's
+"""What a job prints (hgdpo.infra.quiet): Ray's repeated notices dropped where Ray forwards worker lines, Ray Data's
 progress dumps off when the output is not a terminal, the job's own lines kept."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from hgdpo.quiet import NOISE
+from hgdpo.infra.quiet import NOISE
 
 PROBE = """
 import json, sys
-from hgdpo.quiet import quiet_libraries
+from hgdpo.infra.quiet import quiet_libraries
 quiet_libraries()  # before Ray is imported, as the stages call it
 import logging
 import ray.data
@@ -49,7 +49,7 @@ def test_rays_repeated_notices_are_dropped_and_a_jobs_lines_kept():
 
 
 def test_a_stage_shows_its_progress_per_5_percent_at_its_end_and_after_a_quiet_minute():
-    from hgdpo.quiet import show_progress
+    from hgdpo.infra.quiet import show_progress
 
     shown, lines = 0, []
     for done in range(1, 301):  # 300 prompts arriving one by one, quickly
@@ -64,8 +64,8 @@ def test_a_stage_shows_its_progress_per_5_percent_at_its_end_and_after_a_quiet_m
 def test_pool_progress_rate_and_time_left_from_whole_parts_after_the_first(monkeypatch):
     """Rows arrive a part at a time; the rate and the time left come from the parts after the first
     (whose time is start-up), not from the start, nor from two rows of one part a millisecond apart."""
-    from hgdpo import pool_builder
-    from hgdpo.pool_config import PoolConfig
+    from hgdpo.pool import build as pool_builder
+    from hgdpo.pool.config import PoolConfig
 
     clock = [0.0]
     monkeypatch.setattr(pool_builder.time, "perf_counter", lambda: clock[0])
@@ -96,7 +96,7 @@ def test_pool_progress_rate_and_time_left_from_whole_parts_after_the_first(monke
 def test_steady_rate_with_a_slow_start_and_two_actors_gives_the_right_time_left():
     """A fake clock: two actors load for 60 s, then each finishes a 10-image part every 5 s. The rate
     from the start would say 2.0 images/s at 100 s; the steady rate is 4.0 from the first estimate on."""
-    from hgdpo.progress import SteadyRate, duration
+    from hgdpo.infra.progress import SteadyRate, duration
 
     rate = SteadyRate(actors=2)
     assert rate.rate() is None and rate.seconds_left(100) is None
@@ -116,7 +116,7 @@ def test_steady_rate_with_a_slow_start_and_two_actors_gives_the_right_time_left(
 
 def test_steady_rate_follows_a_recent_window():
     """The rate is the recent one: after the work slows to half, an hour later it says so."""
-    from hgdpo.progress import SteadyRate
+    from hgdpo.infra.progress import SteadyRate
 
     rate = SteadyRate(actors=1, window_s=300.0)
     t = 0.0
@@ -132,9 +132,9 @@ def test_steady_rate_follows_a_recent_window():
 
 STARTUP = """
 import sys
-from hgdpo.quiet import quiet_libraries
+from hgdpo.infra.quiet import quiet_libraries
 quiet_libraries()
-from hgdpo.raycluster import ensure_ray
+from hgdpo.infra.raycluster import ensure_ray
 import mlflow, ray
 ensure_ray()
 mlflow.MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}").search_experiments()  # creates the store

@@ -5,15 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from hgdpo.config import load_config, markdown_table
-from hgdpo.eval_config import EvalConfig
-from hgdpo.interchange_config import ImportConfig, PairsExportConfig
-from hgdpo.pool_config import PoolConfig
-from hgdpo.replicate import ReplicateConfig
+from hgdpo.config.core import load_config, markdown_table
+from hgdpo.evaluate.config import EvalConfig
+from hgdpo.evaluate.sample_config import SampleConfig
+from hgdpo.interchange.config import ImportConfig, PairsExportConfig
+from hgdpo.pool.config import PoolConfig
+from hgdpo.replication.replicate import ReplicateConfig
 from hgdpo.run import RunConfig
-from hgdpo.sample_config import SampleConfig
-from hgdpo.sweep_config import SweepConfig
-from hgdpo.train_config import TrainConfig
+from hgdpo.sweep.config import SweepConfig
+from hgdpo.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"PoolConfig": PoolConfig, "TrainConfig": TrainConfig, "SampleConfig": SampleConfig,
@@ -26,7 +26,7 @@ def test_configuration_reference_is_current(name):
     readme = (REPO / "README.md").read_text()
     found = re.search(rf"<!-- config:{name} -->\n(.*?)\n<!-- /config:{name} -->", readme, re.S)
     assert found, f"README has no reference section for {name}"
-    assert found.group(1) == markdown_table(CONFIGS[name]), "regenerate it with hgdpo.config.markdown_table"
+    assert found.group(1) == markdown_table(CONFIGS[name]), "regenerate it with hgdpo.config.core.markdown_table"
 
 
 def test_makefile_commands_exist_and_handle_no_tests():

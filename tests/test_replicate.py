@@ -13,12 +13,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hgdpo.config import load_config
+from hgdpo.config.core import load_config
 from hgdpo.errors import HgdpoError
-from hgdpo.replicate import (DUELS, ReplicateConfig, make_public_pools, public_imports, sweep_config, trials,
-                             unmade_public_pools)
-from hgdpo.replication_report import Results, table1, targets
-from hgdpo.winrates import WinRate
+from hgdpo.replication.replicate import (
+    DUELS,
+    ReplicateConfig,
+    make_public_pools,
+    public_imports,
+    sweep_config,
+    trials,
+    unmade_public_pools,
+)
+from hgdpo.replication.report import Results, table1, targets
+from hgdpo.report.winrates import WinRate
 from hgdpo.world.prompts import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +89,7 @@ def test_the_pictures_are_written_beside_the_report(done):
 def test_fig_5a_at_n_equal_to_N_judges_the_pools_own_winner_and_loser_images(done):
     """The agreement at n = N from decoding the latents must equal the judge's verdict on the winner and
     loser PNGs the pool stored (another path to the same images)."""
-    from hgdpo import pool
+    from hgdpo.pool import store as pool
     from hgdpo.world.judge import judge_details
 
     table = pool.read(done["out"] / "pool", columns=["prompt", "image_w", "image_l"])
@@ -177,7 +184,8 @@ def test_only_other_trials_make_no_public_work(tmp_path):
 
 
 def test_the_public_set_and_its_pools_are_made_once_and_a_rerun_does_nothing(ray_local, tmp_path):
-    from hgdpo import pool, storage
+    from hgdpo.infra import storage
+    from hgdpo.pool import store as pool
 
     cfg = _config(tmp_path, "only=[dpo-public-h]")
     logged: list[str] = []

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hgdpo import pool
-from hgdpo.lora import INFO_FILE
+from hgdpo.models.lora import INFO_FILE
+from hgdpo.pool import store as pool
 from hgdpo.world.prompts import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_the_run_keeps_what_it_printed_in_a_log_file_beside_its_stages(finished)
     text = log.read_text()
     assert "pool: 4/4 prompts done (100%)" in text and "train: adapter written to" in text
     assert "evaluate: 3/3 prompts done (100%)" in text and "  judge: A wins " in text and "run: pool " in text
-    # Not a terminal: Ray Data prints no progress dumps and no notices; the stages' own lines say it (hgdpo.quiet).
+    # Not a terminal: Ray Data prints no progress dumps and no notices; the stages' own lines say it (hgdpo.infra.quiet).
     assert "logging_progress.py" not in text and "streaming_executor.py" not in text
 
 

@@ -1,7 +1,7 @@
 """Sampling with an adapter: alpha, LAN (eq. 7), adapter checks, and the sample job end to end.
 
 The adapter is made without the trainer: LoRA added to the embedded UNet with its B weights
-perturbed (fresh LoRA is a no-op), saved by ``hgdpo.lora.save_adapter`` as the trainer saves it.
+perturbed (fresh LoRA is a no-op), saved by ``hgdpo.models.lora.save_adapter`` as the trainer saves it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from hgdpo import lan, lora, models
 from hgdpo.errors import HgdpoError
+from hgdpo.models import lan, lora
+from hgdpo.models import loading as models
+from hgdpo.models.sampling import generate, image_seeds, set_sampler
 from hgdpo.prompts import read_prompts
-from hgdpo.sampling import generate, image_seeds, set_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -91,7 +92,7 @@ def test_match_channel_stats_by_hand():
 def test_adapter_loads_into_a_plain_diffusers_pipeline(adapter_dir):
     from diffusers import StableDiffusionPipeline
 
-    from hgdpo import embedded
+    from hgdpo.models import embedded
 
     pipe = StableDiffusionPipeline.from_pretrained(embedded.pipeline_dir(), safety_checker=None,
                                                    requires_safety_checker=False)
@@ -221,7 +222,7 @@ def test_sample_job_writes_images_and_manifest(tmp_path, adapter_dir, tuned, cap
 
 def test_sample_job_reads_its_adapter_from_and_writes_to_object_storage(s3_env, tmp_path, adapter_dir, tuned, capsys):
     """The same job with the adapter and the output in a bucket (an S3-compatible server on 127.0.0.1)."""
-    from hgdpo import storage
+    from hgdpo.infra import storage
 
     root = f"s3://hgdpo-test/sample/{tmp_path.name}"
     storage.copy_tree(str(adapter_dir), f"{root}/adapter", last=lora.INFO_FILE)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hgdpo import embedded
 from hgdpo.errors import HgdpoError
-from hgdpo.scorers import (
+from hgdpo.models import embedded
+from hgdpo.scorers.registry import (
     SCORER_NAMES,
     ScorerSpec,
     check_prompts,
@@ -56,7 +56,7 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 def _direct_clip(folder, captions, images):
-    """(image embeddings, text embeddings) of a CLIP folder, computed here without hgdpo.scorers."""
+    """(image embeddings, text embeddings) of a CLIP folder, computed here without hgdpo.scorers.registry."""
     from transformers import CLIPModel, CLIPProcessor
 
     model, proc = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
@@ -98,7 +98,8 @@ def test_judge_names_the_first_prompt_it_cannot_read(world):
 
 
 def test_embedded_pickscore_prefers_the_caption_to_a_one_word_change(world):
-    from hgdpo import models, scoring
+    from hgdpo.models import loading as models
+    from hgdpo.scorers import pickscore as scoring
 
     captions, images = world
     rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """Single-file (original Stable Diffusion layout) checkpoints: export, load back, refuse bad files.
 
-The embedded tiny pipeline is exported with ``hgdpo.single_file.export_single_file`` and loaded
-back through ``hgdpo.models.load_pipeline`` (diffusers' own single-file loader, configs from the
+The embedded tiny pipeline is exported with ``hgdpo.models.single_file.export_single_file`` and loaded
+back through ``hgdpo.models.loading.load_pipeline`` (diffusers' own single-file loader, configs from the
 embedded folder), with the network blocked: weights and images must come back identical.
 """
 
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from hgdpo import embedded, models
 from hgdpo.errors import HgdpoError
-from hgdpo.single_file import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, export_single_file, ldm_state_dict
+from hgdpo.models import embedded
+from hgdpo.models import loading as models
+from hgdpo.models.single_file import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, export_single_file, ldm_state_dict
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -99,8 +100,12 @@ def test_the_trainers_components_load_alone_from_a_single_file(exported, no_netw
 def test_mapping_inverts_diffusers_for_sd15_layout():
     """An SD1.5-shaped (4 blocks, 2 layers each) but tiny UNet/VAE: diffusers' converters undo the export."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, infer_diffusers_model_type)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        infer_diffusers_model_type,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)

@@ -13,12 +13,13 @@ import pickle
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from hgdpo import pool, storage
-from hgdpo.config import from_dict
-from hgdpo.errors import ConfigError, HgdpoError
-from hgdpo.train_config import TrainConfig
 from servers import ACCESS_KEY, SECRET_KEY
+
+from hgdpo.config.core import from_dict
+from hgdpo.errors import ConfigError, HgdpoError
+from hgdpo.infra import storage
+from hgdpo.pool import store as pool
+from hgdpo.train.config import TrainConfig
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -11,14 +11,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from studykit import Rater, evaluate_job, judge_rater, pool_job, read_invites, study_job, synthetic_evaluation, token_of
 
-from hgdpo import lora, models, storage
-from hgdpo.pool import png_image
+from hgdpo.infra import storage
+from hgdpo.models import loading as models
+from hgdpo.models import lora
+from hgdpo.pool.store import png_image
 from hgdpo.study import db
 from hgdpo.study.app import Running, make_app
 from hgdpo.world.judge import judge
 from hgdpo.world.prompts import write_prompts
-from studykit import Rater, evaluate_job, judge_rater, pool_job, read_invites, study_job, synthetic_evaluation, token_of
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +133,7 @@ def test_pool_study_measures_the_agreement_of_pickscore_with_people(world_pool, 
         assert judge_rater(Rater(server.url, token_of(read_invites(invites)["rater-001"]))) == 4
     finally:
         server.stop()
-    from hgdpo import pool
+    from hgdpo.pool import store as pool
     from hgdpo.study.results import summary
 
     rows = pool.read(str(world_pool), columns=["prompt", "image_w", "image_l"]).to_pylist()

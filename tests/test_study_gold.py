@@ -15,14 +15,14 @@ import krippendorff
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from studykit import Rater, read_invites, study_job, synthetic_evaluation, token_of
 
-from hgdpo.pool import png_bytes, png_image
+from hgdpo.pool.store import png_bytes, png_image
 from hgdpo.study import db
 from hgdpo.study.app import Running, make_app
 from hgdpo.study.create import Invite, write_invites
 from hgdpo.study.gold import corrupted
 from hgdpo.study.results import gold_report
-from studykit import Rater, read_invites, study_job, synthetic_evaluation, token_of
 
 
 @pytest.fixture(scope="module")

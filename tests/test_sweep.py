@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from hgdpo.config import load_config, read_yaml
-from hgdpo.errors import ConfigError
-from hgdpo.sweep import fitting_trials, trial_peak
-from hgdpo.sweep_config import SweepConfig
-from hgdpo.world.prompts import write_prompts
 from servers import start_mlflow
+
+from hgdpo.config.core import load_config, read_yaml
+from hgdpo.errors import ConfigError
+from hgdpo.sweep.config import SweepConfig
+from hgdpo.sweep.sweep import fitting_trials, trial_peak
+from hgdpo.world.prompts import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -294,7 +294,7 @@ def test_neighbouring_trials_meet_head_to_head_on_the_same_prompts_and_seeds(res
     scores over B's on the same (prompt, seed) comparisons, recomputed here from the trials' scores."""
     import pyarrow.parquet as pq
 
-    from hgdpo.winrates import win_rate
+    from hgdpo.report.winrates import win_rate
 
     def scores(name):
         return pq.read_table(resumed["trials"] / name / "eval" / "scores.parquet").sort_by(
@@ -316,7 +316,7 @@ def test_neighbouring_trials_meet_head_to_head_on_the_same_prompts_and_seeds(res
         key = f"h2h_{TRIALS.index(a)}_over_{TRIALS.index(b)}_judge"
         assert logged[key] == pytest.approx(want.rate) and logged[f"{key}_low"] == pytest.approx(want.low)
     # The world's object-level rates, A's images against B's, on the same comparisons.
-    from hgdpo.pool import png_image
+    from hgdpo.pool.store import png_image
     from hgdpo.world.objects import object_report, summarize
 
     object_rows = [line.split(" | ") for line in objects.splitlines() if line.startswith("| pool_size=")]
@@ -437,7 +437,7 @@ def test_there_is_a_sweep_file_per_paper_ablation():
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_sweep_file_expands_into_valid_trials_for_the_demo_pool(path, monkeypatch):
-    from hgdpo.pairs import plan
+    from hgdpo.train.pairs import plan
 
     monkeypatch.chdir(REPO)  # the files' paths are relative to the checkout, like the examples'
 
@@ -481,8 +481,8 @@ def test_the_paper_values_are_swept():
 def test_dpo_and_dpo_with_lan_share_one_adapter(monkeypatch):
     """In the LAN ablation, dpo and dpo+lan differ only at sampling time: one training, whose adapter both
     evaluate; hgdpo-sml trains its own."""
-    from hgdpo.sweep import share_adapters
-    from hgdpo.trainer import fingerprint
+    from hgdpo.sweep.sweep import share_adapters
+    from hgdpo.train.trainer import fingerprint
 
     monkeypatch.chdir(REPO)
     trials = load_config(SweepConfig, str(REPO / "sweeps" / "lan_vs_sml.yaml"), []).expand()
@@ -497,7 +497,7 @@ def test_dpo_and_dpo_with_lan_share_one_adapter(monkeypatch):
 # --- Trial names and concurrency ---------------------------------------------------------------------
 
 def _cfg(**settings) -> SweepConfig:
-    from hgdpo.config import from_dict
+    from hgdpo.config.core import from_dict
 
     data = {"name": "t", "pool": "p", "output": "/tmp/o", "evaluate": {"prompts": "x.txt"}}
     data.update(settings)
@@ -518,9 +518,9 @@ def test_listed_trials_are_crossed_with_the_grid_and_named_by_their_values():
 
 
 def test_a_named_trial_trains_on_its_own_pool_and_says_so():
-    from hgdpo.pairs import plan
-    from hgdpo.sweep import trial_params
-    from hgdpo.sweep_config import absolute
+    from hgdpo.sweep.config import absolute
+    from hgdpo.sweep.sweep import trial_params
+    from hgdpo.train.pairs import plan
 
     cfg = _cfg(trials=[{"name": "own", "objective": "hgdpo"}, {"name": "public", "objective": "dpo",
                                                                "pool": "/data/public-pool"}])
@@ -552,7 +552,7 @@ def test_trials_get_no_copy_of_the_drivers_aws_keys(monkeypatch):
     while a sweep runs its trials it copies none (the nodes have their own)."""
     from ray.tune.execution import class_cache
 
-    from hgdpo.sweep import _credentials_stay_home
+    from hgdpo.sweep.sweep import _credentials_stay_home
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-copied")
     assert "AWS_SECRET_ACCESS_KEY" in class_cache.ENV_VARS_TO_PROPAGATE  # Ray's behaviour, which this undoes

@@ -1,6 +1,6 @@
 import csv
 
-from hgdpo.tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
+from hgdpo.models.tokenizer import CLIP_VOCAB_SIZE, clip_tokenizer
 
 
 def test_known_sd15_ids():

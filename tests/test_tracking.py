@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from hgdpo import tracking
-from hgdpo.config import from_dict
+from hgdpo.config.core import from_dict
 from hgdpo.errors import ConfigError, HgdpoError
-from hgdpo.pool_config import PoolConfig
+from hgdpo.infra import tracking
+from hgdpo.pool.config import PoolConfig
 
 
 @pytest.mark.parametrize("uri, local", [

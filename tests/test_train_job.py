@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hgdpo.lora import ADAPTER_FILE, INFO_FILE
-from hgdpo.trainer import CHECKPOINT_SNAPSHOT
+from hgdpo.models.lora import ADAPTER_FILE, INFO_FILE
+from hgdpo.train.trainer import CHECKPOINT_SNAPSHOT
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -69,7 +69,8 @@ def one_worker(work):
 def test_adapter_is_written_in_diffusers_format_and_loads_into_a_plain_pipeline(work, one_worker):
     from diffusers import StableDiffusionPipeline
 
-    from hgdpo import embedded, models
+    from hgdpo.models import embedded
+    from hgdpo.models import loading as models
 
     out = work / "w1" / "adapter"
     info = json.loads((out / INFO_FILE).read_text())
@@ -111,11 +112,13 @@ def plain_loop_adapter(work: Path, out: Path, *, round_hidden: bool, steps: int 
     import numpy as np
     from diffusers import DDPMScheduler
 
-    from hgdpo import models, pool, trainer
-    from hgdpo.lora import add_lora, save_adapter
-    from hgdpo.pairs import choose_pair
-    from hgdpo.pairs import plan as make_plan
-    from hgdpo.train_config import TrainConfig
+    from hgdpo.models import loading as models
+    from hgdpo.models.lora import add_lora, save_adapter
+    from hgdpo.pool import store as pool
+    from hgdpo.train import trainer
+    from hgdpo.train.config import TrainConfig
+    from hgdpo.train.pairs import choose_pair
+    from hgdpo.train.pairs import plan as make_plan
 
     cfg = TrainConfig(pool=str(work / "pool"), output=str(out), global_batch=4, micro_batch=2, data_shards=2,
                       learning_rate=1e-3, lora_rank=4, max_steps=steps)
@@ -279,8 +282,8 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, caps
     """A pool row whose latents are NaN (a corrupt sample) poisons the loss at the step that draws it."""
     import numpy as np
 
-    from hgdpo import pool
-    from hgdpo.pairs import PairPlan
+    from hgdpo.pool import store as pool
+    from hgdpo.train.pairs import PairPlan
 
     plan = PairPlan(pool_size=4, loser_rank=4, dataset_size=8, data_shards=2, global_batch=4, seed=0)
     first = {int(i) for v in range(2) for i in plan.step_indices(0, v)}
@@ -306,8 +309,8 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, caps
 
 
 def test_training_timesteps_are_drawn_from_the_configured_range():
-    from hgdpo import trainer
-    from hgdpo.train_config import TrainConfig
+    from hgdpo.train import trainer
+    from hgdpo.train.config import TrainConfig
 
     cfg = TrainConfig(pool="p", output="o", timestep_min=600)
     assert cfg.timesteps(1000) == (600, 1000)
@@ -320,7 +323,7 @@ def test_training_timesteps_are_drawn_from_the_configured_range():
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     assert torch.equal(t, torch.randint(0, 1000, (1,), generator=gen)) and torch.equal(noise, torch.randn((4, 2, 2), generator=gen))
     # ... and adapters trained before the setting existed keep their fingerprint (they resume, reruns skip them).
-    from hgdpo.train_config import RESUME_FIELDS
+    from hgdpo.train.config import RESUME_FIELDS
 
     default, meta = TrainConfig(pool="p", output="o"), {"fingerprint": {"pool": "x"}}
     before = {k: getattr(default, k) for k in RESUME_FIELDS if k not in ("timestep_min", "timestep_max")}
@@ -332,7 +335,7 @@ def test_training_timesteps_are_drawn_from_the_configured_range():
 
 @pytest.mark.parametrize("objective", ["hgdpo", "dpo", "sft"])
 def test_a_v_prediction_model_is_refused_for_every_objective(work, tmp_path, capsys, objective):
-    from hgdpo import embedded
+    from hgdpo.models import embedded
 
     model = tmp_path / "v-model"
     shutil.copytree(embedded.pipeline_dir(), model)
@@ -376,7 +379,7 @@ def test_bad_input_is_refused_before_work(work, tmp_path, capsys, case, message)
         shutil.copytree(work / "pool", pool_dir)
         (pool_dir / "_COMPLETE.json").unlink()
     elif case == "other_base_model":
-        from hgdpo import embedded
+        from hgdpo.models import embedded
 
         other = tmp_path / "other-model"
         shutil.copytree(embedded.pipeline_dir(), other)
@@ -411,7 +414,7 @@ def test_bad_input_is_refused_before_work(work, tmp_path, capsys, case, message)
     assert not output.exists()
 
 
-# --- objective focus (hgdpo.focus): the region-weighted Diffusion-DPO through the same job ------------
+# --- objective focus (hgdpo.objectives.focus): the region-weighted Diffusion-DPO through the same job ------------
 
 # With the ablations (n=3 of N=4, the 2nd best as loser, 6 of the 8 prompts), so every focus run checks them.
 FOCUS = ["objective=focus", "pool_size=3", "loser_rank=2", "dataset_size=6", "max_steps=6", "checkpoint_every=3"]
@@ -530,7 +533,7 @@ def test_focus_a_worker_that_dies_resumes_from_its_checkpoint_and_ends_as_an_uni
     assert set(steps) == {1, 2, 3, 4, 5, 6} and [steps.count(s) for s in (1, 2, 3)] == [1, 1, 1]  # not redone
 
 
-# --- objective ospo (hgdpo.ospo): the self-judged pairs of the pool's hard negatives, mask-weighted ----------
+# --- objective ospo (hgdpo.pool.ospo): the self-judged pairs of the pool's hard negatives, mask-weighted ----------
 
 OSPO = ["objective=ospo", "pool_size=3", "max_steps=4", "checkpoint_every=2"]
 
@@ -545,7 +548,8 @@ def test_ospo_trains_on_the_pairs_the_self_judge_kept_under_the_original_prompt(
     import numpy as np
     import pyarrow.parquet as pq
 
-    from hgdpo import ospo, pool
+    from hgdpo.pool import ospo
+    from hgdpo.pool import store as pool
 
     assert_trained(ospo_one_worker)
     info = json.loads((work / "ospo-w1" / "adapter" / INFO_FILE).read_text())
@@ -562,7 +566,7 @@ def test_ospo_trains_on_the_pairs_the_self_judge_kept_under_the_original_prompt(
     assert all(r["winner"] == expected[r["prompt_index"]] and r["loser"] == 4 + r["winner"] for r in index)
     # Each record: the original's and its negative's latents (same seed), the *original* prompt's hidden states,
     # and its nouns.
-    from hgdpo.pair_data import PairReader
+    from hgdpo.train.pair_data import PairReader
 
     manifest = json.loads((pairs / "pairs.json").read_text())
     batch = PairReader(str(pairs), manifest, owned=lambda i: np.ones(len(i), bool)).read([0])
@@ -577,7 +581,7 @@ def test_ospo_trains_on_the_pairs_the_self_judge_kept_under_the_original_prompt(
 
 
 def _tokenizer():
-    from hgdpo import models
+    from hgdpo.models import loading as models
 
     return models.load_tokenizer("embedded")
 

@@ -7,7 +7,7 @@ import colorsys
 import numpy as np
 import pytest
 
-from hgdpo.winrates import mean_hsv, outcomes, percent_change, rgb_to_hsv, win_rate
+from hgdpo.report.winrates import mean_hsv, outcomes, percent_change, rgb_to_hsv, win_rate
 
 
 def test_outcomes_count_a_tie_as_half():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from hgdpo import models
+from hgdpo.models import loading as models
 from hgdpo.world.build import BuildSettings, build
 from hgdpo.world.measure import agreement
 
@@ -101,7 +101,7 @@ def test_text_sensitivity_is_zero_when_the_unet_ignores_the_text(tmp_path):
     """The embedded model's samples move with the caption; zero its cross-attention outputs and they do not."""
     import torch
 
-    from hgdpo.embedded import pipeline_dir
+    from hgdpo.models.embedded import pipeline_dir
     from hgdpo.world.measure import sample_world, text_sensitivity
     from hgdpo.world.prompts import make_prompts
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hgdpo.config import doc
+from hgdpo.config.core import doc
 from hgdpo.errors import ConfigError
 
 DB_DOC = ("Database: a file path (SQLite, WAL mode; `sqlite:///path` too) or `postgresql://user@host:port/name` "

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from hgdpo import pool, storage
-from hgdpo.config import to_dict
+from hgdpo.config.core import to_dict
 from hgdpo.errors import HgdpoError
+from hgdpo.infra import storage
+from hgdpo.pool import store as pool
 from hgdpo.study import db
 from hgdpo.study.config import CreateConfig
 from hgdpo.study.gold import gold_pairs

@@ -17,8 +17,8 @@ import random
 
 import numpy as np
 
-from hgdpo import pool
 from hgdpo.errors import HgdpoError
+from hgdpo.pool import store as pool
 
 GRID = 4  # blocks per side of the scrambled copy
 NOISE = 64.0  # standard deviation of the noise, in 0..255 pixel units

@@ -2,7 +2,7 @@
 
 * A vote counts 1 for A, 0 for B, 0.5 for a tie. The human win rate of A over B is the mean over
   the votes on pairs; its interval resamples *items* with replacement (with all their votes),
-  through ``hgdpo.winrates.win_rate`` (the evaluation's statistics).
+  through ``hgdpo.report.winrates.win_rate`` (the evaluation's statistics).
 * The AI feedback's win rate is the same statistic of its scores on the same items, one
   comparison per item: with one rater answering by the scorer itself, the two are equal.
 * Agreement of the AI feedback with people (Fig. 5a for a pool): per vote on an item where the AI
@@ -25,10 +25,10 @@ import math
 
 import numpy as np
 
-from hgdpo import storage
 from hgdpo.errors import HgdpoError
+from hgdpo.infra import storage
+from hgdpo.report.winrates import WinRate, win_rate
 from hgdpo.study import db
-from hgdpo.winrates import WinRate, win_rate
 
 VALUE = {"a": 1.0, "b": 0.0, "tie": 0.5}
 FLAGGED_SHARE_WARNING = 0.2  # more of the votes on pairs than this from flagged raters: a warning
@@ -186,7 +186,7 @@ def log_mlflow(cfg, result: dict, study_config: dict) -> str:
 
     import mlflow
 
-    from hgdpo import tracking
+    from hgdpo.infra import tracking
 
     uri = tracking.tracking_uri(cfg.mlflow_uri)
     tracking.check_uri(uri, "mlflow_uri")

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hgdpo import models
-from hgdpo.sampling import generate, image_seeds, set_sampler
-from hgdpo.scoring import pickscore
+from hgdpo.models import loading as models
+from hgdpo.models.sampling import generate, image_seeds, set_sampler
+from hgdpo.scorers.pickscore import pickscore
 from hgdpo.world.judge import judge_details
 from hgdpo.world.prompts import make_prompts
 from hgdpo.world.scene import mutate_caption, mutation_options, parse_caption
@@ -119,7 +119,7 @@ def measure(pipeline: str = "embedded", scorer: str = "embedded", n_prompts: int
         "sample_seconds": sample_s,
     }
     if grid:
-        from hgdpo.pictures import captioned_grid
+        from hgdpo.report.pictures import captioned_grid
 
         captioned_grid([(c, list(imgs)) for c, imgs in zip(captions[:12], images[:12])]).save(grid)
     return figures
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", help="write a picture of held-out captions and samples here")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
-    from hgdpo.quiet import quiet_libraries
+    from hgdpo.infra.quiet import quiet_libraries
 
     quiet_libraries()
     torch.manual_seed(0)

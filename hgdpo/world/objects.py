@@ -35,7 +35,7 @@ the judge's own reading is "this object, in that object's colour".
 ``summarize(reports_a, reports_b, groups)`` pools the counts of many images (rates are ratios
 of sums: per-object accuracy over all objects, size accuracy over the objects whose size is
 stated, ...) and gives each rate, per side and as the paired difference A - B, a bootstrap
-interval over prompts: the same resampling as :func:`hgdpo.winrates.win_rate` (draw as many
+interval over prompts: the same resampling as :func:`hgdpo.report.winrates.win_rate` (draw as many
 prompts as there are, with replacement, with ``numpy.random.default_rng(seed).integers``;
 percentile method), the same draws for A, B and the difference.
 """

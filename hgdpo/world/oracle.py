@@ -13,13 +13,14 @@ learn what the feedback asks (both do equally badly).
 from __future__ import annotations
 
 import argparse
-import sys
 import copy
+import sys
 
 import numpy as np
 
-from hgdpo import pool, storage
 from hgdpo.errors import HgdpoError
+from hgdpo.infra import storage
+from hgdpo.pool import store as pool
 
 SCORER = "world-judge"  # the scorer the oracle pool records in its metadata
 
@@ -28,7 +29,7 @@ def judge_scores(pipe, prompt: str, latents: np.ndarray) -> tuple[np.ndarray, np
     """One prompt's latents (K, C, h, w): their images and minus the judge's violation of each."""
     import torch
 
-    from hgdpo.sampling import decode
+    from hgdpo.models.sampling import decode
     from hgdpo.world.judge import judge_details
 
     images = decode(pipe, torch.from_numpy(latents.astype(np.float32)))
@@ -37,8 +38,8 @@ def judge_scores(pipe, prompt: str, latents: np.ndarray) -> tuple[np.ndarray, np
 
 def rerank(source: str, target: str, model: str = "embedded", log=print) -> int:
     """Write ``target``: the pool ``source`` ranked by the judge. Returns its rows."""
-    from hgdpo import models
-    from hgdpo.scoring import rank
+    from hgdpo.models import loading as models
+    from hgdpo.scorers.pickscore import rank
 
     meta = pool.read_meta(source, "--pool")
     if meta["config"].get("keep") != "all":

@@ -18,7 +18,7 @@ world's version, written as a Pick-a-Pic v2 parquet file so that it goes through
 * **Labels**: the world's PickScore of each image under the stored caption; the higher is labelled 1,
   equal scores are a tie (0.5 each: the importer drops them).
 
-The file is written a row group at a time, atomically (``hgdpo.storage``).
+The file is written a row group at a time, atomically (``hgdpo.infra.storage``).
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ def _jpeg(image: np.ndarray) -> bytes:
 
 def load_pickscore():
     """The world's PickScore as (tokenizer, image processor, CLIP model). The tokenizer is the real CLIP
-    tokenizer built from the packaged BPE (``hgdpo.tokenizer``), the one its processor folder holds: built
+    tokenizer built from the packaged BPE (``hgdpo.models.tokenizer``), the one its processor folder holds: built
     this way in about 2 s, where ``AutoProcessor`` converts it to a fast tokenizer in 15 s or more."""
     from transformers import CLIPImageProcessor, CLIPModel
 
-    from hgdpo import embedded
-    from hgdpo.tokenizer import clip_tokenizer
+    from hgdpo.models import embedded
+    from hgdpo.models.tokenizer import clip_tokenizer
 
     folder = str(embedded.scorer_dir())
     return clip_tokenizer(), CLIPImageProcessor.from_pretrained(folder), CLIPModel.from_pretrained(folder).eval()
@@ -70,7 +70,7 @@ def load_pickscore():
 def score_pairs(tokenizer, image_processor, scorer, captions: list[str], images: np.ndarray) -> np.ndarray:
     """PickScore (eq. 5) of each pair's two images under its caption, the batch in one call per tower:
     ``images`` (2m, H, W, 3) uint8 -> (m, 2)."""
-    from hgdpo.scoring import _features, preference_scores
+    from hgdpo.scorers.pickscore import _features, preference_scores
 
     text = tokenizer(captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
     text_emb = _features(scorer.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]))
@@ -123,8 +123,8 @@ def write_public_set(out: str, pairs: int, subject_share: float = 0.35, seed: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hgdpo import storage
     from hgdpo.errors import HgdpoError
+    from hgdpo.infra import storage
 
     if pairs < 1 or not 0 <= subject_share <= 1:
         raise HgdpoError(f"public set: pairs must be at least 1 and subject_share in [0, 1] (got {pairs}, "
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from hgdpo.errors import HgdpoError
-    from hgdpo.quiet import quiet_libraries
+    from hgdpo.infra.quiet import quiet_libraries
 
     quiet_libraries()
     try:

@@ -423,7 +423,7 @@ def mutate_caption(text: str, rng: np.random.Generator, kind: Optional[str] = No
 
 
 # --------------------------------------------------------------------------------------------
-# Swapping and dropping (hard negatives for OSPO-style prompt perturbation, hgdpo.perturb)
+# Swapping and dropping (hard negatives for OSPO-style prompt perturbation, hgdpo.pool.perturb)
 # --------------------------------------------------------------------------------------------
 
 SWAP_ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size")

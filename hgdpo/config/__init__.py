@@ -1,0 +1,1 @@
+"""Configuration: the typed YAML core, and the sections every stage shares."""

@@ -1,0 +1,1 @@
+"""Public preference data in and out (Pick-a-Pic v2, HPDv2)."""

@@ -1,0 +1,1 @@
+"""The paper's tables in the miniature world, from one command."""

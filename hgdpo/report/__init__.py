@@ -1,0 +1,1 @@
+"""Reporting: win rates with intervals, and pictures for people."""

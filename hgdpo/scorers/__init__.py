@@ -1,0 +1,1 @@
+"""Scorers: each rates (prompt, image) pairs, higher = better; PickScore ranks the pool, any of them evaluates."""

@@ -1,0 +1,1 @@
+"""Sweeps: the paper's ablations as Ray Tune trials."""

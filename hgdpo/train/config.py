@@ -1,0 +1,204 @@
+"""The configuration of the trainer (``jobs/train.py``): LoRA Diffusion-DPO + statistic matching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from hgdpo.config.core import check_locations, doc
+from hgdpo.config.sections import Tracking
+from hgdpo.errors import ConfigError
+
+# Settings that change the trained adapter: a checkpoint written under other values of these
+# cannot be resumed. (workers may change: the data order and noise do not depend on it.)
+RESUME_FIELDS = (
+    "pool", "model", "model_config", "objective", "pool_size", "loser_rank", "dataset_size", "beta",
+    "lambda_stat", "lora_rank", "lora_alpha", "learning_rate", "lr_schedule", "warmup_steps", "max_steps",
+    "global_batch", "data_shards", "max_grad_norm", "weight_decay", "optimizer", "seed", "mixed_precision",
+    "stat_step", "stat_sampler_steps", "focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo", "focus_t_hi",
+    "ospo_alpha", "ospo_gamma", "ospo_margin", "ospo_mask_resolutions", "timestep_min", "timestep_max",
+)
+# Resume settings added after adapters were trained without them: left out of the fingerprint at these
+# values (which train as before they existed), so those adapters and checkpoints still match.
+NEWER_RESUME_FIELDS = {"timestep_min": 0, "timestep_max": None}
+
+
+@dataclass(kw_only=True)
+class TrainConfig(Tracking):
+    """How to train LoRA adapters on a pool (paper §3.2; eq. 3, 8, 9)."""
+
+    SECTION = "train"
+
+    pool: str = doc("The pool to train on (a folder or URI written by jobs/build_pool.py).")
+    output: str = doc("Folder or storage URI (s3://...) for the checkpoints and the final adapter.")
+    model: str = doc("Base model (must be the pool's): `embedded`, a diffusers folder, a .safetensors file "
+                     "or a hub id.", "embedded")
+    model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
+    allow_pickle: bool = doc("Allow pickle weight formats. Off: safetensors only.", False)
+
+    objective: Literal["hgdpo", "dpo", "sft", "focus", "ospo"] = doc(
+        "hgdpo: Diffusion-DPO + statistic matching (eq. 9); dpo: Diffusion-DPO alone (eq. 3); "
+        "sft: noise-prediction loss on winners (the paper's SFT baseline); focus: Diffusion-DPO with FocusDPO's "
+        "region weight on both errors (hgdpo.objectives.focus: where winner and loser differ, the winner's detail at low "
+        "noise, less where the reference is unsure); ospo: Diffusion-DPO on the self-judged pairs of a pool with "
+        "hard negatives (hgdpo.pool.ospo), each error weighted by its image's object mask.", "hgdpo")
+    pool_size: int | None = doc("n: use the first n images of each prompt (paper Table 3); default all N.", None)
+    loser_rank: int | None = doc("Rank (2..n) of the loser among the first n (paper Table 5); default n.", None)
+    dataset_size: int | None = doc("D: train on the first D prompts of the pool (paper Table 6); default all.", None)
+    beta: float = doc("Diffusion-DPO beta; 2500 is the paper's value in the diffusers convention.", 2500.0)
+    lambda_stat: float = doc("Weight of the statistic-matching loss (eq. 9; paper: 10000).", 10000.0)
+    stat_step: Literal["ddpm", "sampler"] = doc(
+        "The sampler step l^t -> l^(t-1) of eq. 8, whose two outcomes (policy, reference) statistic matching "
+        "compares: `ddpm`, one step of the training schedule, t -> t-1 (the noise prediction's coefficient is "
+        "0.004-0.012); `sampler`, one deterministic DDIM step of a `stat_sampler_steps`-step sampling schedule, "
+        "t -> t - 1000/stat_sampler_steps (at 50 steps about ten times the coefficient, a hundred times the term).",
+        "ddpm")
+    stat_sampler_steps: int = doc("Steps of the sampling schedule that `stat_step: sampler` takes one step of.", 50)
+    focus_alpha_d: float = doc("focus: weight of the map of where winner and loser differ.", 1.0)
+    focus_alpha_c: float = doc("focus: weight of the winner's local complexity, at low noise.", 0.5)
+    focus_gamma_c: float = doc("focus: exponent of the reference's confidence (0: off).", 1.0)
+    focus_t_lo: int = doc("focus: timestep at and below which the complexity term is at full strength.", 300)
+    focus_t_hi: int = doc("focus: timestep at and above which the complexity term is off.", 600)
+    ospo_alpha: float = doc("ospo: how much more an object's positions weigh, w = 1 + alpha * m^gamma.", 1.0)
+    ospo_gamma: float = doc("ospo: exponent gamma of the soft object mask m.", 1.0)
+    ospo_margin: float = doc("ospo: the least margin by which the chosen image must answer each question (its "
+                             "denoising error under the perturbed prompt minus under the prompt; hgdpo.pool.ospo).", 0.0)
+    ospo_mask_resolutions: list[int] | None = doc(
+        "ospo: the cross-attention layers the masks are read from, by resolution (hgdpo.models.attention; SD1.5: 64, "
+        "32, 16, 8); default: the one nearest a quarter of the UNet's latent side (SD1.5: 16).", None)
+
+    lora_rank: int = doc("LoRA rank on every attention projection of the UNet (paper: 8).", 8)
+    lora_alpha: float | None = doc("LoRA alpha (scale = alpha / rank); default: the rank.", None)
+    learning_rate: float = doc("Peak learning rate (paper: 1e-5).", 1e-5)
+    lr_schedule: Literal["constant", "cosine", "linear"] = doc("Learning-rate schedule after warm-up.", "constant")
+    warmup_steps: int = doc("Linear warm-up steps.", 0)
+    max_steps: int = doc("Optimizer steps.", 1000)
+    global_batch: int = doc("Pairs per optimizer step, over all workers (paper: 16).", 16)
+    micro_batch: int = doc("Pairs per forward pass on a worker (gradient accumulation fills the rest).", 4)
+    data_shards: int = doc("Fixed data shards (a multiple of workers, dividing global_batch): the data order "
+                           "depends on them, not on the worker count.", 4)
+    max_grad_norm: float = doc("Gradient clipping (global norm; 0 disables).", 1.0)
+    weight_decay: float = doc("AdamW weight decay.", 1e-2)
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = doc(
+        "`auto`: 8-bit Adam where bitsandbytes and CUDA are present (the paper's), else AdamW.", "auto")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = doc(
+        "Compute dtype on GPU, also holding the frozen UNet weights (LoRA weights stay float32): `auto` is bf16 "
+        "where the GPU has bf16 tensor cores (Ampere on: A100, H100), else fp16 (V100, T4), whose loss scaler skips a step that overflows and carries on; `no`: "
+        "float32. Always float32 on CPU.", "auto")
+    gradient_checkpointing: bool | None = doc(
+        "Recompute the UNet's activations in the backward pass (less memory, about a third more compute); "
+        "default: on when training on GPUs (gpus_per_worker > 0), off on CPU.", None)
+    seed: int = doc("Seed of the LoRA initialisation, data order, timesteps and noise.", 0)
+    timestep_min: int = doc("Training timesteps (of the scheduler's 0..999 for SD1.5; higher is noisier) are drawn "
+                            "uniformly from [timestep_min, timestep_max); paper: all of them. E.g. 500 trains only "
+                            "the noisier half, where an image's composition forms. focus: its complexity term acts "
+                            "only below focus_t_hi.", 0)
+    timestep_max: int | None = doc("End (exclusive) of the training timesteps; default: the scheduler's "
+                                   "num_train_timesteps (SD1.5: 1000); a larger value is refused before any work.",
+                                   None)
+
+    pairs_folder: str | None = doc(
+        "Folder or URI where the pair dataset (the selected pairs' latents and their prompts' text-encoder hidden "
+        "states, one per pool, base model, pool_size, loser_rank and dataset_size) is written once and reused; "
+        "default: the output's parent folder.", None)
+
+    workers: int = doc("Data-parallel workers (one per GPU).", 1)
+    gpus_per_worker: float = doc("GPUs per worker (0: CPU with gloo; >0: CUDA with NCCL).", 0.0)
+    cpus_per_worker: float = doc("CPUs per worker.", 1.0)
+    checkpoint_every: int = doc("Steps between checkpoints (adapter, optimizer, schedule, step).", 100)
+    metrics_every: int = doc("Steps between metric reports (MLflow, console).", 10)
+    probe_every: int = doc("Steps between measurements of `stat_dpo_grad_ratio` (hgdpo: the norm of the weighted "
+                           "statistic-matching term's gradient over the DPO term's; two extra backward passes of one "
+                           "micro-batch each; 0: never; not at step 0, where a new adapter's gradient of that term is 0).", 100)
+    max_failures: int = doc("Worker failures survived by resuming from the last checkpoint.", 2)
+
+    mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-train")
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        for name in ("pool", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"{s}.{name}: required")
+        check_locations(self, "pool", "output", "pairs_folder")
+        positive = ("lora_rank", "max_steps", "global_batch", "micro_batch", "data_shards", "workers",
+                    "checkpoint_every", "metrics_every", "stat_sampler_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
+        if self.pool_size is not None and self.pool_size < 2:
+            raise ConfigError(f"{s}.pool_size: must be at least 2 (got {self.pool_size})")
+        if self.loser_rank is not None:
+            top = self.pool_size if self.pool_size is not None else None
+            if self.loser_rank < 2 or (top is not None and self.loser_rank > top):
+                raise ConfigError(f"{s}.loser_rank: must be between 2 and pool_size={top} (got {self.loser_rank})"
+                                  if top else f"{s}.loser_rank: must be at least 2 (got {self.loser_rank})")
+        if self.dataset_size is not None and self.dataset_size < 1:
+            raise ConfigError(f"{s}.dataset_size: must be at least 1 (got {self.dataset_size})")
+        if self.beta <= 0:
+            raise ConfigError(f"{s}.beta: must be positive (got {self.beta})")
+        if self.lambda_stat < 0:
+            raise ConfigError(f"{s}.lambda_stat: must be >= 0 (got {self.lambda_stat})")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{s}.learning_rate: must be positive (got {self.learning_rate})")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.max_failures < 0 or self.probe_every < 0:
+            raise ConfigError(f"{s}: warmup_steps, max_grad_norm, max_failures and probe_every must be >= 0")
+        if self.data_shards % self.workers:
+            raise ConfigError(f"{s}.data_shards: must be a multiple of workers={self.workers} (got {self.data_shards})")
+        if self.global_batch % self.data_shards:
+            raise ConfigError(f"{s}.global_batch: must be a multiple of data_shards={self.data_shards} "
+                              f"(got {self.global_batch})")
+        for name in ("focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{s}.{name}: must be >= 0 (got {getattr(self, name)})")
+        if self.ospo_alpha < 0:
+            raise ConfigError(f"{s}.ospo_alpha: must be >= 0 (got {self.ospo_alpha})")
+        if self.ospo_gamma <= 0:
+            raise ConfigError(f"{s}.ospo_gamma: must be positive (got {self.ospo_gamma})")
+        if self.ospo_mask_resolutions is not None and not self.ospo_mask_resolutions:
+            raise ConfigError(f"{s}.ospo_mask_resolutions: empty; leave it unset for the default")
+        if self.timestep_min < 0:
+            raise ConfigError(f"{s}.timestep_min: must be >= 0 (got {self.timestep_min})")
+        if self.timestep_max is not None and self.timestep_max <= self.timestep_min:
+            raise ConfigError(f"{s}.timestep_max: must be above timestep_min={self.timestep_min} "
+                              f"(got {self.timestep_max})")
+        if self.focus_t_lo > self.focus_t_hi:
+            raise ConfigError(f"{s}.focus_t_lo: must be at most focus_t_hi={self.focus_t_hi} (got {self.focus_t_lo})")
+        per_worker = self.global_batch // self.workers
+        if per_worker % self.micro_batch:
+            raise ConfigError(f"{s}.micro_batch: must divide the pairs per worker and step, global_batch / workers "
+                              f"= {per_worker} (got {self.micro_batch})")
+
+    def focus_settings(self):
+        """The ``focus`` objective's weight settings (``hgdpo.objectives.focus.FocusSettings``)."""
+        from hgdpo.objectives.focus import FocusSettings
+
+        return FocusSettings(alpha_d=self.focus_alpha_d, alpha_c=self.focus_alpha_c, gamma_c=self.focus_gamma_c,
+                             complexity_t_lo=self.focus_t_lo, complexity_t_hi=self.focus_t_hi)
+
+    def timesteps(self, num_train_timesteps: int) -> tuple[int, int]:
+        """[low, high) of the training timesteps for a scheduler of ``num_train_timesteps``."""
+        high = self.timestep_max if self.timestep_max is not None else num_train_timesteps
+        if high > num_train_timesteps:
+            raise ConfigError(f"{self.SECTION}.timestep_max: the model's scheduler has {num_train_timesteps} "
+                              f"timesteps (got {high})")
+        return self.timestep_min, high
+
+    def accumulation_steps(self) -> int:
+        """Micro-batches per worker per optimizer step."""
+        return self.global_batch // self.workers // self.micro_batch
+
+    def checkpointing(self) -> bool:
+        """Whether the UNet recomputes its activations in the backward pass (``gradient_checkpointing``)."""
+        return self.gpus_per_worker > 0 if self.gradient_checkpointing is None else self.gradient_checkpointing
+
+    def pairs_root(self) -> str:
+        """The folder holding this run's pair dataset (``pairs_folder``, else beside ``output``)."""
+        from hgdpo.infra import storage
+
+        if self.pairs_folder:
+            return storage.absolute(self.pairs_folder)
+        return storage.parent(storage.absolute(self.output))
+
+    def resume_settings(self) -> dict:
+        return {k: getattr(self, k) for k in RESUME_FIELDS
+                if not (k in NEWER_RESUME_FIELDS and getattr(self, k) == NEWER_RESUME_FIELDS[k])}
