@@ -19,7 +19,7 @@ checks its sha256 (a part altered without changing size), repairing the same way
     python jobs/build_pool.py --config pool.yaml --verify
 
 (`hgdpo verify <pool>` checks a pool without repairing it.)
-Settings: `python jobs/build_pool.py --help`, or the README's configuration reference.
+Settings: `python jobs/build_pool.py --help`, or docs/settings.md.
 """
 
 from __future__ import annotations

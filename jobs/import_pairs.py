@@ -17,7 +17,7 @@ On a Ray cluster (one encoder actor per GPU):
 Ties are dropped and the winner goes first; every row is checked before any image is encoded.
 Rerunning the same command finishes an interrupted import (only the missing parts are encoded);
 on a finished one it does nothing. Train on it with `python jobs/train.py pool=<output> ...`.
-Settings: `python jobs/import_pairs.py --help`, or the README's configuration reference.
+Settings: `python jobs/import_pairs.py --help`, or docs/settings.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The README's promises: its configuration reference is current, its example configs load."""
+"""The README's promises: the configuration reference in docs/settings.md is current, its example configs
+load, every docs page is linked from the README, and no relative link in the README or docs/ is broken."""
 
 import re
 from pathlib import Path
@@ -21,12 +22,72 @@ CONFIGS = {"PoolConfig": PoolConfig, "TrainConfig": TrainConfig, "SampleConfig":
            "ReplicateConfig": ReplicateConfig, "ImportConfig": ImportConfig, "PairsExportConfig": PairsExportConfig}
 
 
+DOCS = REPO / "docs"
+SETTINGS = DOCS / "settings.md"
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_configuration_reference_is_current(name):
-    readme = (REPO / "README.md").read_text()
-    found = re.search(rf"<!-- config:{name} -->\n(.*?)\n<!-- /config:{name} -->", readme, re.S)
-    assert found, f"README has no reference section for {name}"
+    settings = SETTINGS.read_text()
+    found = re.search(rf"<!-- config:{name} -->\n(.*?)\n<!-- /config:{name} -->", settings, re.S)
+    assert found, f"docs/settings.md has no reference section for {name}"
     assert found.group(1) == markdown_table(CONFIGS[name]), "regenerate it with hgdpo.config.core.markdown_table"
+
+
+def test_configuration_reference_has_one_section_per_config():
+    markers = re.findall(r"<!-- config:(\w+) -->", SETTINGS.read_text())
+    assert sorted(markers) == sorted(CONFIGS), "one <!-- config:Name --> section per config, each once"
+
+
+def _unfenced(text: str) -> str:
+    """Markdown without its fenced code blocks."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def _prose(text: str) -> str:
+    """Markdown without its code (fenced blocks and inline), where a bracket is not a link."""
+    return re.sub(r"`[^`\n]*`", "", _unfenced(text))
+
+
+def _links(text: str) -> list[str]:
+    """The targets of the inline links and pictures of a Markdown text."""
+    return re.findall(r"!?\[[^\]\n]*\]\(([^)\s]+)\)", _prose(text))
+
+
+def _anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings (lower case, punctuation dropped, spaces to -)."""
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", _unfenced(text), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        if seen[slug]:
+            seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)
+
+
+def _pages() -> list[Path]:
+    return [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(REPO / target.split("#")[0]).resolve() for target in _links((REPO / "README.md").read_text())}
+    missing = [page.name for page in sorted(DOCS.glob("*.md")) if page.resolve() not in linked]
+    assert not missing, f"README.md does not link to docs/{', docs/'.join(missing)}"
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda page: str(page.relative_to(REPO)))
+def test_relative_links_point_at_files_that_exist(page):
+    broken = []
+    for target in _links(page.read_text()):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...: not a file of the repository
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
+            broken.append(f"{target} (no such heading)")
+    assert not broken, f"{page.relative_to(REPO)}: broken links {broken}"
 
 
 def test_makefile_commands_exist_and_handle_no_tests():

@@ -35,7 +35,7 @@ ALLOW_LOCAL_DOC = ("Keep a local MLflow store (sqlite file or folder) even on a 
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
-    """A dataclass field with its documentation (shown by ``--help`` and in the README)."""
+    """A dataclass field with its documentation (shown by ``--help`` and in docs/settings.md)."""
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"doc": text}, **kwargs)
@@ -235,7 +235,7 @@ def describe(cls: type) -> str:
 
 
 def markdown_table(cls: type) -> str:
-    """The configuration reference of ``cls`` as a Markdown table (used for the README)."""
+    """The configuration reference of ``cls`` as a Markdown table (used for docs/settings.md)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in reference_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (

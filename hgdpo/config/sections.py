@@ -2,7 +2,7 @@
 images are sampled, the Ray actors that do the work, where runs are tracked.
 
 A stage's config inherits the sections it uses (``PoolConfig(Sampling, BaseModel, PromptSource)``); the
-settings stay flat in YAML and on the command line (``steps=20``), and the README's reference lists them
+settings stay flat in YAML and on the command line (``steps=20``), and docs/settings.md lists them
 with the stage. Every class is ``kw_only``, so a section's required field (``prompts``) may precede
 the defaulted fields of another.
 """

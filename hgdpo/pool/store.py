@@ -19,7 +19,7 @@ every part and also checks its checksum and rows: it finds a part altered withou
 A bad part is repaired by rerunning the pool job with the same config, which rebuilds only that
 part's prompts (``hgdpo.pool.build``).
 
-Row columns (the data contract of DESIGN.md): ``prompt_id``, ``prompt_index``, ``prompt``,
+Row columns (the data contract; docs/pool.md): ``prompt_id``, ``prompt_index``, ``prompt``,
 ``seeds`` (N), ``scores`` (N), ``rank`` (N indices, best first), ``winner`` and ``loser``
 (indices into seeds), ``latent_index`` (which seeds the latent columns hold: all N, or winner and
 loser), ``latent_00`` ... ``latent_<K-1>`` (C x h x w float16 each: the latents of seed
