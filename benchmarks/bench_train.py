@@ -417,7 +417,7 @@ def tensor_peak(fn) -> dict:
 
 
 def memory_child(args, variant: str, inputs_file: Path) -> dict:
-    """Peak memory of one variant's steps in this (fresh) process. See the README for what it means."""
+    """Peak memory of one variant's steps in this (fresh) process. See benchmarks/README.md for what it means."""
     import torch
 
     pipe, ns, inputs = setup(args, inputs_file)

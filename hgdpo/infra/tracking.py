@@ -65,8 +65,8 @@ def redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-SERVER_HINT = ("start a tracking server on the head (`bash cluster/start_mlflow.sh`, see the README's cluster "
-               "section) and pass mlflow_uri=http://HEAD-ADDRESS:5000 or set MLFLOW_TRACKING_URI")
+SERVER_HINT = ("start a tracking server on the head (`bash cluster/start_mlflow.sh`, see docs/cluster.md) "
+               "and pass mlflow_uri=http://HEAD-ADDRESS:5000 or set MLFLOW_TRACKING_URI")
 
 
 def check_store(configured: str | None, allow_local: bool, setting: str = "mlflow_uri") -> None:

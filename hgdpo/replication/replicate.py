@@ -74,7 +74,7 @@ class ReplicateConfig(RunConfig):
 POOL_SIZES = (2, 5, 10, 20)
 LOSER_RANKS = (2, 10, 20)
 SHARES = (0.1, 0.5, 1.0)  # of the pool's prompts
-BETA = 2500.0  # the paper's, in the diffusers convention (DESIGN.md)
+BETA = 2500.0  # the paper's, in the diffusers convention (docs/training.md)
 
 # Table 1's public-data trials: each trains on its own pool, <output>/public/<folder>, imported from the world's
 # public set with these import settings. The world's subjects are its shapes, so its "(H)" (people) subset is
