@@ -5,9 +5,9 @@ One run measures, on the embedded default model (SD1.5 architecture, 64x64 image
 built once with ``jobs/build_pool.py``:
 
 * **(a) steps: hgdpo vs dpo** -- one optimizer step on a micro-batch of ``--pairs`` pairs:
-  ``hgdpo.train.trainer.micro_step`` (objective ``hgdpo``: eq. 3 + eq. 8 from the same predictions),
+  ``hgdpo.train.step.micro_step`` (objective ``hgdpo``: eq. 3 + eq. 8 from the same predictions),
   backward, gradient clipping, AdamW, LR schedule -- against the same with objective ``dpo``.
-  Same pairs, timesteps and noise (``trainer.pair_noise``) in both; wall time per step.
+  Same pairs, timesteps and noise (``hgdpo.train.step.pair_noise``) in both; wall time per step.
 * **(b) steps: ours vs naive** -- our hgdpo step against a straightforward implementation written
   here (``NaiveStep``): a second, frozen deep copy of the UNet as the reference; the pool holds
   images (the latents decoded once, beforehand, to uint8 pixels) that the VAE encoder turns into
@@ -96,7 +96,7 @@ def load_pairs(pool_dir: Path, m: int) -> dict:
     import torch
 
     from hgdpo.pool import store as pool
-    from hgdpo.train.pairs import choose_pair
+    from hgdpo.objectives.base import choose_pair
 
     meta = pool.read_meta(str(pool_dir))
     n = int(meta["images_per_prompt"])
@@ -197,6 +197,7 @@ class Step:
         import torch
 
         from hgdpo.models.lora import add_lora
+        from hgdpo.train import step as train_step
         from hgdpo.train import trainer
         from hgdpo.train.config import TrainConfig
 
@@ -223,7 +224,7 @@ class Step:
 
         if "emb" not in b:  # the trainer's pairs carry the prompts' hidden states, encoded once
             b["emb"] = pair_data.encode_prompts(self.tok, self.pipe.text_encoder, b["prompts"])
-        return trainer.micro_step(self.cfg, self.unet, self.unet, self.ns, b["emb"], b["lat_w"], b["lat_l"], b["t"],
+        return train_step.micro_step(self.cfg, self.unet, self.unet, self.ns, b["emb"], b["lat_w"], b["lat_l"], b["t"],
                                   b["noise"], self.autocast)[0]
 
     def __call__(self, b) -> float:
@@ -257,7 +258,7 @@ class NaiveStep(Step):
     def loss(self, b, from_pixels: bool = True):
         import torch
 
-        from hgdpo.objectives import losses
+        from hgdpo.objectives import losses, stat_matching
 
         ids = self.tok(list(b["prompts"]), padding="max_length", max_length=self.tok.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
@@ -285,8 +286,8 @@ class NaiveStep(Step):
                                   losses.per_sample_error(noise, ref_w), losses.per_sample_error(noise, ref_l),
                                   beta=self.cfg.beta)
         if self.cfg.objective == "hgdpo":
-            coef = losses.ddpm_eps_coefficient(self.ns, t)
-            loss = losses.total_loss(loss, losses.stat_matching_loss(pol_w, ref_w, coef), self.cfg.lambda_stat)
+            coef = stat_matching.ddpm_eps_coefficient(self.ns, t)
+            loss = stat_matching.total_loss(loss, stat_matching.stat_matching_loss(pol_w, ref_w, coef), self.cfg.stat_weight())
         return loss
 
 

@@ -8,17 +8,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from hgdpo.objectives.losses import (
-    ddim_eps_coefficient,
-    ddpm_eps_coefficient,
-    dpo_loss,
-    per_sample_error,
-    sampling_prev_timestep,
-    sft_loss,
-    stat_matching_loss,
-    total_loss,
-    weighted_per_sample_error,
-)
+from hgdpo.objectives.losses import dpo_loss, per_sample_error, sft_loss, weighted_per_sample_error
+from hgdpo.objectives.stat_matching import (ddim_eps_coefficient, ddpm_eps_coefficient, sampling_prev_timestep,
+                                            stat_matching_loss, total_loss)
 
 
 def neg_log_sigmoid(x: float) -> float:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hgdpo.errors import ConfigError
+from hgdpo.objectives import masks
 from hgdpo.pool import ospo
 
 
@@ -118,14 +119,14 @@ def test_noun_tokens_are_the_nouns_sub_tokens_as_the_unet_sees_them(pipe):
 def test_mask_weights_rise_on_the_nouns_attended_positions_and_stay_one_without_nouns():
     maps = torch.full((2, 77, 8, 8), 0.01)
     maps[:, 2, 1:4, 1:4] = 0.9  # noun token 2 attends to a 3x3 square
-    native = ospo.mask_weights(maps, [[[2]], []], (8, 8), alpha=1.0, gamma_m=1.0)
+    native = masks.mask_weights(maps, [[[2]], []], (8, 8), alpha=1.0, gamma_m=1.0)
     assert native[0].max() == pytest.approx(2.0) and native[0].min() == pytest.approx(1.0)  # 1 + alpha * [0, 1]
     assert native[0, 0, 2, 2] == pytest.approx(2.0) and native[0, 0, 7, 7] == pytest.approx(1.0)
-    w = ospo.mask_weights(maps, [[[2]], []], (16, 16), alpha=1.0, gamma_m=1.0)  # resized to the latent
+    w = masks.mask_weights(maps, [[[2]], []], (16, 16), alpha=1.0, gamma_m=1.0)  # resized to the latent
     assert w.shape == (2, 1, 16, 16) and 1.0 <= w.min() and w.max() <= 2.0
     assert torch.equal(w[1], torch.ones(1, 16, 16))  # no nouns: weight 1
     assert w[0, 0, 5, 5] > w[0, 0, 14, 14]  # inside the square above the far corner
-    assert torch.equal(ospo.mask_weights(maps, [[[2]], []], (16, 16), alpha=0.0, gamma_m=1.0), torch.ones(2, 1, 16, 16))
+    assert torch.equal(masks.mask_weights(maps, [[[2]], []], (16, 16), alpha=0.0, gamma_m=1.0), torch.ones(2, 1, 16, 16))
 
 
 def test_a_pool_with_hard_negatives_keeps_them_beside_the_originals_from_the_same_seeds(tmp_path):

@@ -18,9 +18,10 @@ import torch
 from hgdpo.errors import HgdpoError
 from hgdpo.models import loading as models
 from hgdpo.pool import store as pool
+from hgdpo.pool.part_file import GROUP_ROWS, write_part
 from hgdpo.train import pair_data
 from hgdpo.train.config import TrainConfig
-from hgdpo.train.pairs import choose_pair
+from hgdpo.objectives.base import choose_pair
 from hgdpo.train.pairs import plan as make_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def synthetic_part(folder: Path, first: int, rows: int = 4, n: int = 4, latent=(
         "latent_index": [list(range(n))] * rows, "latents": rng.standard_normal((rows, n, *latent)),
         "image_w": [rng.bytes(100_000) for _ in index], "image_l": [rng.bytes(100_000) for _ in index]},
         (n, *latent))
-    return folder / pool.write_part(str(folder), table)
+    return folder / write_part(str(folder), table)
 
 
 def test_selection_reads_the_small_columns_then_only_the_latents_of_rows_it_keeps(tmp_path):
@@ -119,7 +120,7 @@ def test_selection_reads_the_small_columns_then_only_the_latents_of_rows_it_keep
 def test_selecting_among_the_first_n_reads_only_the_latent_columns_its_pairs_are_in(tmp_path):
     from hgdpo.train.pairs import PairPlan
 
-    n_images, rows = 8, 2 * pool.GROUP_ROWS
+    n_images, rows = 8, 2 * GROUP_ROWS
     part = synthetic_part(tmp_path, first=0, rows=rows, n=n_images)
     meta = pq.ParquetFile(str(part)).metadata
     assert meta.num_row_groups == 2
@@ -136,7 +137,7 @@ def test_selecting_among_the_first_n_reads_only_the_latent_columns_its_pairs_are
         assert [i for s in selected for i in s.rows["index"]] == list(range(rows))
         # What must be read: in each row group, the columns holding some row's winner or loser.
         needed = sum(chunk[g, pool.latent_column(k)] for g in range(2)
-                     for k in {k for r in range(g * pool.GROUP_ROWS, (g + 1) * pool.GROUP_ROWS)
+                     for k in {k for r in range(g * GROUP_ROWS, (g + 1) * GROUP_ROWS)
                                for k in choose_pair(np.asarray(scores[r]), n, n)})
         assert needed <= read[n] <= needed + small + 2**16, (n, needed, read[n])
     assert read[2] < read[4] < read[n_images]

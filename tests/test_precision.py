@@ -17,6 +17,8 @@ from diffusers import DDPMScheduler
 from hgdpo.infra import devices
 from hgdpo.models import loading as models
 from hgdpo.models.lora import add_lora
+from hgdpo.objectives.focus import Focus
+from hgdpo.train import step as train_step
 from hgdpo.train import trainer
 from hgdpo.train.config import TrainConfig
 
@@ -47,7 +49,7 @@ def setup():
 
 
 def backward(cfg, unet, noise_scheduler, batch, scaler=None, autocast=None) -> torch.Tensor:
-    loss, _ = trainer.micro_step(cfg, unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"],
+    loss, _ = train_step.micro_step(cfg, unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"],
                                  batch["t"], batch["noise"], autocast or torch.autocast("cpu", enabled=False))
     (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss
@@ -203,21 +205,21 @@ def predictions(unet, noise_scheduler, batch) -> tuple[torch.Tensor, ...]:
 def test_the_probe_measures_the_ratio_of_the_two_terms_gradient_norms_and_changes_no_gradient(setup):
     """``stat_dpo_grad_ratio`` = ||grad(lambda * L_stat)|| / ||grad(L_DPO)|| over the LoRA parameters, here from
     the two terms built directly (eq. 3 and 8); the probe leaves the step's own gradient as it is without it."""
-    from hgdpo.objectives import losses
+    from hgdpo.objectives import losses, stat_matching
 
     cfg, unet, params, _, _, noise_scheduler, batch = setup
     m = len(batch["lat_w"])
     noise2, policy, ref = predictions(unet, noise_scheduler, batch)
     pe, re = losses.per_sample_error(noise2, policy), losses.per_sample_error(noise2, ref)
     dpo, _ = losses.dpo_loss(pe[:m], pe[m:], re[:m], re[m:], beta=cfg.beta)
-    stat = losses.stat_matching_loss(policy[:m], ref[:m], losses.ddpm_eps_coefficient(noise_scheduler, batch["t"]))
+    stat = stat_matching.stat_matching_loss(policy[:m], ref[:m], stat_matching.ddpm_eps_coefficient(noise_scheduler, batch["t"]))
 
     def norm(loss):
         return torch.sqrt(sum((g ** 2).sum() for g in torch.autograd.grad(loss, params, retain_graph=True)))
 
-    want = float(norm(cfg.lambda_stat * stat) / norm(dpo))
+    want = float(norm(cfg.stat_weight() * stat) / norm(dpo))
     args = (cfg, unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"], batch["t"], batch["noise"])
-    loss, stats = trainer.micro_step(*args, torch.autocast("cpu", enabled=False), probe=params)
+    loss, stats = train_step.micro_step(*args, torch.autocast("cpu", enabled=False), probe=params)
     loss.backward()
     probed = [p.grad.clone() for p in params]
     assert want > 0 and float(stats["stat_dpo_grad_ratio"]) == pytest.approx(want, rel=1e-4)
@@ -231,25 +233,25 @@ def test_stat_step_sampler_takes_one_ddim_step_of_the_sampling_schedule(setup):
     """With ``stat_step: sampler`` eq. 8's coefficient is that of one DDIM step t -> t - 1000/stat_sampler_steps:
     the statistic-matching term is the DDPM one with each sample's squared coefficient swapped, about 100x at
     50 steps."""
-    from hgdpo.objectives import losses
+    from hgdpo.objectives import losses, stat_matching
 
     _, unet, _, _, _, noise_scheduler, batch = setup
     args = (unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"], batch["t"], batch["noise"],
             torch.autocast("cpu", enabled=False))
-    _, ddpm = trainer.micro_step(config(), *args)
-    _, ddim = trainer.micro_step(config(stat_step="sampler", stat_sampler_steps=50), *args)
+    _, ddpm = train_step.micro_step(config(), *args)
+    _, ddim = train_step.micro_step(config(stat_step="sampler", stat_sampler_steps=50), *args)
     prev = batch["t"] - 20
-    coef = losses.ddim_eps_coefficient(noise_scheduler, batch["t"], prev)
-    assert torch.allclose(trainer.stat_coefficient(config(stat_step="sampler"), noise_scheduler, batch["t"]), coef)
-    ratio = coef / losses.ddpm_eps_coefficient(noise_scheduler, batch["t"])
+    coef = stat_matching.ddim_eps_coefficient(noise_scheduler, batch["t"], prev)
+    assert torch.allclose(train_step.stat_coefficient(config(stat_step="sampler"), noise_scheduler, batch["t"]), coef)
+    ratio = coef / stat_matching.ddpm_eps_coefficient(noise_scheduler, batch["t"])
     assert bool((ratio > 8).all())
     assert float(ddim["dpo"]) == float(ddpm["dpo"])  # the DPO term does not depend on it
     # one sample per call isolates each coefficient: the term scales by its square
     for i in range(2):
         one = (unet, unet, noise_scheduler, batch["emb"][i:i + 1], batch["lat_w"][i:i + 1], batch["lat_l"][i:i + 1],
                batch["t"][i:i + 1], batch["noise"][i:i + 1], torch.autocast("cpu", enabled=False))
-        _, a = trainer.micro_step(config(), *one)
-        _, b = trainer.micro_step(config(stat_step="sampler"), *one)
+        _, a = train_step.micro_step(config(), *one)
+        _, b = train_step.micro_step(config(stat_step="sampler"), *one)
         assert float(b["stat"]) == pytest.approx(float(a["stat"]) * float(ratio[i]) ** 2, rel=1e-4)
 
 
@@ -265,24 +267,24 @@ def test_bad_stat_step_settings_are_refused():
 def test_the_focus_objective_is_dpo_on_errors_weighted_by_the_pairs_focus_map(setup):
     """``objective: focus``: eq. 3 with each error weighted by ``focus.focus_weight`` of its pair (the same map for
     winner and loser, policy and reference); with every focus term off it is exactly ``dpo``."""
-    from hgdpo.objectives import losses
+    from hgdpo.objectives import losses, stat_matching
     from hgdpo.objectives.focus import focus_weight
 
     _, unet, _, _, _, noise_scheduler, batch = setup
     args = (unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"], batch["t"], batch["noise"])
     cfg = config(objective="focus", focus_alpha_d=2.0)
-    loss, stats = trainer.micro_step(cfg, *args, torch.autocast("cpu", enabled=False))
+    loss, stats = train_step.micro_step(cfg, *args, torch.autocast("cpu", enabled=False))
     with torch.no_grad():
         noise2, policy, ref = predictions(unet, noise_scheduler, batch)
-    weight = focus_weight(batch["lat_w"], batch["lat_l"], batch["t"], ref[:2], batch["noise"], cfg.focus_settings())
+    weight = focus_weight(batch["lat_w"], batch["lat_l"], batch["t"], ref[:2], batch["noise"], Focus(cfg).settings())
     assert float(weight.max()) > 1.2  # the pair's map is not flat
     w2 = torch.cat([weight, weight])
     pe, re = losses.weighted_per_sample_error(noise2, policy, w2), losses.weighted_per_sample_error(noise2, ref, w2)
     want, _ = losses.dpo_loss(pe[:2], pe[2:], re[:2], re[2:], beta=cfg.beta)
     assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5) and "stat" not in stats
     off = config(objective="focus", focus_alpha_d=0.0, focus_alpha_c=0.0, focus_gamma_c=0.0)
-    flat, _ = trainer.micro_step(off, *args, torch.autocast("cpu", enabled=False))
-    dpo, _ = trainer.micro_step(config(objective="dpo"), *args, torch.autocast("cpu", enabled=False))
+    flat, _ = train_step.micro_step(off, *args, torch.autocast("cpu", enabled=False))
+    dpo, _ = train_step.micro_step(config(objective="dpo"), *args, torch.autocast("cpu", enabled=False))
     assert torch.equal(flat, dpo) and not torch.equal(loss, dpo)
 
 

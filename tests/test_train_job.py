@@ -115,9 +115,10 @@ def plain_loop_adapter(work: Path, out: Path, *, round_hidden: bool, steps: int 
     from hgdpo.models import loading as models
     from hgdpo.models.lora import add_lora, save_adapter
     from hgdpo.pool import store as pool
+    from hgdpo.train import step as train_step
     from hgdpo.train import trainer
     from hgdpo.train.config import TrainConfig
-    from hgdpo.train.pairs import choose_pair
+    from hgdpo.objectives.base import choose_pair
     from hgdpo.train.pairs import plan as make_plan
 
     cfg = TrainConfig(pool=str(work / "pool"), output=str(out), global_batch=4, micro_batch=2, data_shards=2,
@@ -150,10 +151,10 @@ def plain_loop_adapter(work: Path, out: Path, *, round_hidden: bool, steps: int 
                     emb = text_encoder(tokens)[0]
                 if round_hidden:
                     emb = emb.half().float()
-                drawn = [trainer.pair_noise(cfg.seed, step, int(i), (4, 16, 16), cfg.timesteps(1000)) for i in ids]
+                drawn = [train_step.pair_noise(cfg.seed, step, int(i), (4, 16, 16), cfg.timesteps(1000)) for i in ids]
                 lat_w = torch.from_numpy(np.stack([pairs[int(i)][1] for i in ids])).float()
                 lat_l = torch.from_numpy(np.stack([pairs[int(i)][2] for i in ids])).float()
-                loss, _ = trainer.micro_step(cfg, unet, unet, noise_scheduler, emb, lat_w, lat_l,
+                loss, _ = train_step.micro_step(cfg, unet, unet, noise_scheduler, emb, lat_w, lat_l,
                                              torch.cat([d[0] for d in drawn]), torch.stack([d[1] for d in drawn]),
                                              torch.autocast("cpu", enabled=False))
                 (loss * (len(ids) / cfg.global_batch)).backward()
@@ -283,6 +284,7 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, caps
     import numpy as np
 
     from hgdpo.pool import store as pool
+    from hgdpo.pool.part_file import write_part
     from hgdpo.train.pairs import PairPlan
 
     plan = PairPlan(pool_size=4, loser_rank=4, dataset_size=8, data_shards=2, global_batch=4, seed=0)
@@ -296,7 +298,7 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, caps
     rows = pool.without_latents(table).to_pydict()
     rows["latents"] = pool.latents_of(table).copy()
     rows["latents"][target] = np.nan
-    part = pool.write_part(str(bad), pool.to_table(rows, rows["latents"].shape[1:]))
+    part = write_part(str(bad), pool.to_table(rows, rows["latents"].shape[1:]))
     pool.mark_complete(str(bad), [part], table.num_rows)
 
     args = [f"pool={bad}", f"output={work / 'nan'}", *BASE, "max_steps=6", "checkpoint_every=1"]
@@ -309,16 +311,17 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, caps
 
 
 def test_training_timesteps_are_drawn_from_the_configured_range():
+    from hgdpo.train import step as train_step
     from hgdpo.train import trainer
     from hgdpo.train.config import TrainConfig
 
     cfg = TrainConfig(pool="p", output="o", timestep_min=600)
     assert cfg.timesteps(1000) == (600, 1000)
-    drawn = [trainer.pair_noise(0, step, i, (4, 2, 2), cfg.timesteps(1000)) for step in range(20) for i in range(10)]
+    drawn = [train_step.pair_noise(0, step, i, (4, 2, 2), cfg.timesteps(1000)) for step in range(20) for i in range(10)]
     ts = torch.cat([t for t, _ in drawn])
     assert int(ts.min()) >= 600 and int(ts.max()) < 1000 and len(set(ts.tolist())) > 100
     # The default range draws what the trainer always drew (adapters trained before the setting reproduce).
-    t, noise = trainer.pair_noise(3, 7, 11, (4, 2, 2), TrainConfig(pool="p", output="o").timesteps(1000))
+    t, noise = train_step.pair_noise(3, 7, 11, (4, 2, 2), TrainConfig(pool="p", output="o").timesteps(1000))
     digest = hashlib.sha256(b"3:7:11").digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     assert torch.equal(t, torch.randint(0, 1000, (1,), generator=gen)) and torch.equal(noise, torch.randn((4, 2, 2), generator=gen))
@@ -327,10 +330,24 @@ def test_training_timesteps_are_drawn_from_the_configured_range():
 
     default, meta = TrainConfig(pool="p", output="o"), {"fingerprint": {"pool": "x"}}
     before = {k: getattr(default, k) for k in RESUME_FIELDS if k not in ("timestep_min", "timestep_max")}
-    assert trainer.fingerprint(default, meta) == hashlib.sha256(json.dumps(
-        dict(before, pool_fingerprint=meta["fingerprint"]), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    before["lambda_stat"] = 10000.0  # the field's old default, which every adapter was stamped with unless set
+
+    def stamp(settings):
+        return hashlib.sha256(json.dumps(dict(settings, pool_fingerprint=meta["fingerprint"]), sort_keys=True,
+                                         default=str).encode()).hexdigest()[:16]
+
+    assert trainer.fingerprint(default, meta) == stamp(before)
     assert trainer.fingerprint(TrainConfig(pool="p", output="o", timestep_min=500), meta) != \
         trainer.fingerprint(default, meta)
+    # When only hgdpo took lambda_stat, another objective ignored it: its adapters match at the old default and at 0.
+    dpo = dict(before, objective="dpo")
+    assert set(trainer.fingerprints(TrainConfig(pool="p", output="o", objective="dpo"), meta)) == \
+        {stamp(dict(dpo, lambda_stat=0.0)), stamp(dpo)}
+    assert stamp(dict(dpo, lambda_stat=0)) in trainer.fingerprints(
+        TrainConfig(pool="p", output="o", objective="dpo", lambda_stat=0), meta)  # lambda_stat: 0, as sweeps set it
+    # ... but dpo with statistic matching now trains otherwise: no older adapter matches it.
+    regularised = trainer.fingerprints(TrainConfig(pool="p", output="o", objective="dpo", lambda_stat=10000.0), meta)
+    assert len(regularised) == 1 and stamp(dpo) not in regularised
 
 
 @pytest.mark.parametrize("objective", ["hgdpo", "dpo", "sft"])

@@ -91,10 +91,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hgdpo.config.core import doc
+from hgdpo.errors import ConfigError
+from hgdpo.objectives.base import PICTURE_TIMESTEPS, Predictions, reference_pass
+from hgdpo.objectives.dpo import DPO
 from hgdpo.objectives.losses import _float, _require_same_shape
 from hgdpo.objectives.masks import gaussian_blur, minmax_normalise
+from hgdpo.report.pictures import weight_grid
 
 __all__ = [
+    "Focus",
+    "FocusConfig",
     "FocusSettings",
     "difference_map",
     "complexity_map",
@@ -294,3 +301,57 @@ def focus_weight(lat_w: torch.Tensor, lat_l: torch.Tensor, t: torch.Tensor, ref_
         c = confidence(ref_w, eps).to(d.dtype)  # (B, 1, h, w)
         raw = (1.0 + s.alpha_d * d + s.alpha_c * ramp[:, None, None, None] * x) * c**s.gamma_c
         return raw / raw.mean(dim=(2, 3), keepdim=True)  # (B, 1, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective: Diffusion-DPO with the focus weight on both errors
+
+@dataclass(kw_only=True)
+class FocusConfig:
+    """The ``focus`` objective's keys of the train config."""
+
+    TRAILING = True  # listed after the trainer's own settings
+
+    focus_alpha_d: float = doc("focus: weight of the map of where winner and loser differ.", 1.0)
+    focus_alpha_c: float = doc("focus: weight of the winner's local complexity, at low noise.", 0.5)
+    focus_gamma_c: float = doc("focus: exponent of the reference's confidence (0: off).", 1.0)
+    focus_t_lo: int = doc("focus: timestep at and below which the complexity term is at full strength.", 300)
+    focus_t_hi: int = doc("focus: timestep at and above which the complexity term is off.", 600)
+
+
+class Focus(DPO):
+    name = "focus"
+    summary = ("Diffusion-DPO with FocusDPO's region weight on both errors (where winner and loser differ, the "
+               "winner's detail at low noise, less where the reference is unsure)")
+    Settings = FocusConfig
+    picture_name = "focus/weights.png"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        for name in ("focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo"):
+            if getattr(cfg, name) < 0:
+                raise ConfigError(f"{cfg.SECTION}.{name}: must be >= 0 (got {getattr(cfg, name)})")
+        if cfg.focus_t_lo > cfg.focus_t_hi:
+            raise ConfigError(f"{cfg.SECTION}.focus_t_lo: must be at most focus_t_hi={cfg.focus_t_hi} "
+                              f"(got {cfg.focus_t_lo})")
+
+    def settings(self) -> FocusSettings:
+        c = self.cfg
+        return FocusSettings(alpha_d=c.focus_alpha_d, alpha_c=c.focus_alpha_c, gamma_c=c.focus_gamma_c,
+                             complexity_t_lo=c.focus_t_lo, complexity_t_hi=c.focus_t_hi)
+
+    def loss(self, pred: Predictions):
+        m = pred.m  # one weight per pair, on the winner's and the loser's errors alike
+        weight = focus_weight(pred.lat_w, pred.lat_l, pred.t, pred.ref[:m], pred.noise, self.settings())
+        return self.pair_loss(pred, *pred.errors(torch.cat([weight, weight])))
+
+    def picture(self, unet, noise_scheduler, lat_w, lat_l, emb, noise, nouns, autocast):
+        """The focus weight of each pair at ``PICTURE_TIMESTEPS``, with the pair's noise of the step."""
+        weights = []
+        for timestep in PICTURE_TIMESTEPS:
+            t = torch.full((len(lat_w),), timestep, device=lat_w.device)
+            with autocast:
+                ref_w = reference_pass(unet, noise_scheduler.add_noise(lat_w, noise, t), t, emb)
+            weights.append(focus_weight(lat_w, lat_l, t, ref_w, noise, self.settings())[:, 0])  # (m, h, w)
+        return weight_grid(lat_w.cpu().numpy(), lat_l.cpu().numpy(), torch.stack(weights, dim=1).cpu().numpy(),
+                           [f"W t={t}" for t in PICTURE_TIMESTEPS])

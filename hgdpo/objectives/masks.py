@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "mask_weights",
     "noun_maps",
     "minmax_normalise",
     "otsu_threshold",
@@ -227,3 +228,24 @@ def resize_to_latent(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(mask.shape[-2:]) == size:
         return mask
     return F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+
+
+def mask_weights(maps: torch.Tensor, nouns: Sequence[Sequence[Sequence[int]]], size: tuple[int, int], *,
+                 alpha: float, gamma_m: float) -> torch.Tensor:
+    """OSPO's loss weight ``w = 1 + alpha * m^gamma_m`` per image from its cross-attention maps.
+
+    Args:
+        maps: (B, L, H, W) attention of image positions to every text token (``Capture.mean`` of all tokens).
+        nouns: per image, its noun token groups (``hgdpo.pool.ospo.noun_tokens``); an image without nouns gets weight 1.
+        size: the latent's (h, w).
+
+    Returns:
+        (B, 1, h, w) in [1, 1 + alpha].
+    """
+    out = []
+    for b, groups in enumerate(nouns):
+        if groups:
+            out.append(object_weight(maps[b: b + 1], groups, alpha=alpha, gamma_m=gamma_m))
+        else:
+            out.append(torch.ones(1, 1, *maps.shape[-2:], dtype=maps.dtype, device=maps.device))
+    return resize_to_latent(torch.cat(out), size)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from hgdpo.pool import perturb as perturb_
+from hgdpo.pool.phrases import word_spans
 
 SELF_TIMESTEPS = (200, 400, 600, 800)  # mid-range noise levels, where a diffusion classifier separates texts best
 
@@ -147,7 +148,7 @@ def noun_tokens(tokenizer, prompt: str) -> list[list[int]]:
 
     CLIP's tokenizer splits the text into words before BPE, so the tokens of a word are those that
     tokenizing the text up to its end adds to tokenizing the text up to its start."""
-    words = perturb_.word_spans(prompt)
+    words = word_spans(prompt)
     limit = tokenizer.model_max_length - 1  # the end token takes the last place
 
     def count(text: str) -> int:
@@ -177,26 +178,3 @@ def decode_nouns(ids: np.ndarray) -> list[list[int]]:
     ids = np.asarray(ids).astype(np.int64)
     return [np.flatnonzero(ids == k).tolist() for k in range(1, int(ids.max(initial=0)) + 1)
             if (ids == k).any()]
-
-
-def mask_weights(maps: torch.Tensor, nouns: Sequence[Sequence[Sequence[int]]], size: tuple[int, int], *,
-                 alpha: float, gamma_m: float) -> torch.Tensor:
-    """OSPO's loss weight ``w = 1 + alpha * m^gamma_m`` per image from its cross-attention maps.
-
-    Args:
-        maps: (B, L, H, W) attention of image positions to every text token (``Capture.mean`` of all tokens).
-        nouns: per image, its noun token groups (``noun_tokens``); an image without nouns gets weight 1.
-        size: the latent's (h, w).
-
-    Returns:
-        (B, 1, h, w) in [1, 1 + alpha].
-    """
-    from hgdpo.objectives.masks import object_weight, resize_to_latent
-
-    out = []
-    for b, groups in enumerate(nouns):
-        if groups:
-            out.append(object_weight(maps[b: b + 1], groups, alpha=alpha, gamma_m=gamma_m))
-        else:
-            out.append(torch.ones(1, 1, *maps.shape[-2:], dtype=maps.dtype, device=maps.device))
-    return resize_to_latent(torch.cat(out), size)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from hgdpo.config.core import check_locations, doc
 from hgdpo.config.sections import Tracking
 from hgdpo.errors import ConfigError
+from hgdpo.infra import storage
+from hgdpo.objectives.registry import OBJECTIVES, owner, settings_classes
 
 # Settings that change the trained adapter: a checkpoint written under other values of these
 # cannot be resumed. (workers may change: the data order and noise do not depend on it.)
@@ -24,7 +27,7 @@ NEWER_RESUME_FIELDS = {"timestep_min": 0, "timestep_max": None}
 
 
 @dataclass(kw_only=True)
-class TrainConfig(Tracking):
+class TrainConfig(Tracking, *settings_classes()):
     """How to train LoRA adapters on a pool (paper §3.2; eq. 3, 8, 9)."""
 
     SECTION = "train"
@@ -36,17 +39,16 @@ class TrainConfig(Tracking):
     model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
     allow_pickle: bool = doc("Allow pickle weight formats. Off: safetensors only.", False)
 
-    objective: Literal["hgdpo", "dpo", "sft", "focus", "ospo"] = doc(
-        "hgdpo: Diffusion-DPO + statistic matching (eq. 9); dpo: Diffusion-DPO alone (eq. 3); "
-        "sft: noise-prediction loss on winners (the paper's SFT baseline); focus: Diffusion-DPO with FocusDPO's "
-        "region weight on both errors (hgdpo.objectives.focus: where winner and loser differ, the winner's detail at low "
-        "noise, less where the reference is unsure); ospo: Diffusion-DPO on the self-judged pairs of a pool with "
-        "hard negatives (hgdpo.pool.ospo), each error weighted by its image's object mask.", "hgdpo")
+    objective: Literal[tuple(OBJECTIVES)] = doc(
+        "; ".join(f"{name}: {o.summary}" for name, o in OBJECTIVES.items())
+        + " (hgdpo.objectives: each objective's own settings follow, by its name).", "hgdpo")
     pool_size: int | None = doc("n: use the first n images of each prompt (paper Table 3); default all N.", None)
     loser_rank: int | None = doc("Rank (2..n) of the loser among the first n (paper Table 5); default n.", None)
     dataset_size: int | None = doc("D: train on the first D prompts of the pool (paper Table 6); default all.", None)
     beta: float = doc("Diffusion-DPO beta; 2500 is the paper's value in the diffusers convention.", 2500.0)
-    lambda_stat: float = doc("Weight of the statistic-matching loss (eq. 9; paper: 10000).", 10000.0)
+    lambda_stat: float | None = doc(
+        "Weight of statistic matching (eq. 8, 9), a regulariser any Diffusion-DPO-family objective takes; default: "
+        "10000 (the paper's) for hgdpo, 0 (off) for the others; sft takes none.", None)
     stat_step: Literal["ddpm", "sampler"] = doc(
         "The sampler step l^t -> l^(t-1) of eq. 8, whose two outcomes (policy, reference) statistic matching "
         "compares: `ddpm`, one step of the training schedule, t -> t-1 (the noise prediction's coefficient is "
@@ -54,18 +56,6 @@ class TrainConfig(Tracking):
         "t -> t - 1000/stat_sampler_steps (at 50 steps about ten times the coefficient, a hundred times the term).",
         "ddpm")
     stat_sampler_steps: int = doc("Steps of the sampling schedule that `stat_step: sampler` takes one step of.", 50)
-    focus_alpha_d: float = doc("focus: weight of the map of where winner and loser differ.", 1.0)
-    focus_alpha_c: float = doc("focus: weight of the winner's local complexity, at low noise.", 0.5)
-    focus_gamma_c: float = doc("focus: exponent of the reference's confidence (0: off).", 1.0)
-    focus_t_lo: int = doc("focus: timestep at and below which the complexity term is at full strength.", 300)
-    focus_t_hi: int = doc("focus: timestep at and above which the complexity term is off.", 600)
-    ospo_alpha: float = doc("ospo: how much more an object's positions weigh, w = 1 + alpha * m^gamma.", 1.0)
-    ospo_gamma: float = doc("ospo: exponent gamma of the soft object mask m.", 1.0)
-    ospo_margin: float = doc("ospo: the least margin by which the chosen image must answer each question (its "
-                             "denoising error under the perturbed prompt minus under the prompt; hgdpo.pool.ospo).", 0.0)
-    ospo_mask_resolutions: list[int] | None = doc(
-        "ospo: the cross-attention layers the masks are read from, by resolution (hgdpo.models.attention; SD1.5: 64, "
-        "32, 16, 8); default: the one nearest a quarter of the UNet's latent side (SD1.5: 16).", None)
 
     lora_rank: int = doc("LoRA rank on every attention projection of the UNet (paper: 8).", 8)
     lora_alpha: float | None = doc("LoRA alpha (scale = alpha / rank); default: the rank.", None)
@@ -136,7 +126,7 @@ class TrainConfig(Tracking):
             raise ConfigError(f"{s}.dataset_size: must be at least 1 (got {self.dataset_size})")
         if self.beta <= 0:
             raise ConfigError(f"{s}.beta: must be positive (got {self.beta})")
-        if self.lambda_stat < 0:
+        if self.lambda_stat is not None and self.lambda_stat < 0:
             raise ConfigError(f"{s}.lambda_stat: must be >= 0 (got {self.lambda_stat})")
         if self.learning_rate <= 0:
             raise ConfigError(f"{s}.learning_rate: must be positive (got {self.learning_rate})")
@@ -147,33 +137,43 @@ class TrainConfig(Tracking):
         if self.global_batch % self.data_shards:
             raise ConfigError(f"{s}.global_batch: must be a multiple of data_shards={self.data_shards} "
                               f"(got {self.global_batch})")
-        for name in ("focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{s}.{name}: must be >= 0 (got {getattr(self, name)})")
-        if self.ospo_alpha < 0:
-            raise ConfigError(f"{s}.ospo_alpha: must be >= 0 (got {self.ospo_alpha})")
-        if self.ospo_gamma <= 0:
-            raise ConfigError(f"{s}.ospo_gamma: must be positive (got {self.ospo_gamma})")
-        if self.ospo_mask_resolutions is not None and not self.ospo_mask_resolutions:
-            raise ConfigError(f"{s}.ospo_mask_resolutions: empty; leave it unset for the default")
         if self.timestep_min < 0:
             raise ConfigError(f"{s}.timestep_min: must be >= 0 (got {self.timestep_min})")
         if self.timestep_max is not None and self.timestep_max <= self.timestep_min:
             raise ConfigError(f"{s}.timestep_max: must be above timestep_min={self.timestep_min} "
                               f"(got {self.timestep_max})")
-        if self.focus_t_lo > self.focus_t_hi:
-            raise ConfigError(f"{s}.focus_t_lo: must be at most focus_t_hi={self.focus_t_hi} (got {self.focus_t_lo})")
+        self._check_objective()
         per_worker = self.global_batch // self.workers
         if per_worker % self.micro_batch:
             raise ConfigError(f"{s}.micro_batch: must divide the pairs per worker and step, global_batch / workers "
                               f"= {per_worker} (got {self.micro_batch})")
 
-    def focus_settings(self):
-        """The ``focus`` objective's weight settings (``hgdpo.objectives.focus.FocusSettings``)."""
-        from hgdpo.objectives.focus import FocusSettings
+    def _check_objective(self) -> None:
+        """The objective's own checks; a setting it does not use is refused by name, never ignored."""
+        s, chosen = self.SECTION, OBJECTIVES[self.objective]
+        chosen.check(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)):
+            belongs = owner(name)
+            if belongs not in (None, self.objective) and value != defaults[name]:
+                raise ConfigError(f"{s}.{name}: a setting of the {belongs} objective, which objective {self.objective} "
+                                  f"does not use; remove it")
+        if not chosen.dpo_family and self.lambda_stat:
+            raise ConfigError(f"{s}.lambda_stat: objective {self.objective} takes no statistic matching (it is a "
+                              f"regulariser of the Diffusion-DPO family); remove it")
+        if not chosen.uses_beta and self.beta != defaults["beta"]:
+            raise ConfigError(f"{s}.beta: objective {self.objective} does not use it; remove it")
+        if not self.stat_weight():
+            for name in ("stat_step", "stat_sampler_steps"):
+                if getattr(self, name) != defaults[name]:
+                    raise ConfigError(f"{s}.{name}: statistic matching is off (lambda_stat 0 for objective "
+                                      f"{self.objective}), so it has no effect; remove it or set lambda_stat")
 
-        return FocusSettings(alpha_d=self.focus_alpha_d, alpha_c=self.focus_alpha_c, gamma_c=self.focus_gamma_c,
-                             complexity_t_lo=self.focus_t_lo, complexity_t_hi=self.focus_t_hi)
+    def stat_weight(self) -> float:
+        """``lambda_stat`` as the objective takes it: the setting, else the objective's default."""
+        if self.lambda_stat is not None:
+            return float(self.lambda_stat)
+        return OBJECTIVES[self.objective].default_lambda_stat
 
     def timesteps(self, num_train_timesteps: int) -> tuple[int, int]:
         """[low, high) of the training timesteps for a scheduler of ``num_train_timesteps``."""
@@ -193,12 +193,23 @@ class TrainConfig(Tracking):
 
     def pairs_root(self) -> str:
         """The folder holding this run's pair dataset (``pairs_folder``, else beside ``output``)."""
-        from hgdpo.infra import storage
-
         if self.pairs_folder:
             return storage.absolute(self.pairs_folder)
         return storage.parent(storage.absolute(self.output))
 
     def resume_settings(self) -> dict:
-        return {k: getattr(self, k) for k in RESUME_FIELDS
-                if not (k in NEWER_RESUME_FIELDS and getattr(self, k) == NEWER_RESUME_FIELDS[k])}
+        """The settings a checkpoint or an adapter must have been made with (``lambda_stat`` as taken)."""
+        values = {k: getattr(self, k) for k in RESUME_FIELDS
+                  if not (k in NEWER_RESUME_FIELDS and getattr(self, k) == NEWER_RESUME_FIELDS[k])}
+        values["lambda_stat"] = self.lambda_stat if self.lambda_stat is not None else self.stat_weight()
+        if self.objective != "hgdpo" and self.stat_weight() > 0:
+            values["stat_regulariser"] = True  # not an adapter made when only hgdpo took lambda_stat
+        return values
+
+    def legacy_resume_settings(self) -> list[dict]:
+        """What adapters made when only hgdpo took ``lambda_stat`` were fingerprinted with, where they train as this
+        config does: another objective without statistic matching, whose ``lambda_stat`` was then ignored at
+        either of the values configs gave it (10000, the old default, or 0)."""
+        if self.objective == "hgdpo" or self.stat_weight() > 0:
+            return []
+        return [dict(self.resume_settings(), lambda_stat=10000.0)]

@@ -51,8 +51,10 @@ import pyarrow as pa
 
 from hgdpo.errors import HgdpoError
 from hgdpo.infra import storage
+from hgdpo.objectives.registry import by_selection
 from hgdpo.pool import store as pool
-from hgdpo.train.pairs import PairPlan, choose_pair
+from hgdpo.pool.ospo import encode_nouns, noun_tokens
+from hgdpo.train.pairs import PairPlan
 
 FORMAT = "hgdpo-pairs/1"
 MANIFEST = "pairs.json"
@@ -158,20 +160,6 @@ class Selected:
     latents_l: np.ndarray  # (m, C, h, w) float16
 
 
-def _chosen(small: pa.Table, keep: np.ndarray, plan_: PairPlan) -> tuple[np.ndarray, list, list]:
-    """The kept rows that have a pair, their (winner, loser) seed positions and the scores that chose them."""
-    if plan_.selection == "ospo":
-        from hgdpo.pool.ospo import choose_pair as choose_ospo
-
-        scores, least = small.column("self_scores").to_pylist(), small.column("self_least").to_pylist()
-        big_n = len(scores[0]) // 2 if scores else 0
-        seeds = [choose_ospo(scores[r], least[r], plan_.pool_size, plan_.margin) for r in keep]
-        rows = np.asarray([r for r, j in zip(keep, seeds) if j is not None], dtype=np.int64)
-        return rows, [(j, big_n + j) for j in seeds if j is not None], scores
-    scores = small.column("scores").to_pylist()
-    return keep, [choose_pair(np.asarray(scores[r]), plan_.pool_size, plan_.loser_rank) for r in keep], scores
-
-
 def read_selection(source, plan_: PairPlan) -> Iterator[Selected]:
     """The pairs ``plan_`` selects from one pool part, a row group at a time.
 
@@ -181,11 +169,12 @@ def read_selection(source, plan_: PairPlan) -> Iterator[Selected]:
     import pyarrow.parquet as pq
 
     part = pq.ParquetFile(source)
+    rule = by_selection(plan_.selection)
     for group in range(part.metadata.num_row_groups):
-        extra = ["self_scores", "self_least"] if plan_.selection == "ospo" else []
-        small = part.read_row_group(group, columns=SMALL_COLUMNS + extra)
+        small = part.read_row_group(group, columns=SMALL_COLUMNS + list(rule.pool_columns))
         keep = np.flatnonzero(small.column("prompt_index").to_numpy() < plan_.dataset_size)
-        keep, chosen, scores = _chosen(small, keep, plan_)
+        picked = rule.choose(small, keep, plan_.pool_size, plan_.loser_rank, plan_.margin)
+        keep, chosen = picked.rows, picked.pairs
         if not len(keep):
             continue
         held = small.column("latent_index").to_pylist()
@@ -196,8 +185,7 @@ def read_selection(source, plan_: PairPlan) -> Iterator[Selected]:
                 "prompt_id": [small.column("prompt_id")[int(r)].as_py() for r in keep],
                 "prompt": [small.column("prompt")[int(r)].as_py() for r in keep],
                 "winner": [w for w, _ in chosen], "loser": [l for _, l in chosen],
-                "score_w": [scores[r][w] for r, (w, _) in zip(keep, chosen)],
-                "score_l": [scores[r][l] for r, (_, l) in zip(keep, chosen)]}
+                "score_w": [float(w) for w, _ in picked.scores], "score_l": [float(l) for _, l in picked.scores]}
         yield Selected(rows, np.stack([latents[k][r] for r, k in zip(keep, at_w)]),
                        np.stack([latents[k][r] for r, k in zip(keep, at_l)]))
 
@@ -254,11 +242,9 @@ def select_part(pool_uri: str, part: str, dest: str, plan_: PairPlan, latent_sha
         for selected in _guarded(read_selection(source, plan_), where):
             hidden = encode_prompts(tokenizer, text_encoder, selected.rows["prompt"]).numpy()  # (m, L, D)
             hidden_shape[:] = hidden.shape[1:]
-            layout = Layout(tuple(latent_shape), tuple(hidden_shape), nouns=plan_.selection == "ospo")
+            layout = Layout(tuple(latent_shape), tuple(hidden_shape), nouns=by_selection(plan_.selection).needs_nouns)
             nouns = None
             if layout.nouns:
-                from hgdpo.pool.ospo import encode_nouns, noun_tokens
-
                 nouns = np.stack([encode_nouns(noun_tokens(tokenizer, p), hidden.shape[1])
                                   for p in selected.rows["prompt"]])  # (m, L)
             out.write(layout.pack(selected.latents_w, selected.latents_l, hidden, nouns))
@@ -372,24 +358,29 @@ def _finish(where: str, key_: str, cfg, meta: dict, plan_: PairPlan, parts: list
     index = pa.concat_tables(pieces).sort_by("index") if pieces else None
     got = index.column("index").to_numpy() if index is not None else np.zeros(0, np.int64)
     rows = plan_.dataset_size
-    if plan_.selection == "ospo":  # the prompts the self-judge kept, renumbered 0..rows-1 in prompt order
-        if len(np.unique(got)) != len(got) or (len(got) and got.max() >= plan_.dataset_size):
+    rule = by_selection(plan_.selection)
+    if rule.per_prompt != "one":  # the pairs the rule took, renumbered 0..rows-1 in prompt order
+        twice = rule.per_prompt == "at most one" and len(np.unique(got)) != len(got)
+        if twice or (len(got) and got.max() >= plan_.dataset_size):
             raise HgdpoError(f"train.pool: {cfg.pool}: a prompt index has two rows; the pool is inconsistent with its "
                              f"manifest")
         rows = len(got)
         if index is not None:
             index = index.append_column("prompt_index", index.column("index")).set_column(
                 0, "index", pa.array(np.arange(rows), pa.int64()))
-        if not rows:
+        if not rows and plan_.selection == "ospo":
             raise HgdpoError(f"train.pool: the self-judge kept none of the first {plan_.dataset_size} prompts of "
                              f"{cfg.pool} (no seed whose image passes every question while its negative fails one); "
                              f"lower train.ospo_margin or build the pool with more images per prompt")
+        if not rows:
+            raise HgdpoError(f"train.pool: the {plan_.selection} selection took no pair from the first "
+                             f"{plan_.dataset_size} prompts of {cfg.pool}")
     elif not np.array_equal(got, np.arange(plan_.dataset_size)):
         missing = sorted(set(range(plan_.dataset_size)) - set(got.tolist()))
         what = f"prompt index {missing[0]} has no row" if missing else "a prompt index has two rows"
         raise HgdpoError(f"train.pool: {cfg.pool}: {what} among the first {plan_.dataset_size} prompts; "
                          f"the pool is inconsistent with its manifest")
-    layout = Layout(tuple(meta["latent_shape"][1:]), tuple(hidden_shape), nouns=plan_.selection == "ospo")
+    layout = Layout(tuple(meta["latent_shape"][1:]), tuple(hidden_shape), nouns=rule.needs_nouns)
     storage.write_parquet(storage.join(where, INDEX), index)
     sizes = _sizes(where)
     files = {name: sizes.get(name) for name in sorted(set(index.column("file").to_pylist()))}
@@ -399,7 +390,7 @@ def _finish(where: str, key_: str, cfg, meta: dict, plan_: PairPlan, parts: list
             raise HgdpoError(f"{storage.join(where, name)}: {size} bytes, not {counts[name]} records of "
                              f"{layout.record_bytes}; delete {where} and rerun: it is rewritten")
     selection = {"pool_size": plan_.pool_size, "loser_rank": plan_.loser_rank, "dataset_size": plan_.dataset_size}
-    if plan_.selection != "rank":  # ospo: the self-judge's rule, and how many of the D prompts it kept (rows)
+    if plan_.selection != "rank":  # another rule (ospo, kto), and how many pairs it took from the D prompts (rows)
         selection.update(rule=plan_.selection, margin=plan_.margin)
     manifest = {
         "format": FORMAT, "key": key_, "pool": storage.absolute(cfg.pool), "pool_fingerprint": meta["fingerprint"],

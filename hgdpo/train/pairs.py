@@ -23,12 +23,6 @@ import numpy as np
 from hgdpo.errors import HgdpoError
 
 
-def choose_pair(scores: np.ndarray, n: int, loser_rank: int) -> tuple[int, int]:
-    """(winner, loser) indices among the first ``n`` images, ranked by score (ties: lower index)."""
-    order = np.argsort(-np.asarray(scores[:n]), kind="stable")
-    return int(order[0]), int(order[loser_rank - 1])
-
-
 @dataclass(frozen=True)
 class PairPlan:
     """What the trainer reads from a pool: resolved n, loser rank and D, and the shard layout."""
@@ -39,7 +33,7 @@ class PairPlan:
     data_shards: int
     global_batch: int
     seed: int
-    selection: str = "rank"  # "rank": by the pool's scores; "ospo": the self-judge's pair of hard negatives
+    selection: str = "rank"  # the objective's pair rule (hgdpo.objectives.base.Objective.selection)
     margin: float = 0.0  # ospo: the least margin an original must pass every question by
 
     @property
@@ -69,11 +63,9 @@ def plan(meta: dict, *, pool_size: int | None, loser_rank: int | None, dataset_s
          data_shards: int, global_batch: int, seed: int, selection: str = "rank", margin: float = 0.0) -> PairPlan:
     """Resolve the ablation settings against a pool's metadata; refuse what the pool cannot give.
 
-    ``selection="ospo"`` (objective ospo) needs a pool with hard negatives; its dataset then holds the
-    prompts among the first D that the self-judge kept (``hgdpo.pool.ospo.choose_pair``), renumbered."""
-    if selection == "ospo" and not meta["config"].get("hard_negatives"):
-        raise HgdpoError(f"train.objective: ospo trains on a pool with hard negatives; {meta['config']['output']} "
-                         f"has none (build one with pool.hard_negatives: [replace, swap, drop])")
+    ``selection`` names the objective's pair rule (``hgdpo.objectives``: ``rank`` by the pool's scores,
+    ``ospo`` the self-judge's pairs, ...); a rule that does not give one pair per prompt makes a dataset of
+    the pairs it takes from the first D prompts, renumbered."""
     big_n = int(meta["images_per_prompt"])
     n = pool_size if pool_size is not None else big_n
     if n > big_n:

@@ -54,24 +54,20 @@ from hgdpo.config.core import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.infra import devices, storage, tracking
 from hgdpo.models import loading as models
-from hgdpo.models.attention import capture
 from hgdpo.models.lora import INFO_FILE, add_lora, load_lora_state, lora_state, save_adapter
-from hgdpo.objectives import losses
+from hgdpo.objectives.registry import OBJECTIVES, by_selection
 from hgdpo.pool import store as pool
-from hgdpo.pool.ospo import decode_nouns, mask_weights
+from hgdpo.pool.ospo import decode_nouns
 from hgdpo.train import pair_data
 from hgdpo.train.config import TrainConfig
 from hgdpo.train.pairs import PairPlan
 from hgdpo.train.pairs import plan as make_plan
+from hgdpo.train.step import first_picture, measures_stat, micro_step, pair_noise
 
 RUN_NAME = "train"  # Ray Train run folder inside <output>/checkpoints
 ADAPTER_DIR = "adapter"
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 PROBES = ("stat_dpo_grad_ratio",)  # metrics measured once a metrics window, not averaged over its steps
-FOCUS_PICTURE = "focus/weights.png"  # objective focus: the first step's weights, in the run's MLflow artifacts
-FOCUS_PICTURE_TIMESTEPS = (100, 500, 900)  # low, middle and high noise (the default complexity ramp: 600 to 300)
-FOCUS_PICTURE_PAIRS = 4
-OSPO_PICTURE = "ospo/masks.png"  # objective ospo: the first step's object-mask weights of winners and losers
 
 
 def lr_factor(cfg: TrainConfig):
@@ -104,18 +100,19 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device):
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def pair_noise(seed: int, step: int, index: int, shape: tuple[int, ...], timesteps: tuple[int, int]):
-    """The timestep (uniform in ``timesteps``, [low, high)) and noise of pair ``index`` at ``step``: a
-    function of (seed, step, index) only."""
-    digest = hashlib.sha256(f"{seed}:{step}:{index}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    t = torch.randint(timesteps[0], timesteps[1], (1,), generator=gen)
-    return t, torch.randn(shape, generator=gen)
+def _digest(settings: dict, meta: dict) -> str:
+    data = dict(settings, pool_fingerprint=meta["fingerprint"])
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def fingerprint(cfg: TrainConfig, meta: dict) -> str:
-    data = dict(cfg.resume_settings(), pool_fingerprint=meta["fingerprint"])
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """What a checkpoint and an adapter of ``cfg`` on this pool are stamped with."""
+    return _digest(cfg.resume_settings(), meta)
+
+
+def fingerprints(cfg: TrainConfig, meta: dict) -> tuple[str, ...]:
+    """The stamps that match ``cfg``: its own, then those of older adapters that trained the same way."""
+    return (fingerprint(cfg, meta), *(_digest(s, meta) for s in cfg.legacy_resume_settings()))
 
 
 @dataclass(frozen=True)
@@ -184,156 +181,6 @@ def optimizer_step(optimizer, params, max_grad_norm: float, scaler: torch.amp.Gr
     return StepOutcome(grad_norm, applied=scaler.get_scale() >= scale, diverged=False)
 
 
-def stat_coefficient(cfg: TrainConfig, noise_scheduler, t: torch.Tensor) -> torch.Tensor:
-    """(m,) the noise prediction's coefficient in eq. 8's sampler step (``cfg.stat_step``): one step of the
-    training DDPM schedule, or one deterministic DDIM step of the sampling schedule."""
-    if cfg.stat_step == "ddpm":
-        return losses.ddpm_eps_coefficient(noise_scheduler, t)
-    prev = losses.sampling_prev_timestep(noise_scheduler, t, cfg.stat_sampler_steps)
-    return losses.ddim_eps_coefficient(noise_scheduler, t, prev)
-
-
-def grad_norm_ratio(a: torch.Tensor, b: torch.Tensor, params) -> torch.Tensor:
-    """``||d a / d params|| / ||d b / d params||``, leaving the graph for the step's own backward pass
-    (two extra backward passes: taken only at a metrics step). Under fp16 autocast the unscaled
-    gradients can underflow: the ratio is then rough."""
-    def norm(loss):
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
-    return (norm(a) / norm(b).clamp_min(1e-30)).detach()
-
-
-def _default_mask_resolution(unet) -> int:
-    from hgdpo.models.attention import cross_attention_layers, default_resolution
-
-    side = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
-    return default_resolution(sorted(set(cross_attention_layers(unet).values())), side)
-
-
-def micro_step(cfg: TrainConfig, model, unet, noise_scheduler, emb, lat_w, lat_l, t, noise,
-               autocast, probe=None, nouns=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one micro-batch of m pairs. ``lat_*``, ``noise``: (m, C, h, w); ``t``: (m,); ``emb``:
-    (m, L, D) the prompts' text-encoder hidden states (``pair_data.encode_prompts``); ``model``: ``unet``
-    or its DDP wrapper; ``autocast``: a fresh ``Precision.autocast()``. ``probe``: the LoRA parameters,
-    to measure (``hgdpo``) the ratio of the weighted statistic-matching term's gradient norm to the DPO
-    term's, ``stat_dpo_grad_ratio``: how much eq. 9's second term steers the update. ``nouns`` (``ospo``): per
-    pair, its prompt's noun token groups."""
-    device = lat_w.device
-    if cfg.objective == "sft":
-        noisy_w = noise_scheduler.add_noise(lat_w, noise, t)
-        with autocast:
-            policy_w = model(noisy_w, t, encoder_hidden_states=emb).sample
-        loss = losses.sft_loss(policy_w.float(), noise)
-        return loss, {"loss": loss.detach(), "sft": loss.detach()}
-    x0 = torch.cat([lat_w, lat_l])  # winner and loser in one batch: (2m, C, h, w)
-    noise2, t2, emb2 = torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([emb, emb])
-    noisy = noise_scheduler.add_noise(x0, noise2, t2)
-    # ospo: the reference pass also records its cross-attention, for each image's object mask.
-    recording = _null() if cfg.objective != "ospo" else capture(
-        unet, resolutions=cfg.ospo_mask_resolutions or [_default_mask_resolution(unet)])
-    with torch.no_grad(), autocast, recording as cap:
-        unet.disable_adapters()  # the reference: the same UNet without its adapters
-        try:
-            ref = unet(noisy, t2, encoder_hidden_states=emb2).sample.float()
-        finally:
-            unet.enable_adapters()
-    with autocast:
-        policy = model(noisy, t2, encoder_hidden_states=emb2).sample.float()
-    m = len(lat_w)
-    if cfg.objective == "ospo":  # each image's own object mask, from the reference's attention to its nouns
-        weight = mask_weights(cap.mean(), nouns + nouns, tuple(noisy.shape[-2:]), alpha=cfg.ospo_alpha,
-                              gamma_m=cfg.ospo_gamma)  # (2m, 1, h, w): OSPO's w = 1 + alpha * m^gamma
-        policy_err = losses.weighted_per_sample_error(noise2, policy, weight)
-        ref_err = losses.weighted_per_sample_error(noise2, ref, weight)
-    elif cfg.objective == "focus":  # one weight per pair, on the winner's and the loser's errors alike
-        from hgdpo.objectives.focus import focus_weight
-
-        weight = torch.cat([focus_weight(lat_w, lat_l, t, ref[:m], noise, cfg.focus_settings())] * 2)
-        policy_err = losses.weighted_per_sample_error(noise2, policy, weight)
-        ref_err = losses.weighted_per_sample_error(noise2, ref, weight)
-    else:
-        policy_err = losses.per_sample_error(noise2, policy)
-        ref_err = losses.per_sample_error(noise2, ref)
-    loss_dpo, stats = losses.dpo_loss(policy_err[:m], policy_err[m:], ref_err[:m], ref_err[m:], beta=cfg.beta)
-    stats = dict(stats, dpo=loss_dpo.detach())
-    loss = loss_dpo
-    if cfg.objective == "hgdpo":
-        coef = stat_coefficient(cfg, noise_scheduler, t).to(device)
-        loss_stat = losses.stat_matching_loss(policy[:m], ref[:m], coef)
-        loss = losses.total_loss(loss_dpo, loss_stat, cfg.lambda_stat)
-        stats["stat"] = loss_stat.detach()
-        if probe is not None:
-            stats["stat_dpo_grad_ratio"] = grad_norm_ratio(cfg.lambda_stat * loss_stat, loss_dpo, probe)
-    stats["loss"] = loss.detach()
-    return loss, stats
-
-
-def focus_picture(cfg: TrainConfig, unet, noise_scheduler, batch, index: np.ndarray, step: int,
-                  device: torch.device, autocast):
-    """A picture (``pictures.weight_grid``) of the ``focus`` weight of the first ``FOCUS_PICTURE_PAIRS`` pairs of a
-    worker's ``batch`` at ``step`` (``index``: their pair indices), at each of ``FOCUS_PICTURE_TIMESTEPS`` with the
-    pair's noise of that step. One reference pass (no grad, adapters disabled) of at most ``FOCUS_PICTURE_PAIRS``
-    latents per timestep, which changes nothing of the training (no random draw, no state)."""
-    from hgdpo.objectives.focus import focus_weight
-    from hgdpo.report.pictures import weight_grid
-
-    m = min(len(index), FOCUS_PICTURE_PAIRS)
-    lat_w, lat_l, emb = (torch.from_numpy(x[:m]).to(device, torch.float32)
-                         for x in (batch.latents_w, batch.latents_l, batch.hidden))  # (m, C, h, w), (m, L, D)
-    noise = torch.stack([pair_noise(cfg.seed, step, int(i), tuple(lat_w.shape[1:]),
-                                    cfg.timesteps(noise_scheduler.config.num_train_timesteps))[1]
-                         for i in index[:m]]).to(device)
-    weights = []
-    for timestep in FOCUS_PICTURE_TIMESTEPS:
-        t = torch.full((m,), timestep, device=device)
-        with torch.no_grad(), autocast:
-            unet.disable_adapters()
-            try:
-                ref_w = unet(noise_scheduler.add_noise(lat_w, noise, t), t, encoder_hidden_states=emb).sample.float()
-            finally:
-                unet.enable_adapters()
-        weights.append(focus_weight(lat_w, lat_l, t, ref_w, noise, cfg.focus_settings())[:, 0])  # (m, h, w)
-    return weight_grid(lat_w.cpu().numpy(), lat_l.cpu().numpy(), torch.stack(weights, dim=1).cpu().numpy(),
-                       [f"W t={t}" for t in FOCUS_PICTURE_TIMESTEPS])
-
-
-def ospo_picture(cfg: TrainConfig, unet, noise_scheduler, batch, index: np.ndarray, step: int,
-                 device: torch.device, autocast):
-    """A picture (``pictures.weight_grid``) of the ``ospo`` weights (each image's object mask) of the first
-    ``FOCUS_PICTURE_PAIRS`` pairs of a worker's ``batch`` at ``step``: the winner's and the loser's, at each of
-    ``FOCUS_PICTURE_TIMESTEPS``, with the pair's noise of that step. Reference passes only (no grad, adapters
-    disabled, no random draw): the training is unchanged."""
-    from hgdpo.report.pictures import weight_grid
-
-    m = min(len(index), FOCUS_PICTURE_PAIRS)
-    lat_w, lat_l, emb = (torch.from_numpy(x[:m]).to(device, torch.float32)
-                         for x in (batch.latents_w, batch.latents_l, batch.hidden))
-    nouns = [decode_nouns(x) for x in batch.nouns[:m]]
-    noise = torch.stack([pair_noise(cfg.seed, step, int(i), tuple(lat_w.shape[1:]),
-                                    cfg.timesteps(noise_scheduler.config.num_train_timesteps))[1]
-                         for i in index[:m]]).to(device)
-    resolutions = cfg.ospo_mask_resolutions or [_default_mask_resolution(unet)]
-    weights, labels = [], []
-    for timestep in FOCUS_PICTURE_TIMESTEPS:
-        t = torch.full((m,), timestep, device=device)
-        for side, lat in (("winner", lat_w), ("loser", lat_l)):
-            noisy = noise_scheduler.add_noise(lat, noise, t)
-            with torch.no_grad(), autocast, capture(unet, resolutions=resolutions) as cap:
-                unet.disable_adapters()
-                try:
-                    unet(noisy, t, encoder_hidden_states=emb)
-                finally:
-                    unet.enable_adapters()
-            weights.append(mask_weights(cap.mean(), nouns, tuple(lat.shape[-2:]), alpha=cfg.ospo_alpha,
-                                        gamma_m=cfg.ospo_gamma)[:, 0])  # (m, h, w)
-            labels.append(f"W {side[0]} t={timestep}")
-    return weight_grid(lat_w.cpu().numpy(), lat_l.cpu().numpy(), torch.stack(weights, dim=1).cpu().numpy(), labels)
-
-
-# The region-weighted objectives' picture of their weights, logged at a run's first step.
-PICTURES = {"focus": (FOCUS_PICTURE, focus_picture), "ospo": (OSPO_PICTURE, ospo_picture)}
-
-
 def log_picture(client, run_id: str, artifact: str, picture) -> None:
     """``picture`` (a PIL image) as the PNG ``artifact`` (a path inside the run's artifacts) of the MLflow run
     ``run_id``, through ``client``."""
@@ -356,14 +203,14 @@ def save_checkpoint(directory: Path, unet, optimizer, scheduler, step: int, fp: 
     (directory / "state.json").write_text(json.dumps({"step": step, "fingerprint": fp}))
 
 
-def load_checkpoint(directory: Path, unet, optimizer, scheduler, fp: str,
+def load_checkpoint(directory: Path, unet, optimizer, scheduler, fp: str | tuple[str, ...],
                     scaler: torch.amp.GradScaler | None = None) -> int:
     """Restore what ``save_checkpoint`` wrote; returns its step. A checkpoint without a scaler's state (one
     written in bf16 or float32, ``mixed_precision: auto`` on other GPUs) leaves ``scaler`` as it starts."""
     from safetensors.torch import load_file
 
     state = json.loads((directory / "state.json").read_text())
-    if state["fingerprint"] != fp:
+    if state["fingerprint"] not in ((fp,) if isinstance(fp, str) else fp):
         raise HgdpoError(f"checkpoint {directory} was written with another config; use another output")
     load_lora_state(unet, load_file(str(directory / "adapter.safetensors")))
     # Our own file (tensors, numbers, dicts), so the safe weights-only unpickler suffices.
@@ -436,6 +283,7 @@ def train_loop(config: dict) -> dict | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     prec = precision(cfg, device)
+    objective = OBJECTIVES[cfg.objective](cfg)
 
     # The UNet alone: the hidden states come with the pairs, and the latents need no VAE.
     unet = models.load_unet(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
@@ -456,7 +304,7 @@ def train_loop(config: dict) -> dict | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            start = load_checkpoint(Path(d), unet, optimizer, scheduler, config["fingerprint"], prec.scaler)
+            start = load_checkpoint(Path(d), unet, optimizer, scheduler, tuple(config["accepted"]), prec.scaler)
 
     shards = plan_.worker_shards(rank, world)
     reader = pair_data.PairReader(config["pairs"], config["pairs_manifest"],
@@ -475,10 +323,9 @@ def train_loop(config: dict) -> dict | None:
     counted, applied, skipped, tick = 0, 0, 0, time.perf_counter()
     steps = range(start, cfg.max_steps)
     for step, (index, batch) in zip(steps, pair_data.prefetched(load, steps)):
-        if step == 0 and cfg.objective in PICTURES and mlflow_client is not None:  # rank 0, once a run
-            artifact, picture = PICTURES[cfg.objective]
-            log_picture(mlflow_client, config["mlflow_run_id"], artifact,
-                        picture(cfg, unet, noise_scheduler, batch, index, step, device, prec.autocast()))
+        if step == 0 and objective.picture_name and mlflow_client is not None:  # rank 0, once a run
+            log_picture(mlflow_client, config["mlflow_run_id"], objective.picture_name,
+                        first_picture(cfg, objective, unet, noise_scheduler, batch, index, step, device, prec.autocast()))
         for k in range(0, per_worker, cfg.micro_batch):
             part = slice(k, k + cfg.micro_batch)
             ids = index[part]
@@ -492,11 +339,12 @@ def train_loop(config: dict) -> dict | None:
             sync = model.no_sync() if (world > 1 and not last) else _null()
             # Not at step 0: a new adapter's policy is the reference there, so the statistic term's gradient is 0.
             probing = (k == 0 and cfg.probe_every > 0 and step > 0 and step % cfg.probe_every == 0
-                       and cfg.objective == "hgdpo")
+                       and measures_stat(cfg, objective))
             with sync:
                 nouns = None if batch.nouns is None else [decode_nouns(x) for x in batch.nouns[part]]
                 loss, stats = micro_step(cfg, model, unet, noise_scheduler, emb, lat_w, lat_l, t, noise,
-                                         prec.autocast(), probe=params if probing else None, nouns=nouns)
+                                         prec.autocast(), probe=params if probing else None, nouns=nouns,
+                                         objective=objective)
                 scaled = loss * (len(ids) / per_worker)
                 (prec.scaler.scale(scaled) if prec.scaler else scaled).backward()
             for name, value in stats.items():
@@ -612,32 +460,16 @@ def check_prediction_type(cfg: TrainConfig) -> None:
                          f"objective: its losses compare the UNet's output with the noise")
 
 
-def mask_resolutions(cfg: TrainConfig) -> list[int]:
-    """The cross-attention resolutions ``ospo`` reads its masks from (``ospo_mask_resolutions``, or the
-    default), each checked against the UNet's config."""
-    from hgdpo.models.attention import config_resolutions, default_resolution
-
-    config = models.component_config(cfg.model, "unet", model_config=cfg.model_config)
-    have = config_resolutions(config)
-    side = config["sample_size"] if isinstance(config["sample_size"], int) else config["sample_size"][0]
-    chosen = cfg.ospo_mask_resolutions or [default_resolution(have, side)]
-    for i, r in enumerate(chosen):
-        if r not in have:
-            raise HgdpoError(f"train.ospo_mask_resolutions[{i}]: the UNet of {cfg.model!r} has no cross-attention "
-                             f"layers at resolution {r}; it has {', '.join(map(str, have))}")
-    return chosen
-
-
 def _kept_pairs(plan_: PairPlan, pairs) -> PairPlan:
-    """``ospo``: the plan over the pairs the self-judge kept (the dataset's rows), refused when they cannot fill a
-    global batch."""
-    if plan_.selection != "ospo":
+    """A selection that does not give one pair per prompt (ospo: at most one; kto: several): the plan over the pairs
+    it took (the dataset's rows), refused when they cannot fill a global batch."""
+    if by_selection(plan_.selection).per_prompt == "one":
         return plan_
     kept = dataclasses.replace(plan_, dataset_size=int(pairs.manifest["rows"]))
     if kept.steps_per_epoch() < 1:
-        raise HgdpoError(f"train.dataset_size: the self-judge kept {kept.dataset_size} of the first "
-                         f"{plan_.dataset_size} prompts, too few for {plan_.data_shards} shards and a global batch of "
-                         f"{plan_.global_batch}; lower global_batch or train.ospo_margin, or build a bigger pool")
+        raise HgdpoError(f"train.dataset_size: the {plan_.selection} selection took {kept.dataset_size} pairs from "
+                         f"the first {plan_.dataset_size} prompts, too few for {plan_.data_shards} shards and a global "
+                         f"batch of {plan_.global_batch}; lower global_batch, or build a bigger pool")
     return kept
 
 
@@ -656,11 +488,12 @@ def prepare(cfg: TrainConfig) -> tuple[dict, PairPlan, str]:
     if base.get("fingerprint") != ours:
         raise HgdpoError(f"train.model: the pool {cfg.pool} was written with base model {base.get('name')!r} "
                          f"(fingerprint {base.get('fingerprint')}), not with {cfg.model!r} (fingerprint {ours})")
+    objective = OBJECTIVES[cfg.objective](cfg)
+    objective.check_pool(meta)
     plan_ = make_plan(meta, pool_size=cfg.pool_size, loser_rank=cfg.loser_rank, dataset_size=cfg.dataset_size,
                       data_shards=cfg.data_shards, global_batch=cfg.global_batch, seed=cfg.seed,
-                      selection="ospo" if cfg.objective == "ospo" else "rank", margin=cfg.ospo_margin)
-    if cfg.objective == "ospo":
-        mask_resolutions(cfg)  # refuses layers the UNet does not have
+                      selection=objective.selection, margin=objective.plan_margin())
+    objective.check_model(models.component_config(cfg.model, "unet", model_config=cfg.model_config), cfg.model)
     if cfg.optimizer == "adamw8bit" and not eight_bit_available():
         raise HgdpoError("train.optimizer: adamw8bit needs CUDA and bitsandbytes; use `auto` or `adamw`")
     return meta, plan_, fingerprint(cfg, meta)
@@ -688,18 +521,19 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
     from hgdpo.infra.raycluster import ensure_ray, warn_if_not_shared
 
     meta, plan_, fp = prepare(cfg)
+    accepted = fingerprints(cfg, meta)
     output = storage.absolute(cfg.output)
     adapter = storage.join(output, ADAPTER_DIR)
     if storage.is_file(storage.join(adapter, INFO_FILE)):
         info = storage.read_json(storage.join(adapter, INFO_FILE), "adapter info")
-        if info.get("fingerprint") != fp:
+        if info.get("fingerprint") not in accepted:
             raise HgdpoError(f"output: {output} holds an adapter trained with another config; use another output")
         log(f"train: {adapter} is already trained with this config; nothing to do")
         return TrainResult(output, adapter, cfg.max_steps, {}, skipped=True)
     latest = _latest(output)
     if latest is not None:
         state = _checkpoint_state(latest)
-        if state.get("fingerprint") != fp:
+        if state.get("fingerprint") not in accepted:
             raise HgdpoError(f"output: the checkpoint {storage.join(_run_dir(output), storage.name(latest.path))} was "
                              f"written with another config (pool, model or training settings differ); use another output")
         log(f"train: resuming from {storage.name(latest.path)} (step {state['step']})")
@@ -727,7 +561,7 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
             log(f"train: adapter written to {adapter}")
             return TrainResult(output, adapter, cfg.max_steps, {})
         loop_config = {
-            "train": to_dict(cfg), "plan": asdict(plan_), "fingerprint": fp,
+            "train": to_dict(cfg), "plan": asdict(plan_), "fingerprint": fp, "accepted": list(accepted),
             "latent_shape": meta["latent_shape"][1:], "adapter_info": info,
             "mlflow_run_id": run.info.run_id, "mlflow_uri": tracking.tracking_uri(cfg.mlflow_uri),
             "driver_node": ray.get_runtime_context().get_node_id(),
@@ -741,7 +575,9 @@ def train(cfg: TrainConfig, log=print, mlflow_run_id: str | None = None) -> Trai
         if plan_.selection == "ospo":
             log(f"train: ospo: the self-judge kept {plan_.dataset_size} pairs")
             mlflow.set_tag("ospo_pairs", plan_.dataset_size)
-            info["plan"] = asdict(plan_)
+        elif by_selection(plan_.selection).per_prompt != "one":
+            log(f"train: {cfg.objective}: {plan_.dataset_size} pairs from the pool")
+        info["plan"] = asdict(plan_)
         loop_config.update(pairs=pairs.location, pairs_manifest=pairs.manifest, plan=asdict(plan_))
         trainer = TorchTrainer(
             train_loop, train_loop_config=loop_config,
