@@ -24,6 +24,7 @@ from hgdpo.evaluate.config import EvalConfig
 from hgdpo.infra import tracking
 from hgdpo.infra.storage import absolute as absolute_location
 from hgdpo.infra.storage import join, parent
+from hgdpo.objectives.registry import OBJECTIVES
 from hgdpo.train.config import TrainConfig
 
 # The parameters a trial may set, under the names the paper's tables use, and their stage.
@@ -31,6 +32,7 @@ TRAIN_PARAMETERS = ("objective", "pool_size", "loser_rank", "dataset_size", "bet
                     "stat_sampler_steps", "learning_rate", "max_steps", "lora_rank", "focus_alpha_d", "focus_alpha_c",
                     "focus_gamma_c", "focus_t_lo", "focus_t_hi", "ospo_alpha", "ospo_gamma", "ospo_margin",
                     "timestep_min", "timestep_max")
+TRAIN_PARAMETERS += tuple(f.name for o in OBJECTIVES.values() for f in o.own_fields() if f.name not in TRAIN_PARAMETERS)
 EVAL_PARAMETERS = ("lan", "alpha")
 # A trial's own pool (e.g. an imported public set for Table 1's rows) instead of the sweep's; a named trial only.
 PARAMETERS = TRAIN_PARAMETERS + EVAL_PARAMETERS + ("pool",)

@@ -201,6 +201,9 @@ class TrainConfig(Tracking, *settings_classes()):
         """The settings a checkpoint or an adapter must have been made with (``lambda_stat`` as taken)."""
         values = {k: getattr(self, k) for k in RESUME_FIELDS
                   if not (k in NEWER_RESUME_FIELDS and getattr(self, k) == NEWER_RESUME_FIELDS[k])}
+        for f in (f for o in OBJECTIVES.values() for f in o.own_fields()):  # an objective's newer settings: at
+            if f.name not in RESUME_FIELDS and getattr(self, f.name) != f.default:  # their defaults, left out
+                values[f.name] = getattr(self, f.name)
         values["lambda_stat"] = self.lambda_stat if self.lambda_stat is not None else self.stat_weight()
         if self.objective != "hgdpo" and self.stat_weight() > 0:
             values["stat_regulariser"] = True  # not an adapter made when only hgdpo took lambda_stat
