@@ -279,6 +279,33 @@ def test_objectives_dpo_and_sft_train(work):
     assert adapter(work, "dpo").keys() == adapter(work, "sft").keys()
 
 
+def test_kto_learns_from_every_image_above_and_below_its_prompts_median(work):
+    """objective kto: each prompt's 4 images give 2 records (a desirable one above the median with an undesirable
+    one below it); the loss starts at 1/2 (policy == reference: every image at the reference point)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from hgdpo.pool import store as pool
+
+    assert run(work, "kto", "max_steps=2", "objective=kto") == 0
+    info = json.loads((work / "kto" / "adapter" / INFO_FILE).read_text())
+    assert info["plan"]["selection"] == "utility" and info["plan"]["dataset_size"] == 2 * len(PROMPTS)
+    (pairs,) = [p for p in work.glob("pairs-*") if json.loads((p / "pairs.json").read_text())["selection"].get(
+        "rule") == "utility"]
+    index = pq.read_table(pairs / "index.parquet").to_pylist()
+    scores = {r["prompt_index"]: r["scores"] for r in pool.read(work / "pool", columns=["prompt_index", "scores"])
+              .to_pylist()}
+    for prompt in range(len(PROMPTS)):
+        records = [r for r in index if r["prompt_index"] == prompt]
+        median = float(np.median(scores[prompt]))
+        assert len(records) == 2 and all(r["score_w"] > median > r["score_l"] for r in records)
+        assert sorted(i for r in records for i in (r["winner"], r["loser"])) == [0, 1, 2, 3]  # all 4 images teach
+    client, run_ = train_run(work, "kto")
+    assert run_.data.tags["objective"] == "kto"
+    losses = [m.value for m in client.get_metric_history(run_.info.run_id, "kto")]
+    assert len(losses) == 2 and abs(losses[0] - 0.5) < 1e-4 and "stat" not in run_.data.metrics
+
+
 def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, capsys):
     """A pool row whose latents are NaN (a corrupt sample) poisons the loss at the step that draws it."""
     import numpy as np

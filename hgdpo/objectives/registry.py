@@ -6,10 +6,11 @@ from hgdpo.objectives.base import Objective
 from hgdpo.objectives.dpo import DPO
 from hgdpo.objectives.focus import Focus
 from hgdpo.objectives.hgdpo import HGDPO
+from hgdpo.objectives.kto import KTO
 from hgdpo.objectives.ospo import OSPO
 from hgdpo.objectives.sft import SFT
 
-OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (HGDPO, DPO, SFT, Focus, OSPO)}
+OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (HGDPO, DPO, SFT, Focus, OSPO, KTO)}
 
 
 def settings_classes() -> tuple[type, ...]:
