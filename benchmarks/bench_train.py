@@ -95,8 +95,8 @@ def load_pairs(pool_dir: Path, m: int) -> dict:
     import numpy as np
     import torch
 
-    from hgdpo.pool import store as pool
     from hgdpo.objectives.base import choose_pair
+    from hgdpo.pool import store as pool
 
     meta = pool.read_meta(str(pool_dir))
     n = int(meta["images_per_prompt"])
@@ -126,7 +126,7 @@ def make_batch(inputs: dict, seed: int, step: int, noise_scheduler) -> dict:
     """The step's inputs: pairs plus the trainer's own timestep and noise draw per pair."""
     import torch
 
-    from hgdpo.train.trainer import pair_noise
+    from hgdpo.train.step import pair_noise
 
     shape = tuple(inputs["lat_w"].shape[1:])
     drawn = [pair_noise(seed, step, int(i), shape, (0, noise_scheduler.config.num_train_timesteps))
@@ -197,17 +197,16 @@ class Step:
         import torch
 
         from hgdpo.models.lora import add_lora
-        from hgdpo.train import step as train_step
-        from hgdpo.train import trainer
+        from hgdpo.train import optim
         from hgdpo.train.config import TrainConfig
 
         self.name, self.pipe, self.unet, self.ns = name, pipe, unet, noise_scheduler
         self.cfg = TrainConfig(pool="-", output="-", objective=objective, lora_rank=args.lora_rank,
                                learning_rate=args.learning_rate, seed=args.seed, max_steps=10**6)
         self.params = add_lora(unet, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.seed)
-        self.opt = trainer.make_optimizer(self.cfg, self.params, torch.device("cpu"))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, trainer.lr_factor(self.cfg))
-        self.autocast = trainer.precision(self.cfg, torch.device("cpu")).autocast()
+        self.opt = optim.make_optimizer(self.cfg, self.params, torch.device("cpu"))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, optim.lr_factor(self.cfg))
+        self.autocast = optim.precision(self.cfg, torch.device("cpu")).autocast()
         self.timings = Timings()
         self.timings.hook(unet, unet_part())
         self.timings.hook(pipe.text_encoder, lambda: "text encoder")
@@ -220,7 +219,8 @@ class Step:
         return [p for n, p in self.unet.named_parameters() if p.requires_grad and "lora_B" in n]
 
     def loss(self, b, from_pixels: bool = True):
-        from hgdpo.train import pair_data, trainer
+        from hgdpo.train import pair_data
+        from hgdpo.train import step as train_step
 
         if "emb" not in b:  # the trainer's pairs carry the prompts' hidden states, encoded once
             b["emb"] = pair_data.encode_prompts(self.tok, self.pipe.text_encoder, b["prompts"])

@@ -18,8 +18,8 @@ from hgdpo.infra import devices
 from hgdpo.models import loading as models
 from hgdpo.models.lora import add_lora
 from hgdpo.objectives.focus import Focus
+from hgdpo.train import optim
 from hgdpo.train import step as train_step
-from hgdpo.train import trainer
 from hgdpo.train.config import TrainConfig
 
 SHAPE = (4, 16, 16)  # the embedded model's latents
@@ -35,8 +35,8 @@ def setup():
     cfg = config()
     unet = models.load_unet("embedded")
     params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-    optimizer = trainer.make_optimizer(cfg, params, torch.device("cpu"))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_factor(cfg))
+    optimizer = optim.make_optimizer(cfg, params, torch.device("cpu"))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_factor(cfg))
     noise_scheduler = DDPMScheduler.from_config(models.scheduler_config("embedded"), clip_sample=False)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # LoRA's B starts at zero: give it values, so the loss has a non-zero gradient
@@ -72,7 +72,7 @@ def test_with_a_scaler_an_inf_gradient_skips_that_step_halves_the_scale_and_trai
         backward(cfg, unet, noise_scheduler, batch, scaler)
         if step == 1:  # an overflow in the backward pass, as fp16 gives when the scale is too high
             params[3].grad[0, 0] = float("inf")
-        outcome = trainer.optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
+        outcome = optim.optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
         optimizer.zero_grad(set_to_none=True)
         outcomes.append(outcome)
         assert not outcome.diverged
@@ -83,21 +83,21 @@ def test_with_a_scaler_an_inf_gradient_skips_that_step_halves_the_scale_and_trai
     assert scaler.state_dict()["_growth_tracker"] == 2  # the two good steps since the overflow
 
     # The scaler's state travels in the checkpoint and comes back on resume.
-    trainer.save_checkpoint(tmp_path, unet, optimizer, schedule, 4, "fp", scaler)
+    optim.save_checkpoint(tmp_path, unet, optimizer, schedule, 4, "fp", scaler)
     fresh = models.load_unet("embedded")
     fresh_params = add_lora(fresh, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-    fresh_opt = trainer.make_optimizer(cfg, fresh_params, torch.device("cpu"))
-    fresh_schedule = torch.optim.lr_scheduler.LambdaLR(fresh_opt, trainer.lr_factor(cfg))
+    fresh_opt = optim.make_optimizer(cfg, fresh_params, torch.device("cpu"))
+    fresh_schedule = torch.optim.lr_scheduler.LambdaLR(fresh_opt, optim.lr_factor(cfg))
     restored = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    assert trainer.load_checkpoint(tmp_path, fresh, fresh_opt, fresh_schedule, "fp", restored) == 4
+    assert optim.load_checkpoint(tmp_path, fresh, fresh_opt, fresh_schedule, "fp", restored) == 4
     assert restored.state_dict() == scaler.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(fresh_params, params))
 
     # ...and the resumed run continues exactly as the uninterrupted one.
     backward(cfg, unet, noise_scheduler, batch, scaler)
-    trainer.optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
+    optim.optimizer_step(optimizer, params, cfg.max_grad_norm, scaler)
     backward(cfg, fresh, noise_scheduler, batch, restored)
-    trainer.optimizer_step(fresh_opt, fresh_params, cfg.max_grad_norm, restored)
+    optim.optimizer_step(fresh_opt, fresh_params, cfg.max_grad_norm, restored)
     assert all(torch.equal(a, b) for a, b in zip(fresh_params, params))
     assert restored.get_scale() == scaler.get_scale()
 
@@ -107,26 +107,26 @@ def test_without_a_scaler_a_nonfinite_gradient_is_divergence(setup):
     before = snapshot(params)
     backward(cfg, unet, noise_scheduler, batch)
     params[0].grad[0, 0] = float("nan")
-    outcome = trainer.optimizer_step(optimizer, params, cfg.max_grad_norm)
+    outcome = optim.optimizer_step(optimizer, params, cfg.max_grad_norm)
     assert outcome.diverged and not outcome.applied and unchanged(params, before)
     optimizer.zero_grad(set_to_none=True)
     backward(cfg, unet, noise_scheduler, batch)
-    outcome = trainer.optimizer_step(optimizer, params, cfg.max_grad_norm)
+    outcome = optim.optimizer_step(optimizer, params, cfg.max_grad_norm)
     assert outcome.applied and not outcome.diverged and not unchanged(params, before)
 
 
 def test_a_checkpoint_without_scaler_state_leaves_the_scaler_as_it_starts(setup, tmp_path):
     _, unet, _, optimizer, schedule, _, _ = setup
-    trainer.save_checkpoint(tmp_path, unet, optimizer, schedule, 3, "fp")  # written in float32 or bf16
+    optim.save_checkpoint(tmp_path, unet, optimizer, schedule, 3, "fp")  # written in float32 or bf16
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**7)
-    assert trainer.load_checkpoint(tmp_path, unet, optimizer, schedule, "fp", scaler) == 3
+    assert optim.load_checkpoint(tmp_path, unet, optimizer, schedule, "fp", scaler) == 3
     backward_ready = scaler.scale(torch.ones(()))  # the scale is initialised on first use
     assert float(backward_ready) == 2.0**7
 
 
 def test_on_cpu_training_is_float32_without_a_scaler():
     for setting in ("auto", "fp16", "bf16", "no"):
-        prec = trainer.precision(config(mixed_precision=setting), torch.device("cpu"))
+        prec = optim.precision(config(mixed_precision=setting), torch.device("cpu"))
         assert prec.dtype == torch.float32 and prec.scaler is None
         with prec.autocast():
             assert not torch.is_autocast_enabled("cpu")
@@ -141,11 +141,11 @@ def test_auto_picks_bf16_only_where_the_gpu_has_bf16_tensor_cores(monkeypatch, g
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: major_minor)
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # as on a V100
-    prec = trainer.precision(config(mixed_precision="auto"), torch.device("cuda", 0))
+    prec = optim.precision(config(mixed_precision="auto"), torch.device("cuda", 0))
     assert prec.dtype == dtype, gpu
     assert (prec.scaler is not None) == (dtype == torch.float16)  # fp16 always with its loss scaler
-    assert trainer.precision(config(mixed_precision="bf16"), torch.device("cuda", 0)).dtype == torch.bfloat16
-    assert trainer.precision(config(mixed_precision="fp16"), torch.device("cuda", 0)).dtype == torch.float16
+    assert optim.precision(config(mixed_precision="bf16"), torch.device("cuda", 0)).dtype == torch.bfloat16
+    assert optim.precision(config(mixed_precision="fp16"), torch.device("cuda", 0)).dtype == torch.float16
     assert devices.compiles(torch.device("cuda", 0)) and not devices.compiles(torch.device("cpu"))
 
 
@@ -160,7 +160,7 @@ def test_frozen_weights_in_the_compute_dtype_lora_in_float32(setup):
     """What the GPU path does with bf16/fp16, on CPU with bf16 (CPU autocast supports it)."""
     cfg, unet, params, optimizer, _, noise_scheduler, batch = setup
     lora = {name for name, p in unet.named_parameters() if p.requires_grad}
-    trainer.hold_frozen_in(unet, torch.bfloat16)
+    optim.hold_frozen_in(unet, torch.bfloat16)
     dtypes = {name: p.dtype for name, p in unet.named_parameters()}
     assert {dtypes[n] for n in lora} == {torch.float32}
     assert {d for n, d in dtypes.items() if n not in lora} == {torch.bfloat16}
@@ -168,7 +168,7 @@ def test_frozen_weights_in_the_compute_dtype_lora_in_float32(setup):
     loss = backward(cfg, unet, noise_scheduler, batch, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
     assert math.isfinite(float(loss.detach()))
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
-    outcome = trainer.optimizer_step(optimizer, params, cfg.max_grad_norm)
+    outcome = optim.optimizer_step(optimizer, params, cfg.max_grad_norm)
     assert outcome.applied and not unchanged(params, before)
     assert {p.dtype for p in params} == {torch.float32}
 
@@ -233,7 +233,7 @@ def test_stat_step_sampler_takes_one_ddim_step_of_the_sampling_schedule(setup):
     """With ``stat_step: sampler`` eq. 8's coefficient is that of one DDIM step t -> t - 1000/stat_sampler_steps:
     the statistic-matching term is the DDPM one with each sample's squared coefficient swapped, about 100x at
     50 steps."""
-    from hgdpo.objectives import losses, stat_matching
+    from hgdpo.objectives import stat_matching
 
     _, unet, _, _, _, noise_scheduler, batch = setup
     args = (unet, unet, noise_scheduler, batch["emb"], batch["lat_w"], batch["lat_l"], batch["t"], batch["noise"],
@@ -267,7 +267,7 @@ def test_bad_stat_step_settings_are_refused():
 def test_the_focus_objective_is_dpo_on_errors_weighted_by_the_pairs_focus_map(setup):
     """``objective: focus``: eq. 3 with each error weighted by ``focus.focus_weight`` of its pair (the same map for
     winner and loser, policy and reference); with every focus term off it is exactly ``dpo``."""
-    from hgdpo.objectives import losses, stat_matching
+    from hgdpo.objectives import losses
     from hgdpo.objectives.focus import focus_weight
 
     _, unet, _, _, _, noise_scheduler, batch = setup

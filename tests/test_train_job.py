@@ -114,11 +114,11 @@ def plain_loop_adapter(work: Path, out: Path, *, round_hidden: bool, steps: int 
 
     from hgdpo.models import loading as models
     from hgdpo.models.lora import add_lora, save_adapter
-    from hgdpo.pool import store as pool
-    from hgdpo.train import step as train_step
-    from hgdpo.train import trainer
-    from hgdpo.train.config import TrainConfig
     from hgdpo.objectives.base import choose_pair
+    from hgdpo.pool import store as pool
+    from hgdpo.train import optim
+    from hgdpo.train import step as train_step
+    from hgdpo.train.config import TrainConfig
     from hgdpo.train.pairs import plan as make_plan
 
     cfg = TrainConfig(pool=str(work / "pool"), output=str(out), global_batch=4, micro_batch=2, data_shards=2,
@@ -136,8 +136,8 @@ def plain_loop_adapter(work: Path, out: Path, *, round_hidden: bool, steps: int 
     unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     params = add_lora(unet, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-    optimizer = trainer.make_optimizer(cfg, params, torch.device("cpu"))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer.lr_factor(cfg))
+    optimizer = optim.make_optimizer(cfg, params, torch.device("cpu"))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_factor(cfg))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker (cpus_per_worker=1): the same float sums
     try:

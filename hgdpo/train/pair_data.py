@@ -48,12 +48,20 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
 
+from hgdpo.config.core import from_dict, to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.infra import storage
+from hgdpo.infra.quiet import quiet_libraries
+from hgdpo.models import loading as models
 from hgdpo.objectives.registry import by_selection
 from hgdpo.pool import store as pool
 from hgdpo.pool.ospo import encode_nouns, noun_tokens
+from hgdpo.train.config import TrainConfig
 from hgdpo.train.pairs import PairPlan
 
 FORMAT = "hgdpo-pairs/1"
@@ -118,8 +126,6 @@ def location(root: str, key_: str) -> str:
 
 def _sizes(location_: str) -> dict[str, int]:
     """Sizes of the files directly in a folder (one listing; temporaries left out)."""
-    import pyarrow.fs as pafs
-
     fs, root = storage.resolve(location_)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     return {posixpath.basename(i.path): i.size for i in infos if i.type == pafs.FileType.File
@@ -166,8 +172,6 @@ def read_selection(source, plan_: PairPlan) -> Iterator[Selected]:
     ``source``: the part opened for random access (a pyarrow file). Per row group the small columns
     are read first; then, when a row is among the first D prompts, the latent columns its kept rows' pairs
     are in."""
-    import pyarrow.parquet as pq
-
     part = pq.ParquetFile(source)
     rule = by_selection(plan_.selection)
     for group in range(part.metadata.num_row_groups):
@@ -195,8 +199,6 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]):
 
     As SD1.5 conditions its UNet: padded to the tokenizer's maximum length, truncated, no attention
     mask."""
-    import torch
-
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     with torch.no_grad():
@@ -266,11 +268,6 @@ def select_part(pool_uri: str, part: str, dest: str, plan_: PairPlan, latent_sha
 
 def _select_task(payload: dict) -> list[tuple[str, pa.Table]]:
     """A Ray task: the text encoder loaded once, then ``select_part`` for each of ``payload["parts"]``."""
-    from hgdpo.config.core import from_dict
-    from hgdpo.infra.quiet import quiet_libraries
-    from hgdpo.models import loading as models
-    from hgdpo.train.config import TrainConfig
-
     cfg = from_dict(TrainConfig, payload["train"])
     plan_ = PairPlan(**payload["plan"])
     quiet_libraries()
@@ -322,10 +319,6 @@ def ensure(cfg, meta: dict, plan_: PairPlan, model_fingerprint: str, log=print) 
 
 def _run_tasks(cfg, plan_: PairPlan, parts: list[str], dest: str, latent_shape) -> list[tuple[str, pa.Table]]:
     """``select_part`` for ``parts`` on Ray tasks of one CPU each; an error of ours comes back as itself."""
-    import ray
-
-    from hgdpo.config.core import to_dict
-
     if not parts:
         return []
     tasks = max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
@@ -425,8 +418,6 @@ class PairReader:
     prompts' entries kept (a few bytes a prompt); records are read when asked for."""
 
     def __init__(self, location_: str, manifest: dict, owned: Callable[[np.ndarray], np.ndarray]):
-        import pyarrow.parquet as pq
-
         self.location = location_
         self.layout = Layout(tuple(manifest["latent_shape"]), tuple(manifest["hidden_shape"]),
                              nouns=bool(manifest.get("nouns")))
