@@ -222,8 +222,8 @@ def calls_child(args, work: Path, threads: int) -> dict:
 
     for obj, method, label in ((maker.pipe.unet, "forward", "unet"), (maker.pipe.vae, "decode", "vae"),
                                (maker.pipe.text_encoder, "forward", "text_encoder"),
-                               (maker.scorer, "get_image_features", "pickscore"),
-                               (maker.scorer, "get_text_features", "pickscore")):
+                               (maker.scorer.model, "get_image_features", "pickscore"),
+                               (maker.scorer.model, "get_text_features", "pickscore")):
         timed_method(obj, method, add, label)
     t0 = time.perf_counter()
     for i, text in enumerate(prompts[1:]):

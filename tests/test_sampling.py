@@ -9,7 +9,8 @@ import torch
 
 from hgdpo.models import loading as models
 from hgdpo.models.sampling import decode, generate, image_seeds, sample_latents, set_sampler, setup_inference
-from hgdpo.scorers.pickscore import pickscore, preference_scores, rank
+from hgdpo.scorers.base import rank
+from hgdpo.scorers.pickscore import pickscore, preference_scores
 
 PROMPT = "a large red circle on the left"
 KW = dict(steps=4, guidance_scale=5.0, width=64, height=64)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hgdpo.errors import HgdpoError
+from hgdpo.errors import ConfigError, HgdpoError
 from hgdpo.models import embedded
 from hgdpo.scorers.registry import (
     SCORER_NAMES,
@@ -306,3 +306,54 @@ def test_every_scorer_name_has_a_check_and_a_loader():
     for name in SCORER_NAMES:
         with pytest.raises(HgdpoError, match=f"scorer '{name}'"):
             check_scorer(ScorerSpec(name, model="/no/such/file.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# One registry: the pool's ranking and the evaluation's settings
+
+
+def test_every_registered_scorer_is_named_by_its_class():
+    from hgdpo.scorers.registry import SCORERS
+
+    assert tuple(SCORERS) == SCORER_NAMES
+    for name, cls in SCORERS.items():
+        assert cls.name == name
+
+
+def test_pickscore_ranks_a_pool_as_the_pickscore_function_does_bit_for_bit(world):
+    """The pool's ranking scores (float32) are exactly ``pickscore(...)``'s, batch for batch."""
+    from hgdpo.models import loading as models
+    from hgdpo.scorers import pickscore as scoring
+
+    captions, images = world
+    scorer = load_scorer(ScorerSpec("pickscore"))
+    proc, model = models.load_scorer("embedded")
+    for batch in (None, 3):
+        got = scorer.rank_scores(captions[0], images[:7], batch=batch)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, scoring.pickscore(proc, model, captions[0], images[:7], batch=batch))
+
+
+def test_the_evaluation_settings_of_the_scorers_come_from_the_registry():
+    import dataclasses
+
+    from hgdpo.evaluate.config import EvalConfig
+    from hgdpo.scorers.registry import SCORERS
+    from hgdpo.sweep.config import EVAL_PATHS
+
+    fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
+    keys = {"pickscore": ("pickscore_model", "pickscore_processor"), "clip": ("clip_model", None),
+            "aesthetic": ("aesthetic_model", "aesthetic_clip"), "hpsv2": ("hpsv2_model", "hpsv2_architecture"),
+            "imagereward": ("imagereward_model", None), "judge": (None, None)}  # the YAML keys users write
+    cfg = EvalConfig(prompts="p.txt", output="out")
+    for name, cls in SCORERS.items():
+        settings = (cls.model_setting, cls.processor_setting)
+        assert tuple(s.key if s else None for s in settings) == keys[name]
+        for setting, default in zip(settings, (cls.default_model, cls.default_processor)):
+            if setting is not None:
+                assert fields[setting.key].default == default and fields[setting.key].metadata["doc"] == setting.doc
+        assert cfg.scorer_sources(name) == tuple(getattr(cfg, k) if k else None for k in keys[name])
+    assert set(EVAL_PATHS) == {"prompts", "baseline_adapter", "pickscore_model", "pickscore_processor", "clip_model",
+                               "aesthetic_model", "aesthetic_clip", "hpsv2_model", "imagereward_model"}
+    with pytest.raises(ConfigError, match=r"evaluate\.aesthetic_model: required by scorer 'aesthetic'"):
+        EvalConfig(prompts="p.txt", output="out", scorers=["aesthetic"])

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 
 from hgdpo.config.core import check_actors, check_locations, check_sampling, doc
-from hgdpo.config.sections import SCORER_NAMES, BaseModel, Generators, PromptSource, Sampling, Scorers, Tracking
+from hgdpo.config.sections import BaseModel, Generators, PromptSource, Sampling, Scorers, Tracking
 from hgdpo.errors import ConfigError
 from hgdpo.evaluate.sample_config import ALPHA_MAX
 from hgdpo.infra import storage
+from hgdpo.scorers import registry
 
-SCORERS = SCORER_NAMES
+SCORERS = registry.SCORER_NAMES
+
+# The settings naming a scorer's model and processor: a scorer's own ``model_setting`` / ``processor_setting``
+# (hgdpo.scorers), each defaulting to the scorer's default.
+SCORER_SETTINGS = [(name, part, setting, default) for name, cls in registry.SCORERS.items()
+                   for part, setting, default in (("model", cls.model_setting, cls.default_model),
+                                                  ("processor", cls.processor_setting, cls.default_processor))
+                   if setting is not None]
+# Those that may name a local file or folder.
+SCORER_PATHS = tuple(setting.key for _, _, setting, _ in SCORER_SETTINGS if setting.path)
+
+ScorerSettings = make_dataclass(
+    "ScorerSettings", [(setting.key, str if default is not None else str | None, doc(setting.doc, default))
+                       for _, _, setting, default in SCORER_SETTINGS],
+    kw_only=True, namespace={"__module__": __name__, "__doc__": "Each scorer's model and processor settings."})
 
 
 @dataclass(kw_only=True)
-class EvalConfig(Tracking, Scorers, Generators, Sampling, BaseModel, PromptSource):
-    """Win rates of model A over baseline B on test prompts (paper §4, Tables 1-3, 5, 6).
-
-    A and B are each the base model, optionally with an adapter at weight alpha, optionally with
-    LAN; both make their images from the same seeds, and every scorer rates both.
-    """
-
-    SECTION = "evaluate"
+class Comparison:
+    """What an evaluation compares: model A against baseline B, and the scorers that rate both."""
 
     output: str = doc("Folder or storage URI (s3://...) the report, the scores and the side-by-side picture are "
                       "written to.")
@@ -37,18 +46,18 @@ class EvalConfig(Tracking, Scorers, Generators, Sampling, BaseModel, PromptSourc
 
     scorers: list[str] = doc(f"Scorers to compare A and B with, any of {', '.join(SCORERS)}. `judge` is the "
                              "miniature world's program (embedded model only).", ["judge", "pickscore"])
-    pickscore_model: str = doc("PickScore model: `embedded`, a hub id (yuvalkirstain/PickScore_v1) or a folder.",
-                               "embedded")
-    pickscore_processor: str | None = doc("PickScore processor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K); "
-                                          "default: the model's.", None)
-    clip_model: str = doc("CLIP-score model: `embedded`, a hub id (openai/clip-vit-large-patch14) or a folder.",
-                          "embedded")
-    aesthetic_model: str | None = doc("LAION aesthetic MLP weights (.safetensors; .pth with allow_pickle).", None)
-    aesthetic_clip: str = doc("The CLIP ViT-L/14 the aesthetic MLP reads embeddings of: hub id or folder.",
-                              "openai/clip-vit-large-patch14")
-    hpsv2_model: str | None = doc("HPSv2 checkpoint (HPS_v2_compressed.pt needs allow_pickle; or .safetensors).", None)
-    hpsv2_architecture: str = doc("open_clip architecture of the HPSv2 checkpoint.", "ViT-H-14")
-    imagereward_model: str | None = doc("ImageReward checkpoint file (ImageReward.pt) or folder.", None)
+
+
+@dataclass(kw_only=True)
+class EvalConfig(Tracking, Scorers, Generators, ScorerSettings, Comparison, Sampling, BaseModel, PromptSource):
+    """Win rates of model A over baseline B on test prompts (paper §4, Tables 1-3, 5, 6).
+
+    A and B are each the base model, optionally with an adapter at weight alpha, optionally with
+    LAN; both make their images from the same seeds, and every scorer rates both. The settings of the
+    scorers' files (``ScorerSettings``) come from the scorers (``hgdpo.scorers.registry``).
+    """
+
+    SECTION = "evaluate"
 
     images_per_prompt: int = doc("Seeds per prompt; A and B share them, and each seed is one comparison.", 1)
     seed: int = doc("Run seed; image k of prompt p uses a seed derived from (seed, prompt id, k).", 0)
@@ -84,10 +93,10 @@ class EvalConfig(Tracking, Scorers, Generators, Sampling, BaseModel, PromptSourc
                 raise ConfigError(f"{s}.scorers[{i}]: unknown scorer {name!r}; known: {', '.join(SCORERS)}")
         if len(set(self.scorers)) != len(self.scorers):
             raise ConfigError(f"{s}.scorers: a scorer is named twice ({self.scorers})")
-        for name, field in (("aesthetic", "aesthetic_model"), ("hpsv2", "hpsv2_model"),
-                            ("imagereward", "imagereward_model")):
-            if name in self.scorers and not getattr(self, field):
-                raise ConfigError(f"{s}.{field}: required by scorer {name!r} (a checkpoint file or folder)")
+        for name, part, setting, _ in SCORER_SETTINGS:
+            required = part == "model" and registry.SCORERS[name].required_model is not None
+            if required and name in self.scorers and not getattr(self, setting.key):
+                raise ConfigError(f"{s}.{setting.key}: required by scorer {name!r} (a checkpoint file or folder)")
         for name in ("images_per_prompt", "bootstrap", "rows_per_part"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
@@ -130,12 +139,8 @@ class EvalConfig(Tracking, Scorers, Generators, Sampling, BaseModel, PromptSourc
         return {"adapter": adapter, "alpha": alpha if adapter is not None else None, "lan": lan}
 
     def scorer_sources(self, name: str) -> tuple[str | None, str | None]:
-        """(model, processor) of scorer ``name``, as ``hgdpo.scorers.registry.ScorerSpec`` takes them."""
-        return {
-            "judge": (None, None),
-            "pickscore": (self.pickscore_model, self.pickscore_processor),
-            "clip": (self.clip_model, None),
-            "aesthetic": (self.aesthetic_model, self.aesthetic_clip),
-            "hpsv2": (self.hpsv2_model, self.hpsv2_architecture),
-            "imagereward": (self.imagereward_model, None),
-        }[name]
+        """(model, processor) of scorer ``name``, as ``hgdpo.scorers.base.ScorerSpec`` takes them (None where
+        the scorer has no such setting)."""
+        cls = registry.SCORERS[name]
+        return tuple(getattr(self, s.key) if s is not None else None
+                     for s in (cls.model_setting, cls.processor_setting))

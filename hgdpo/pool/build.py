@@ -1,12 +1,12 @@
 """Building a preference pool (paper §3.1, eq. 4-6), on Ray Data or in one process.
 
-The stream: prompts -> ``RowMaker`` actors (one per GPU: each loads the model and PickScore once;
+The stream: prompts -> ``RowMaker`` actors (one per GPU: each loads the model and the scorer once;
 per prompt, the N images ``generator_batch`` at a time through the sampler and ``vae_batch`` at a
-time through the VAE, PickScore in float32, ranking, the latents to keep) -> ``write_rows`` tasks
-(the winner's and loser's PNGs, then one atomic parquet part per ``rows_per_file`` prompts), whose
-small summaries flow back to the driver for progress and statistics. What leaves an actor is the
-row: the kept latents, the scores, and the winner's and loser's pixels -- not N images. Nothing
-holds the pool in memory; the driver sees only prompt ids and scores.
+time through the VAE and the scorer (``pool.scorer``, PickScore by default; scores in float32), ranking,
+the latents to keep) -> ``write_rows`` tasks (the winner's and loser's PNGs, then one atomic parquet part
+per ``rows_per_file`` prompts), whose small summaries flow back to the driver for progress and
+statistics. What leaves an actor is the row: the kept latents, the scores, and the winner's and loser's
+pixels -- not N images. Nothing holds the pool in memory; the driver sees only prompt ids and scores.
 
 Scoring is in the generator actor rather than a scorer stage of its own: no image crosses the object
 store to be scored, the prompt is encoded once, and two GPU stages need not pipeline (Ray issue
@@ -48,14 +48,16 @@ from hgdpo.infra.quiet import show_progress
 from hgdpo.infra.raycluster import TorchThread, ensure_ray, warn_if_not_shared
 from hgdpo.models import loading as models
 from hgdpo.pool import store as pool
-from hgdpo.pool.config import PoolConfig
+from hgdpo.pool.config import NEWER_DATA_FIELDS, PoolConfig
+from hgdpo.scorers.base import ScorerError, rank
+from hgdpo.scorers.registry import load_scorer, scorer_class
 
 ROW_COLUMNS = ("prompt_id", "prompt_index", "prompt", "seeds", "scores", "rank", "winner", "loser", "latent_index",
                "latents", "pixels_w", "pixels_l")
 
 
 class RowMaker:
-    """Makes pool rows: loads the model and PickScore once, then per prompt its N images, their
+    """Makes pool rows: loads the model and the scorer once, then per prompt its N images, their
     scores, the ranking, and what the pool keeps. A Ray Data actor (``__call__`` on batches of
     prompts) and the plain loop's worker (``make``). As an actor, its torch work runs on a
     ``TorchThread`` (loading and every batch on one thread of its own)."""
@@ -81,9 +83,8 @@ class RowMaker:
         set_sampler(self.pipe, cfg.sampler)
         self.applied = setup_inference(self.pipe, attention=cfg.attention, channels_last=cfg.channels_last,
                                        compile_unet=cfg.compile, log=log)
-        self.processor, self.scorer = models.load_scorer(
-            cfg.scorer_model, cfg.scorer_processor, allow_pickle=cfg.allow_pickle, dtype=dtype, device=device,
-            attn_implementation="sdpa" if cfg.attention == "sdpa" else "eager")
+        self.scorer = load_scorer(cfg.scorer_spec(), allow_pickle=cfg.allow_pickle, device=device, dtype=dtype,
+                                  attention="sdpa" if cfg.attention == "sdpa" else "eager")
         native_w, native_h = native_size(self.pipe)
         self.width, self.height = cfg.width or native_w, cfg.height or native_h
         self.loser_rank = cfg.resolved_loser_rank()
@@ -95,14 +96,13 @@ class RowMaker:
     def make(self, prompt_id: str, prompt_index: int, text: str) -> dict:
         """One prompt's row (``ROW_COLUMNS``), the winner's and loser's images as uint8 pixels."""
         from hgdpo.models.sampling import generate, image_seeds
-        from hgdpo.scorers.pickscore import pickscore, rank
 
         cfg = self.cfg
         seeds = image_seeds(cfg.seed, prompt_id, cfg.images_per_prompt)
         latents, images = generate(self.pipe, text, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                                    width=self.width, height=self.height, negative_prompt=cfg.negative_prompt,
                                    batch=cfg.generator_batch, vae_batch=cfg.vae_batch)
-        scores = pickscore(self.processor, self.scorer, text, images, batch=cfg.vae_batch)
+        scores = self.scorer.rank_scores(text, images, batch=cfg.vae_batch)  # float32, as the pool stores them
         order = rank(scores)
         w, l = int(order[0]), int(order[self.loser_rank - 1])
         keep = np.arange(len(seeds), dtype=np.int32) if cfg.keep == "all" else np.asarray([w, l], np.int32)
@@ -213,6 +213,17 @@ def _latent_shape(cfg: PoolConfig, source: models.ModelSource) -> tuple[list[int
     return [k, unet["in_channels"], height // factor, width // factor], width, height
 
 
+def check_scorer(cfg: PoolConfig, prompts: list[str]) -> None:
+    """The ranking scorer's files and the prompts it must read, before any work; errors name the pool's
+    settings (``scorer_model``, ``scorer_processor``)."""
+    try:
+        cls = scorer_class(cfg.scorer)
+        cls.check(cfg.scorer_spec(), allow_pickle=cfg.allow_pickle)
+        cls.check_prompts(prompts)
+    except ScorerError as err:
+        raise HgdpoError(err.renamed({"model": "scorer_model", "processor": "scorer_processor"})) from None
+
+
 def _fingerprint_mismatch(old: dict, new: dict) -> list[str]:
     """The settings that differ; not where the prompt file is (a moved checkout resumes): its
     ``prompts_digest`` compares what it holds."""
@@ -228,7 +239,7 @@ def prepare(cfg: PoolConfig, log=print, mlflow: bool = True) -> tuple[list[promp
         tracking.check_store(cfg.mlflow_uri, cfg.mlflow_allow_local, "pool.mlflow_uri")
     items = prompt_io.read_prompts(cfg.prompts, **cfg.prompt_settings())
     source = models.check_model(cfg.model, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle)
-    models.check_scorer(cfg.scorer_model, cfg.scorer_processor, allow_pickle=cfg.allow_pickle)
+    check_scorer(cfg, [p.text for p in items])
     tokenizer = models.load_tokenizer(cfg.model, model_config=cfg.model_config)
     long = prompt_io.overlong(items, tokenizer)
     if long:
@@ -255,6 +266,7 @@ def prepare(cfg: PoolConfig, log=print, mlflow: bool = True) -> tuple[list[promp
         "width": width,
         "height": height,
         "base_model": {"name": cfg.model, "fingerprint": fingerprint["model_fingerprint"]},
+        "scorer": {"name": cfg.scorer, "model": cfg.scorer_model, "processor": cfg.scorer_processor},
     }
     return items, meta
 
@@ -393,7 +405,8 @@ def build_pool(cfg: PoolConfig, log=print, mlflow: bool = True, local: bool = Fa
         diff = _fingerprint_mismatch(st.meta.get("fingerprint", {}), meta["fingerprint"])
         if diff:
             old, new = st.meta["fingerprint"], meta["fingerprint"]
-            detail = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:4])
+            detail = "; ".join(f"{k}: {old.get(k, NEWER_DATA_FIELDS.get(k))!r} there, "
+                               f"{new.get(k, NEWER_DATA_FIELDS.get(k))!r} now" for k in diff[:4])
             raise HgdpoError(f"output: {cfg.output} holds a pool written with another config ({detail}); "
                              f"choose another output or rerun with the pool's config")
     bad: dict[str, str] = {}

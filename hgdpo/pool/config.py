@@ -10,22 +10,31 @@ from hgdpo.config.core import check_actors, check_locations, check_sampling, doc
 from hgdpo.config.sections import BaseModel, Generators, PromptSource, Sampling, Tracking
 from hgdpo.errors import ConfigError
 from hgdpo.infra import storage
+from hgdpo.models.embedded import EMBEDDED
+from hgdpo.scorers.base import ScorerSpec
+from hgdpo.scorers.registry import SCORER_NAMES, SCORERS
 
 # Settings that change what is in the pool. A pool on disk remembers them; a rerun that
 # differs in any of them is refused (the others only change how fast the pool is built).
 DATA_FIELDS = (
     "prompts", "prompt_format", "prompt_column", "id_column", "category", "max_prompts",
-    "model", "model_config", "scorer_model", "scorer_processor",
+    "model", "model_config", "scorer", "scorer_model", "scorer_processor",
     "images_per_prompt", "loser_rank", "keep", "seed", "sampler", "steps",
     "guidance_scale", "width", "height", "negative_prompt", "dtype", "hard_negatives", "self_judge_questions",
 )
 # Data settings a pool written before they existed lacks: left out of its fingerprint at their default.
-NEWER_DATA_FIELDS = {"hard_negatives": [], "self_judge_questions": 2}
+NEWER_DATA_FIELDS = {"hard_negatives": [], "self_judge_questions": 2, "scorer": "pickscore"}
+
+
+def pool_scorer(meta: dict) -> str:
+    """The scorer that ranked the pool of metadata ``meta`` (``pool.json``); a pool whose metadata names none was
+    ranked by PickScore."""
+    return meta.get("scorer", {}).get("name", NEWER_DATA_FIELDS["scorer"])
 
 
 @dataclass(kw_only=True)
 class PoolConfig(Tracking, Generators, Sampling, BaseModel, PromptSource):
-    """How to build a preference pool (paper §3.1): N samples per prompt, ranked by PickScore."""
+    """How to build a preference pool (paper §3.1): N samples per prompt, ranked by a scorer (PickScore)."""
 
     SECTION = "pool"
     RETIRED = {name: "scoring runs in the generator actors now (one actor makes and scores a prompt's images); "
@@ -34,10 +43,15 @@ class PoolConfig(Tracking, Generators, Sampling, BaseModel, PromptSource):
 
     output: str = doc("Folder or storage URI (s3://..., gs://...) the pool is written to.")
 
+    scorer: str = doc(f"The scorer that ranks a prompt's images, one of {', '.join(SCORER_NAMES)} "
+                      f"(hgdpo.scorers; paper: pickscore).", "pickscore")
     scorer_model: str = doc(
-        "PickScore model: `embedded`, a hub id (paper: yuvalkirstain/PickScore_v1) or a local folder.", "embedded")
+        "The model the scorer loads. PickScore: `embedded`, a hub id (paper: yuvalkirstain/PickScore_v1) or a local "
+        "folder; another scorer: what its evaluation setting `<scorer>_model` takes (`embedded`: the scorer's "
+        "default).", "embedded")
     scorer_processor: str | None = doc(
-        "PickScore processor (paper: laion/CLIP-ViT-H-14-laion2B-s32B-b79K); default: same as scorer_model.", None)
+        "The scorer's processor. PickScore: a processor folder or hub id (paper: "
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K); default: the scorer's (PickScore's: same as scorer_model).", None)
 
     images_per_prompt: int = doc("N, the number of images generated and ranked per prompt (paper: 20).", 20)
     loser_rank: int | None = doc(
@@ -85,6 +99,8 @@ class PoolConfig(Tracking, Generators, Sampling, BaseModel, PromptSource):
             raise ConfigError(
                 f"{s}.loser_rank: must be between 2 and images_per_prompt={self.images_per_prompt} "
                 f"(got {self.loser_rank})")
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"{s}.scorer: unknown scorer {self.scorer!r}; known: {', '.join(SCORER_NAMES)}")
         if self.rows_per_file < 1:
             raise ConfigError(f"{s}.rows_per_file: must be at least 1 (got {self.rows_per_file})")
         for name in ("generator_batch", "vae_batch"):
@@ -124,6 +140,12 @@ class PoolConfig(Tracking, Generators, Sampling, BaseModel, PromptSource):
                 f"({width}x{height}{', with latents' if latent_shape else ''}) would write parts of "
                 f"~{storage.size_text(self.rows_per_file * row)}, over {storage.bound_text(bound)}; lower "
                 f"rows_per_file to {max(1, bound // row)} or less")
+
+    def scorer_spec(self) -> ScorerSpec:
+        """The scorer that ranks the pool; ``scorer_model: embedded`` (the default) is the scorer's default
+        model (PickScore's and CLIP's: the embedded one)."""
+        model = None if self.scorer_model == EMBEDDED else self.scorer_model
+        return ScorerSpec(self.scorer, model, self.scorer_processor)
 
     def resolved_loser_rank(self) -> int:
         """Rank (1 = best) of the stored loser: the configured one, or N (the argmin)."""

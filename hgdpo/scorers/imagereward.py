@@ -46,11 +46,17 @@ checkpoint when it is there, and otherwise, like the vision tower's, from BLIP's
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from hgdpo.errors import HgdpoError
+from hgdpo.models.loading import HUB_ID
+from hgdpo.scorers.base import Scorer, ScorerError, ScorerSpec, Setting
+from hgdpo.scorers.heads import new_head
+from hgdpo.scorers.weights import read_state_dict, tensor_shapes, weights_file
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # the package's normalisation of the raw reward
 MAX_LENGTH = 35  # tokens per prompt, as the package pads and truncates
@@ -80,8 +86,8 @@ _VISION_BLOCK = {"norm1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
 
 
-def _err(field: str, message: str) -> HgdpoError:
-    return HgdpoError(f"scorer 'imagereward', {field}: {message}")
+def _err(field: str, message: str) -> ScorerError:
+    return ScorerError("imagereward", field, message)
 
 
 def map_key(key: str) -> tuple[str, str] | None:
@@ -152,7 +158,7 @@ def _heads(width: int, heads: int | None, what: str, where: str) -> int:
 def architecture(shapes: dict, where: str, med_config: dict | None = None):
     """``(BlipVisionConfig, BlipTextConfig, head input width)`` of a checkpoint, from the shapes of its tensors
     (original names) and, when given, ImageReward's ``med_config.json`` (text heads and LayerNorm eps)."""
-    from transformers import BlipTextConfig, BlipVisionConfig
+    from transformers import BlipTextConfig, BlipVisionConfig  # heavy: not loaded when configs are checked
 
     med_config = med_config or {}
     width, patch = _shape(shapes, VISION + "patch_embed.proj.weight", where)[0], \
@@ -190,9 +196,7 @@ def architecture(shapes: dict, where: str, med_config: dict | None = None):
 
 def load_tokenizer(location: str):
     """BERT's tokenizer with BLIP's ``[DEC]`` (bos) and ``[ENC]`` tokens, as ImageReward builds it."""
-    from pathlib import Path
-
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # heavy: not loaded when configs are checked
 
     folder = Path(location).expanduser()
     if folder.exists() and not any((folder / n).is_file() for n in ("vocab.txt", "tokenizer.json")):
@@ -218,9 +222,8 @@ def check_vocabulary(tokenizer, vocab: int, location: str, where: str) -> None:
 
 def preprocess(images: np.ndarray):
     """(B, H, W, 3) uint8 -> (B, 3, 224, 224) float32: the package's bicubic resize, centre crop, CLIP norm."""
-    import torch
-    from PIL import Image
-    from torchvision import transforms
+    import torch  # heavy: not loaded when configs are checked
+    from torchvision import transforms  # imports torch: heavy, as above
 
     transform = transforms.Compose([
         transforms.Resize(IMAGE_SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
@@ -228,52 +231,17 @@ def preprocess(images: np.ndarray):
     return torch.stack([transform(Image.fromarray(image)) for image in images])
 
 
-class ImageRewardScorer:
-    """ImageReward's normalised reward of (prompt, image) pairs, higher = better."""
-
-    name = "imagereward"
-
-    def __init__(self, tokenizer, vision, text, head):
-        self.tokenizer, self.vision, self.text, self.head = tokenizer, vision, text, head
-
-    def __call__(self, prompts: list[str], images: np.ndarray) -> np.ndarray:
-        import torch
-
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"images must be (B, H, W, 3) uint8, got {images.shape} {images.dtype}")
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        device = next(self.head.parameters()).device
-        scores = []
-        with torch.no_grad():
-            for start in range(0, len(images), BATCH):
-                part = slice(start, start + BATCH)
-                pixels = preprocess(images[part]).to(device)
-                tokens = self.tokenizer(list(prompts[part]), padding="max_length", truncation=True,
-                                        max_length=MAX_LENGTH, return_tensors="pt").to(device)
-                image_embeds = self.vision(pixel_values=pixels).last_hidden_state  # (b, 1 + patches, D_v)
-                image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
-                text_out = self.text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                                     encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)
-                cls = text_out.last_hidden_state[:, 0, :].float()  # (b, D_t)
-                scores.append(((self.head(cls).squeeze(-1) - MEAN) / STD).double().cpu().numpy())
-        return np.concatenate(scores)
-
-
 def _models(vision_cfg, text_cfg, head_in: int) -> dict:
-    from transformers import BlipTextModel, BlipVisionModel
-
-    from hgdpo.scorers.registry import new_aesthetic_mlp  # the same Linear/Dropout stack as LAION's aesthetic MLP
+    from transformers import BlipTextModel, BlipVisionModel  # heavy: not loaded when configs are checked
 
     return {"vision": BlipVisionModel(vision_cfg), "text": BlipTextModel(text_cfg, add_pooling_layer=False),
-            "head": new_aesthetic_mlp(head_in)}
+            "head": new_head(head_in)}
 
 
 def check_fit(shapes: dict, where: str, med_config: dict | None = None):
     """Refuse a checkpoint whose tensors (name -> shape, original names) do not give exactly ImageReward's
     parameters; return its ``architecture``. Builds the models on the meta device: no memory, no weights."""
-    import torch
+    import torch  # heavy: not loaded when configs are checked
 
     arch = architecture(shapes, where, med_config)
     parts = split_state(shapes, where)
@@ -304,3 +272,75 @@ def build(state: dict, tokenizer, where: str, med_config: dict | None = None, de
         model.load_state_dict({k: v.float() for k, v in parts[part].items()}, strict=True)
         model.eval().to(device)
     return ImageRewardScorer(tokenizer, models["vision"], models["text"], models["head"])
+
+
+class ImageRewardScorer(Scorer):
+    """ImageReward's normalised reward of (prompt, image) pairs (float32 models).
+
+    ``model``: ImageReward.pt or a .safetensors of its state dict, or their folder (``med_config.json``
+    beside it is read when there), required; ``processor``: the BERT tokenizer folder or hub id, by default
+    the checkpoint's folder when it holds one (vocab.txt or tokenizer.json), else bert-base-uncased."""
+
+    name = "imagereward"
+    required_model = "the ImageReward checkpoint (ImageReward.pt, or a .safetensors of its state dict) or its folder"
+    model_setting = Setting("imagereward_model", "ImageReward checkpoint file (ImageReward.pt) or folder.")
+    batch = BATCH
+
+    def __init__(self, tokenizer, vision, text, head):
+        self.tokenizer, self.vision, self.text, self.head = tokenizer, vision, text, head
+
+    @classmethod
+    def files(cls, spec: ScorerSpec, allow_pickle: bool) -> tuple[Path, dict | None, str]:
+        """(checkpoint, med_config.json's settings or None, tokenizer location)."""
+        path = Path(cls.required(spec)).expanduser()
+        if path.is_dir():
+            found = [path / n for n in ("ImageReward.safetensors", "ImageReward.pt") if (path / n).is_file()]
+            if not found:
+                raise _err("model", f"{path} holds neither ImageReward.safetensors nor ImageReward.pt")
+            path = found[0]
+        checkpoint = weights_file(cls.name, "model", str(path), allow_pickle)
+        med_config = None
+        med_file = checkpoint.parent / "med_config.json"
+        if med_file.is_file():
+            try:
+                med_config = json.loads(med_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise _err("model", f"{med_file} is not valid JSON: {err}") from None
+            if not isinstance(med_config, dict):
+                raise _err("model", f"{med_file} is not a BERT config (a JSON object expected)")
+        tokenizer = cls.processor_of(spec)
+        if tokenizer is None:
+            beside = any((checkpoint.parent / n).is_file() for n in ("vocab.txt", "tokenizer.json"))
+            tokenizer = str(checkpoint.parent) if beside else TOKENIZER
+        elif not Path(tokenizer).expanduser().exists() and not HUB_ID.match(tokenizer):
+            raise _err("processor", f"{tokenizer} does not exist (expected a BERT tokenizer folder or a hub id such "
+                                    f"as {TOKENIZER})")
+        return checkpoint, med_config, tokenizer
+
+    @classmethod
+    def check(cls, spec: ScorerSpec, allow_pickle: bool = False) -> None:
+        checkpoint, med_config, tokenizer_loc = cls.files(spec, allow_pickle)
+        _, text, _ = check_fit(tensor_shapes(checkpoint, cls.name), str(checkpoint), med_config)
+        check_vocabulary(load_tokenizer(tokenizer_loc), text.vocab_size, tokenizer_loc, str(checkpoint))
+
+    @classmethod
+    def load(cls, spec: ScorerSpec, *, allow_pickle: bool = False, device: str = "cpu", dtype=None,
+             attention: str | None = None) -> ImageRewardScorer:
+        checkpoint, med_config, tokenizer_loc = cls.files(spec, allow_pickle)
+        state = read_state_dict(checkpoint, cls.name)
+        return build(state, load_tokenizer(tokenizer_loc), str(checkpoint), med_config, device=device)
+
+    def score_batch(self, prompts: list[str], images: np.ndarray) -> np.ndarray:
+        import torch  # heavy: not loaded when configs are checked
+
+        device = next(self.head.parameters()).device
+        with torch.no_grad():
+            pixels = preprocess(images).to(device)
+            tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH,
+                                    return_tensors="pt").to(device)
+            image_embeds = self.vision(pixel_values=pixels).last_hidden_state  # (b, 1 + patches, D_v)
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
+            text_out = self.text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                                 encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)
+            cls = text_out.last_hidden_state[:, 0, :].float()  # (b, D_t)
+            return ((self.head(cls).squeeze(-1) - MEAN) / STD).double().cpu().numpy()

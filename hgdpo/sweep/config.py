@@ -20,7 +20,7 @@ from typing import Any
 from hgdpo.config.core import check_locations, doc, from_dict
 from hgdpo.config.sections import Tracking
 from hgdpo.errors import ConfigError
-from hgdpo.evaluate.config import EvalConfig
+from hgdpo.evaluate.config import SCORER_PATHS, EvalConfig
 from hgdpo.infra import tracking
 from hgdpo.infra.storage import absolute as absolute_location
 from hgdpo.infra.storage import join, parent
@@ -42,8 +42,7 @@ WIRED = {"train": ("pool", "output", "model", "model_config", "mlflow_uri", "mlf
          "evaluate": ("output", "adapter", "model", "model_config", "mlflow_uri", "mlflow_experiment",
                       "mlflow_allow_local")}
 # Evaluate settings naming files or models: made absolute, since Tune runs a trial in its own folder.
-EVAL_PATHS = ("prompts", "pickscore_model", "pickscore_processor", "clip_model", "aesthetic_model",
-              "aesthetic_clip", "hpsv2_model", "imagereward_model", "baseline_adapter")
+EVAL_PATHS = ("prompts", *SCORER_PATHS, "baseline_adapter")  # SCORER_PATHS: the scorers' file settings
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
 
 

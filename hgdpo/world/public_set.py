@@ -70,12 +70,13 @@ def load_pickscore():
 def score_pairs(tokenizer, image_processor, scorer, captions: list[str], images: np.ndarray) -> np.ndarray:
     """PickScore (eq. 5) of each pair's two images under its caption, the batch in one call per tower:
     ``images`` (2m, H, W, 3) uint8 -> (m, 2)."""
-    from hgdpo.scorers.pickscore import _features, preference_scores
+    from hgdpo.scorers.base import pooled
+    from hgdpo.scorers.pickscore import preference_scores
 
     text = tokenizer(captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-    text_emb = _features(scorer.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]))
+    text_emb = pooled(scorer.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]))
     pixels = image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-    image_emb = _features(scorer.get_image_features(pixel_values=pixels))
+    image_emb = pooled(scorer.get_image_features(pixel_values=pixels))
     return np.stack([preference_scores(text_emb[k: k + 1], image_emb[2 * k: 2 * k + 2], scorer.logit_scale).numpy()
                      for k in range(len(captions))])
 
