@@ -87,7 +87,7 @@ class RunResult:
     pool_seconds: float
     train_seconds: float
     evaluate_seconds: float
-    evaluation: Any  # hgdpo.evaluate.evaluate.EvalResult
+    evaluation: Any  # hgdpo.evaluate.eval_result.EvalResult
 
     @property
     def seconds(self) -> float:

@@ -14,7 +14,7 @@ import torch
 from hgdpo.config.core import from_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.evaluate.config import EvalConfig
-from hgdpo.evaluate.evaluate import SCORES, has_scores, read_scores, write_scores
+from hgdpo.evaluate.scores_file import SCORES, has_scores, read_scores, write_scores
 from hgdpo.infra import storage
 from hgdpo.models import lan, lora
 from hgdpo.models import loading as models
@@ -177,6 +177,7 @@ def test_baseline_rows_made_once_give_the_evaluation_that_makes_both_sides(ray_l
     import mlflow
 
     from hgdpo.config.core import from_dict, to_dict
+    from hgdpo.evaluate import baseline
     from hgdpo.evaluate import evaluate as evaluation
     from hgdpo.evaluate.config import EvalConfig
 
@@ -185,8 +186,8 @@ def test_baseline_rows_made_once_give_the_evaluation_that_makes_both_sides(ray_l
                                  "bootstrap": 200, "picture_prompts": 2, "mlflow_uri": f"sqlite:///{work / 'mlflow.db'}"})
     items = evaluation.prepare(cfg)
     cache = str(work / "baselines")
-    location, made = evaluation.build_baseline(cfg, items, cache)
-    assert made == 8 and evaluation.build_baseline(cfg, items, cache) == (location, 0)  # made once
+    location, made = baseline.build_baseline(cfg, items, cache)
+    assert made == 8 and baseline.build_baseline(cfg, items, cache) == (location, 0)  # made once
     result = evaluation.evaluate(cfg, baseline_cache=cache)
     assert result.baseline_cache == location and result.generated == {"a": 8, "b": 0}
     assert scores(work / "cached") == scores(a_vs_base)  # one part of 8 rows here, three there
@@ -201,7 +202,7 @@ def test_baseline_rows_made_once_give_the_evaluation_that_makes_both_sides(ray_l
     assert run.data.tags["baseline_cache"] == location and run.data.metrics["generated_images_b"] == 0
     # Other sampling settings are another B: not in the cache.
     other = from_dict(EvalConfig, {**to_dict(cfg), "steps": 3})
-    assert evaluation.read_baseline(cache, other, items) is None
+    assert baseline.read_baseline(cache, other, items) is None
 
 
 def _other_base_adapter(tmp: Path) -> Path:
@@ -280,7 +281,7 @@ def parts_config(output: str, rows_per_part: int) -> EvalConfig:
 def test_scores_in_parts_on_s3_read_back_as_the_old_single_file_does(s3_env, monkeypatch, tmp_path):
     """With the bound lowered below the whole scores (8 rows of two ~12 kB PNGs), parts of 3 rows are written to
     the bucket and read back through the reader as the one file of an evaluation written before parts."""
-    from hgdpo.evaluate.evaluate import _score_parts
+    from hgdpo.evaluate.scores_file import _score_parts
 
     rows = synthetic_rows()
     old = f"s3://hgdpo-test/evaluations/{tmp_path.name}/old"
@@ -300,10 +301,11 @@ def test_scores_in_parts_on_s3_read_back_as_the_old_single_file_does(s3_env, mon
     assert read_scores(new, columns=["image_a"]).column("image_a").to_pylist() == [
         png for r in rows for png in r["png_a"]]
 
-    from hgdpo.sweep.sweep import _a_scores, object_reports
+    from hgdpo.report.duel import a_scores, hook_reads
+    from hgdpo.scorers.report_hook import JUDGE_REPORT
 
-    assert _a_scores(new, ["judge"]).equals(_a_scores(old, ["judge"]))
-    assert object_reports(new)[0] == object_reports(old)[0]
+    assert a_scores(new, ["judge"]).equals(a_scores(old, ["judge"]))
+    assert hook_reads(new, JUDGE_REPORT)[0] == hook_reads(old, JUDGE_REPORT)[0]
 
 
 def test_scores_over_the_bound_fail_naming_the_file_and_leave_nothing_complete(s3_env, monkeypatch, tmp_path):

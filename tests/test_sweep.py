@@ -23,7 +23,7 @@ from servers import start_mlflow
 from hgdpo.config.core import load_config, read_yaml
 from hgdpo.errors import ConfigError
 from hgdpo.sweep.config import SweepConfig
-from hgdpo.sweep.sweep import fitting_trials, trial_peak
+from hgdpo.sweep.trials import fitting_trials, trial_peak
 from hgdpo.world.prompts import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -481,7 +481,7 @@ def test_the_paper_values_are_swept():
 def test_dpo_and_dpo_with_lan_share_one_adapter(monkeypatch):
     """In the LAN ablation, dpo and dpo+lan differ only at sampling time: one training, whose adapter both
     evaluate; hgdpo-sml trains its own."""
-    from hgdpo.sweep.sweep import share_adapters
+    from hgdpo.sweep.trials import share_adapters
     from hgdpo.train.trainer import fingerprint
 
     monkeypatch.chdir(REPO)
@@ -519,7 +519,7 @@ def test_listed_trials_are_crossed_with_the_grid_and_named_by_their_values():
 
 def test_a_named_trial_trains_on_its_own_pool_and_says_so():
     from hgdpo.sweep.config import absolute
-    from hgdpo.sweep.sweep import trial_params
+    from hgdpo.sweep.trials import trial_params
     from hgdpo.train.pairs import plan
 
     cfg = _cfg(trials=[{"name": "own", "objective": "hgdpo"}, {"name": "public", "objective": "dpo",

@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import re
 
+from PIL import Image
+
 from hgdpo.config.core import to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.evaluate.sample_config import SampleConfig
+from hgdpo.infra import storage, tracking
+from hgdpo.models import lan
+from hgdpo.models import loading as models
+from hgdpo.models.sampling import image_seeds, native_size, resolve_device_dtype, set_sampler
+from hgdpo.prompts import read_prompts
 
 MANIFEST = "samples.json"
 
@@ -32,14 +39,6 @@ def file_stems(prompts) -> list[str]:
 
 def run(cfg: SampleConfig) -> dict | None:
     """Sample every prompt; return the manifest, or None when ``cfg.output`` is already finished."""
-    from PIL import Image
-
-    from hgdpo.infra import storage, tracking
-    from hgdpo.models import lan
-    from hgdpo.models import loading as models
-    from hgdpo.models.sampling import image_seeds, native_size, resolve_device_dtype, set_sampler
-    from hgdpo.prompts import read_prompts
-
     output = cfg.output
     storage.check_writable(output, "sample.output")
     if storage.is_file(storage.join(output, MANIFEST)):

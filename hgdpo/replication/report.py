@@ -8,10 +8,19 @@ and the targets say, for each claim, whether the world's measurement meets it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from hgdpo.infra import storage
-from hgdpo.replication.replicate import LOSER_RANKS, POOL_SIZES, SHARES, name_of
+import yaml
+
+from hgdpo.config.core import to_dict
+from hgdpo.infra import storage, tracking
+from hgdpo.replication.design import LOSER_RANKS, POOL_SIZES, SHARES, name_of
+from hgdpo.report.pictures import interval_chart
+from hgdpo.report.tables import format_duels, rate_cell
+from hgdpo.sweep.mlflow_runs import mlflow_client
+from hgdpo.sweep.trials import RESULT_FILE
 
 PAPER_POOL_SIZE_PICKSCORE = {2: 66, 5: 82, 10: 84, 20: 89}  # Table 3: PickScore win rate (%) against the target model
 # Table 1's rows, head to head: the baselines on the same pool, then Diffusion-DPO on the public set and its (H) subset.
@@ -29,8 +38,6 @@ class Target:
 
 def _shown(path: str) -> str:
     """A path as the report shows it: relative to the working directory when inside it."""
-    import os
-
     here = os.getcwd()
     return os.path.relpath(path, here) if path.startswith(here + os.sep) else path
 
@@ -47,8 +54,6 @@ def _rate(m: dict, scorer: str) -> str:
 
 
 def _cell(rate) -> str:
-    from hgdpo.sweep.sweep import rate_cell
-
     return "-" if rate is None else rate_cell(rate)
 
 
@@ -69,8 +74,6 @@ class Results:
 
     @classmethod
     def of_sweep(cls, result, sweep_output: str) -> "Results":
-        from hgdpo.sweep.sweep import RESULT_FILE
-
         metrics = {t.name: t.metrics for t in result.trials if t.status == "FINISHED"}
         runs = {name: storage.read_json(storage.join(sweep_output, "trials", name, RESULT_FILE), "trial result")
                 .get("run_id", "") for name in metrics}
@@ -188,10 +191,6 @@ def report_location(cfg) -> str:
 
 
 def write_report(cfg, result, agreement: dict, prompts: int, log=print) -> str:
-    from hgdpo.infra import tracking
-    from hgdpo.report.pictures import interval_chart
-    from hgdpo.sweep.sweep import format_duels
-
     res = Results.of_sweep(result, storage.join(cfg.output, "sweep"))
     ev = {**cfg.evaluate}
     seeds = ev.get("images_per_prompt", 1)
@@ -215,8 +214,6 @@ def write_report(cfg, result, agreement: dict, prompts: int, log=print) -> str:
         lines.append(f"| {t.claim} | {t.measured} | {'-' if t.met is None else 'yes' if t.met else 'no'} |")
 
     if cfg.notes:
-        from pathlib import Path
-
         lines += ["", "## What the measurements say", "", Path(cfg.notes).read_text().strip()]
 
     n_names = [name_of("n", n) for n in POOL_SIZES]
@@ -282,11 +279,6 @@ def write_report(cfg, result, agreement: dict, prompts: int, log=print) -> str:
 
 
 def _settings(cfg) -> str:
-    import yaml
-
-    from hgdpo.config.core import to_dict
-    from hgdpo.infra import tracking
-
     data = to_dict(cfg)
     if data.get("mlflow_uri"):
         data["mlflow_uri"] = tracking.redact(data["mlflow_uri"])
@@ -298,8 +290,5 @@ def _grad_ratio(cfg, run_id: str | None) -> float | None:
     statistic matching). Not the mean: earlier runs also probed step 0, where the ratio is 0 by construction."""
     if not run_id:
         return None
-    from hgdpo.infra import tracking
-    from hgdpo.sweep.sweep import _client
-
-    history = _client(tracking.tracking_uri(cfg.mlflow_uri)).get_metric_history(run_id, "stat_dpo_grad_ratio")
+    history = mlflow_client(tracking.tracking_uri(cfg.mlflow_uri)).get_metric_history(run_id, "stat_dpo_grad_ratio")
     return max(history, key=lambda h: h.step).value if history else None

@@ -5,13 +5,12 @@ from __future__ import annotations
 import textwrap
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 
 def pairs_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], labels: tuple[str, str] = ("winner", "loser"),
                cell: int = 128):
     """A PIL image with one row per (caption, left image, right image), the caption beside them."""
-    from PIL import Image, ImageDraw
-
     text_w, pad, head = 220, 4, 16
     grid = Image.new("RGB", (text_w + 2 * (cell + pad) + pad, head + len(rows) * (cell + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
@@ -29,8 +28,6 @@ def pairs_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], labels: tuple[str
 
 def captioned_grid(rows: list[tuple[str, list[np.ndarray]]], cell: int = 96):
     """A PIL image with one row per caption: the caption, then its images."""
-    from PIL import Image, ImageDraw
-
     text_w, pad = 200, 4
     width = max(len(images) for _, images in rows)
     grid = Image.new("RGB", (text_w + width * (cell + pad) + pad, len(rows) * (cell + pad) + pad), "white")
@@ -50,8 +47,6 @@ def interval_chart(title: str, categories: list[str], series: dict[str, list[tup
     (``series[name][i]`` = (value, low, high) of category i, or None), and an optional dashed
     reference line (e.g. 50% for a win rate). Values equal to their interval's ends draw as plain
     points, so the chart also shows quantities without an interval."""
-    from PIL import Image, ImageDraw
-
     colours = ["#1f5fa8", "#c2501d", "#2e8b3a", "#7a3fa0"]
     left, right, top, bottom = 64, 16, 40, 48
     chart = Image.new("RGB", (width, height), "white")
@@ -108,8 +103,6 @@ def weight_grid(lat_w: np.ndarray, lat_l: np.ndarray, weights: np.ndarray, label
 
     ``lat_w``, ``lat_l``: (B, C, h, w); ``weights``: (B, T, h, w), T = ``len(labels)``.
     """
-    from PIL import Image, ImageDraw
-
     lat_w, lat_l, weights = (np.asarray(a, dtype=np.float64) for a in (lat_w, lat_l, weights))
     rows, _, h, w = lat_w.shape
     scale = -(-min_cell // min(h, w))
