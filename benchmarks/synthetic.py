@@ -49,6 +49,7 @@ def write_pool(dst: Path, prompts_file: Path, model: Path, rows: int, rows_per_f
     from hgdpo.pool import store as pool
     from hgdpo.pool.build import prepare
     from hgdpo.pool.config import PoolConfig
+    from hgdpo.pool.part_file import write_part_file
 
     if (dst / pool.COMPLETE).exists():
         return dst
@@ -71,7 +72,7 @@ def write_pool(dst: Path, prompts_file: Path, model: Path, rows: int, rows_per_f
             "latent_index": np.tile(np.arange(n, dtype=np.int32), (len(chunk), 1)),
             "latents": rng.standard_normal((len(chunk), *shape), dtype=np.float32).astype(np.float16),
             "image_w": [png] * len(chunk), "image_l": [png] * len(chunk)}, shape)
-        name, entry = _write_format_1(dst, table) if format_1 else pool.write_part_file(str(dst), table)
+        name, entry = _write_format_1(dst, table) if format_1 else write_part_file(str(dst), table)
         names.append(name)
         files[name] = entry
     pool.mark_complete(str(dst), sorted(names), len(items), files)
@@ -82,10 +83,11 @@ def _write_format_1(dst: Path, table) -> tuple[str, dict]:
     """A part as ``hgdpo-pool/1`` wrote it: all K latents of a row in one ``latents`` column."""
     from hgdpo.infra import storage
     from hgdpo.pool import store as pool
+    from hgdpo.pool.part_file import part_name
 
     latents = pool.latents_of(table)
     column = pool.tensor_array(latents, pool.latents_type(latents.shape[1:]))
     table = pool.without_latents(table).append_column("latents", column)
-    name = pool.part_name(table.column("prompt_id").to_pylist(), table.column("prompt_index").to_pylist())
+    name = part_name(table.column("prompt_id").to_pylist(), table.column("prompt_index").to_pylist())
     size, sha256 = storage.write_parquet(storage.join(str(dst), name), table, compression="zstd")
     return name, {"rows": table.num_rows, "bytes": size, "sha256": sha256}

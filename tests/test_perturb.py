@@ -1,4 +1,5 @@
-"""OSPO-style prompt perturbations (hgdpo.pool.perturb) and the scene helpers behind them.
+"""OSPO-style prompt perturbations (hgdpo.pool.perturb, its word rules in hgdpo.pool.phrases) and the scene
+helpers behind them.
 
 Free-text cases give the exact set of results a prompt can get (collected over many seeds), so
 they hold for any generator stream; world cases check every caption of a prompt set.
@@ -12,15 +13,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hgdpo.pool import perturb as P
-from hgdpo.pool.perturb import (
-    KINDS,
-    applicable_kinds,
-    noun_phrases,
-    perturb,
-    perturbations,
-    word_spans,
-)
+from hgdpo.pool import phrases as P
+from hgdpo.pool.perturb import KINDS, applicable_kinds, perturb, perturbations
+from hgdpo.pool.phrases import noun_phrases, word_spans
 from hgdpo.world.prompts import make_prompts
 from hgdpo.world.scene import (
     ObjectSpec,
@@ -357,10 +352,10 @@ def test_perturbations_deterministic_order_independent_and_skipping(world_prompt
 
 
 def test_word_lists_are_consistent():
-    modifiers = P._DETERMINERS | P._ADJECTIVES | set(P._COLOR_OF) | set(P.NUMBER_WORDS)
+    modifiers = P._DETERMINERS | P._ADJECTIVES | set(P.COLOR_OF) | set(P.NUMBER_WORDS)
     assert not modifiers & P._STOP
     for relation in (p for g in P.RELATION_GROUPS for p in g):
         assert relation.split()[0] in P._STOP
     assert len(set(P.NOUNS)) == len(P.NOUNS) and not set(P.NOUNS) & (P._STOP | modifiers)
     for noun in P.NOUNS:
-        assert P._singular(P._plural(noun)) == noun and not P._looks_plural(noun)
+        assert P.singular(P._plural(noun)) == noun and not P._looks_plural(noun)

@@ -20,6 +20,7 @@ from hgdpo import cli
 from hgdpo.errors import HgdpoError
 from hgdpo.infra import storage
 from hgdpo.pool import store as pool
+from hgdpo.pool.part_file import write_part_file
 from hgdpo.world.prompts import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,7 +228,7 @@ def test_parts_on_object_storage_are_checked_and_verified(s3_env, tmp_path):
                 "seeds": [[1, 2]] * 2, "scores": [[0.5, 0.1]] * 2, "rank": [[0, 1]] * 2, "winner": [0, 0],
                 "loser": [1, 1], "latent_index": [[0, 1]] * 2, "image_w": [b"w"] * 2, "image_l": [b"l"] * 2,
                 "latents": np.full((2, 2, 4, 2, 2), first, np.float16)}
-        name, entry = pool.write_part_file(uri, pool.to_table(rows, (2, 4, 2, 2)))
+        name, entry = write_part_file(uri, pool.to_table(rows, (2, 4, 2, 2)))
         assert (entry["bytes"], entry["sha256"]) == storage.digest(storage.join(uri, name))
         files[name] = entry
     names = sorted(files)

@@ -19,6 +19,7 @@ from hgdpo.config.core import from_dict
 from hgdpo.errors import ConfigError, HgdpoError
 from hgdpo.infra import storage
 from hgdpo.pool import store as pool
+from hgdpo.pool.part_file import write_part
 from hgdpo.train.config import TrainConfig
 
 
@@ -97,7 +98,7 @@ def test_a_pool_round_trips_through_s3(s3_env, tmp_path):
             "latent_index": [[0, 1], [0, 1]], "image_w": [b"w", b"w"], "image_l": [b"l", b"l"]}
     rows["latents"] = np.arange(2 * 2 * 4 * 2 * 2, dtype=np.float16).reshape(2, 2, 4, 2, 2)
     pool.init(uri, {"format": pool.FORMAT, "x": 1})
-    part = pool.write_part(uri, pool.to_table(rows, (2, 4, 2, 2)))
+    part = write_part(uri, pool.to_table(rows, (2, 4, 2, 2)))
     assert pool.state(uri).parts == [part] and pool.done_prompt_ids(uri, [part]) == {"a", "b"}
     pool.mark_complete(uri, [part], 2)
     table = pool.read(uri)

@@ -7,7 +7,7 @@ A pool is a directory (local path or any pyarrow filesystem URI) holding
   versions, prompt count and latent shape;
 * ``part-*.parquet``: one row per prompt (columns below), each written atomically
   (``hgdpo.infra.storage``), so a file that exists is whole; its name holds its first prompt index and a
-  digest of its prompt ids;
+  digest of its prompt ids (``hgdpo.pool.part_file``);
 * ``_COMPLETE.json``: written last, once every prompt has a row: the manifest. ``parts`` (names,
   in order), ``rows``, and ``files``: per part its ``rows``, ``bytes`` and ``sha256`` (of the file's
   bytes, as ``sha256sum`` prints it), taken by the writer from the bytes it wrote.
@@ -31,16 +31,15 @@ image of the prompt's first perturbation from the same seed, at latent index N +
 ``self_least`` (2N each, originals then negatives: the self-judge's mean and least margins,
 ``hgdpo.pool.ospo``; NaN for a prompt no perturbation applies to).
 
-One column per kept latent, and row groups of ``GROUP_ROWS`` rows, because parquet reads a column
-chunk whole: a reader that needs two latents of a row (a pair selection) reads, per row group, only
-the columns some of its rows need, and a selection among the first n < N images reads at most n of
-the N columns. Format ``hgdpo-pool/1`` (all K latents of a row in one ``latents`` column, one row
-group per part) is still read; ``latents_of`` and ``read_latents`` serve both.
+One column per kept latent, and row groups of ``GROUP_ROWS`` rows (``hgdpo.pool.part_file``), because
+parquet reads a column chunk whole: a reader that needs two latents of a row (a pair selection) reads,
+per row group, only the columns some of its rows need, and a selection among the first n < N images
+reads at most n of the N columns. Format ``hgdpo-pool/1`` (all K latents of a row in one ``latents``
+column, one row group per part) is still read; ``latents_of`` and ``read_latents`` serve both.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -50,17 +49,17 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from hgdpo.errors import HgdpoError
 from hgdpo.infra import storage
+from hgdpo.pool.part_file import PART_PREFIX, first_line, read_part_problem
 
 FORMAT = "hgdpo-pool/2"
 READABLE = ("hgdpo-pool/1", FORMAT)
 LATENTS_V1 = "latents"  # format 1's single column of all K latents
-GROUP_ROWS = 8  # rows per row group: at 704x1024 and N = 20, 14 MB of latents
 META = "pool.json"
 COMPLETE = "_COMPLETE.json"
-PART_PREFIX = "part-"
 REPAIR = ("rerun the pool job with the same config (jobs/build_pool.py, or jobs/run.py for a run's pool): "
           "it rebuilds only the prompts of the bad part")
 
@@ -156,25 +155,6 @@ def read_latents(part, group: int, positions: list[int]) -> dict[int, np.ndarray
     return {k: _tensor_values(table.column(latent_column(k))) for k in positions}
 
 
-def part_name(prompt_ids: list[str], prompt_indexes: list[int]) -> str:
-    """The name of the part holding these rows: its first prompt index and a digest of its ids."""
-    digest = hashlib.sha1("\n".join(prompt_ids).encode()).hexdigest()[:10]
-    return f"{PART_PREFIX}{min(prompt_indexes):09d}-{digest}.parquet"
-
-
-def write_part(uri: str, table: pa.Table) -> str:
-    """Write rows as one part file, atomically (``hgdpo.infra.storage.write``). Returns its name."""
-    return write_part_file(uri, table)[0]
-
-
-def write_part_file(uri: str, table: pa.Table) -> tuple[str, dict]:
-    """``write_part``, also returning the part's manifest entry: rows, bytes and sha256, from the bytes
-    as they were written (the job never reads a part back to record it)."""
-    name = part_name(table.column("prompt_id").to_pylist(), table.column("prompt_index").to_pylist())
-    size, sha256 = storage.write_parquet(storage.join(uri, name), table, compression="zstd", row_group_size=GROUP_ROWS)
-    return name, {"rows": table.num_rows, "bytes": size, "sha256": sha256}
-
-
 @dataclass
 class PoolState:
     """What is on disk at a pool's location."""
@@ -225,7 +205,7 @@ def part_ids(uri: str, parts: list[str]) -> tuple[dict[str, list[str]], dict[str
         try:
             ids[name] = storage.read_parquet(storage.join(uri, name), columns=["prompt_id"]).column("prompt_id").to_pylist()
         except (OSError, ValueError, pa.ArrowException) as err:
-            unreadable[name] = f"cannot be read ({_first_line(err)})"
+            unreadable[name] = f"cannot be read ({first_line(err)})"
     return ids, unreadable
 
 
@@ -286,37 +266,10 @@ def bad_parts(uri: str, st: PoolState, read: bool = False) -> dict[str, str]:
         seen: set[str] = set()
         for name in st.complete["parts"]:
             if name not in bad:
-                why = _read_part(uri, name, files.get(name), seen)
+                why = read_part_problem(uri, name, files.get(name), seen)
                 if why:
                     bad[name] = why
     return bad
-
-
-def _read_part(uri: str, name: str, entry: dict | None, seen: set[str]) -> str | None:
-    """What is wrong with one part when read whole (None: nothing); adds its prompt ids to ``seen``."""
-    path = storage.join(uri, name)
-    if entry is not None:
-        _, sha256 = storage.digest(path)
-        if sha256 != entry["sha256"]:
-            return f"has bytes other than those written (sha256 {sha256[:12]}... found, {entry['sha256'][:12]}... recorded)"
-    try:  # with a matching checksum only the ids are decoded; without one, every column
-        table = storage.read_parquet(path, columns=["prompt_id", "prompt_index"] if entry else None)
-    except (OSError, ValueError, pa.ArrowException) as err:
-        return f"cannot be read ({_first_line(err)})"
-    ids = table.column("prompt_id").to_pylist()
-    if entry is not None and len(ids) != entry["rows"]:
-        return f"holds {len(ids)} rows, not the {entry['rows']} written"
-    if not ids or part_name(ids, table.column("prompt_index").to_pylist()) != name:
-        return "holds rows other than the prompts its name was given for"
-    dup = seen.intersection(ids)
-    if dup:
-        return f"repeats prompt {min(dup)!r} of another part"
-    seen.update(ids)
-    return None
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _bad_message(setting: str, uri: str, bad: dict[str, str]) -> str:
@@ -404,14 +357,12 @@ def without_latents(table: pa.Table) -> pa.Table:
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
+    """An (H, W, 3) uint8 image as PNG bytes."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
 
 
 def png_image(data: bytes) -> np.ndarray:
-    from PIL import Image
-
+    """PNG bytes as an (H, W, 3) uint8 image."""
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
