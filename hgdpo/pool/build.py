@@ -49,6 +49,7 @@ from hgdpo.infra.raycluster import TorchThread, ensure_ray, warn_if_not_shared
 from hgdpo.models import loading as models
 from hgdpo.pool import store as pool
 from hgdpo.pool.config import NEWER_DATA_FIELDS, PoolConfig
+from hgdpo.pool.part_file import write_part_file
 from hgdpo.scorers.base import ScorerError, rank
 from hgdpo.scorers.registry import load_scorer, scorer_class
 
@@ -164,7 +165,7 @@ def write_rows(batch: dict[str, np.ndarray], output: str, latent_shape: list[int
     rows = {k: v for k, v in batch.items() if not k.startswith("pixels_")}
     rows["image_w"] = [pool.png_bytes(im) for im in batch["pixels_w"]]
     rows["image_l"] = [pool.png_bytes(im) for im in batch["pixels_l"]]
-    name, entry = pool.write_part_file(output, pool.to_table(rows, tuple(latent_shape)))
+    name, entry = write_part_file(output, pool.to_table(rows, tuple(latent_shape)))
     scores = np.stack(batch["scores"])  # (B, N)
     index = np.arange(len(scores))
     return {

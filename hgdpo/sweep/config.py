@@ -11,6 +11,7 @@ training share one adapter, and makes B's rows once for all).
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
 from dataclasses import dataclass
@@ -155,8 +156,6 @@ class SweepConfig(Tracking):
     @staticmethod
     def _check_name(key: str, where: str) -> None:
         if key not in PARAMETERS:
-            import difflib
-
             close = difflib.get_close_matches(str(key), PARAMETERS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: unknown parameter{hint}; known: {', '.join(PARAMETERS)}")
