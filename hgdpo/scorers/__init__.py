@@ -1,1 +1,2 @@
-"""Scorers: each rates (prompt, image) pairs, higher = better; PickScore ranks the pool, any of them evaluates."""
+"""Scorers: each rates (prompt, image) pairs, higher = better; any of them ranks a pool (PickScore by default) or
+evaluates (``hgdpo.scorers.registry``)."""
