@@ -8,7 +8,7 @@ One process, ``--threads`` torch threads (1 by default, as an encoder actor with
 fewer threads also suffer less from others' use of a shared machine), measured side by side,
 ``--repeats`` times, the order reversed every other repeat:
 
-* ``encode``: the VAE encode alone (``hgdpo.interchange.interchange.encode``) of the same 2 x ``--pairs`` images,
+* ``encode``: the VAE encode alone (``hgdpo.interchange.encoding.encode``) of the same 2 x ``--pairs`` images,
   already decoded and fitted, ``--encode-batch`` at a time, after one warm-up call;
 * ``import``: ``import_pairs(local=True)`` of a Pick-a-Pic parquet file of those pairs (world renders of
   ``--source-size`` px as JPEG) into a fresh output: per part, its row groups' images read, decoded,
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from hgdpo.infra.quiet import quiet_libraries
     from hgdpo.interchange.config import ImportConfig
-    from hgdpo.interchange.interchange import encode, fit, import_pairs, load_vae
+    from hgdpo.interchange.encoding import encode, fit, load_vae
+    from hgdpo.interchange.import_job import import_pairs
 
     quiet_libraries()
     torch.set_num_threads(args.threads)

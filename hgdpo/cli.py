@@ -34,12 +34,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hgdpo import stages
 from hgdpo.errors import HgdpoError
+
+# What the commands other than the stages run, resolved when one runs (as the stages are: hgdpo.stages).
+COMMANDS = {"table": "hgdpo.report.tables:table_from_mlflow", "verify": "hgdpo.inspection:verify_pool",
+            "duel": "hgdpo.inspection:duel_evaluations"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hgdpo import stages
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in stages.STEPS:
         return stages.main_with_steps(argv[0], argv[1:])
@@ -67,58 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "table":
-            from hgdpo.sweep.sweep import table_from_mlflow
-
-            print(table_from_mlflow(args.sweep, args.mlflow_uri, args.experiment))
+            print(stages.resolve(COMMANDS["table"])(args.sweep, args.mlflow_uri, args.experiment))
         elif args.command == "verify":
-            print(verify_pool(args.pool))
+            print(stages.resolve(COMMANDS["verify"])(args.pool))
         elif args.command == "duel":
-            print(duel_evaluations(args.a, args.b))
+            print(stages.resolve(COMMANDS["duel"])(args.a, args.b))
     except HgdpoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-def verify_pool(location: str) -> str:
-    """``hgdpo verify``: the pool's summary when every part is as its manifest records it."""
-    from hgdpo.infra import storage
-    from hgdpo.pool import store as pool
-
-    storage.check_reachable(location, "pool")
-    with storage.errors("pool", location):
-        report = pool.verify(location)
-    checked = "size, sha256, rows and prompt ids" if report["checksums"] else \
-        "rows and prompt ids (its manifest predates checksums: rerun the pool job to record them)"
-    return (f"pool: {location}: {report['rows']} prompts in {report['parts']} parts ({report['bytes'] / 1e6:.1f} MB), "
-            f"every part's {checked} as recorded")
-
-
-def duel_evaluations(a: str, b: str) -> str:
-    """``hgdpo duel``: the head-to-head tables of evaluation ``a``'s A images against evaluation ``b``'s, on the
-    scorers both have, with ``a``'s bootstrap settings."""
-    from hgdpo.infra import storage
-    from hgdpo.sweep.sweep import compare_outputs, format_comparisons
-
-    configs = []
-    for setting, location in (("duel A", a), ("duel B", b)):
-        storage.check_reachable(location, setting)
-        report = storage.join(location, "report.json")
-        if not storage.exists(report):
-            raise HgdpoError(f"{setting}: {location} is not a finished evaluation (no report.json)")
-        with storage.errors(setting, location):
-            configs.append(storage.read_json(report, "evaluation report")["config"])
-    scorers = [s for s in configs[0]["scorers"] if s in configs[1]["scorers"]]
-    if not scorers:
-        raise HgdpoError(f"duel: the evaluations have no scorer in common ({configs[0]['scorers']} and "
-                         f"{configs[1]['scorers']})")
-    ev = configs[0]
-    with storage.errors("duel", f"{a}, {b}"):
-        found = compare_outputs(a, b, scorers, resamples=ev["bootstrap"], confidence=ev["confidence"], seed=ev["seed"])
-    if found is None:
-        raise HgdpoError(f"duel: {a} and {b} were not made on the same prompts and seeds (prompt ids, image "
-                         "indices and seeds must match one to one)")
-    return format_comparisons([(a, b, *found)], scorers)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 import time
 import traceback
@@ -19,6 +20,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hgdpo.config.core import describe, load_config
+from hgdpo.errors import HgdpoError
+from hgdpo.infra.locations import absolute, is_local
+from hgdpo.infra.quiet import quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -32,15 +38,13 @@ class Stage:
     flags: tuple[tuple[str, str], ...] = ()
 
     def config_class(self) -> type:
-        return _resolve(self.config)
+        return resolve(self.config)
 
     def run(self, cfg: Any, args: argparse.Namespace) -> str | None:
-        return _resolve(self.runner)(cfg, args)
+        return resolve(self.runner)(cfg, args)
 
 
-def _resolve(path: str) -> Any:
-    import importlib
-
+def resolve(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -61,7 +65,7 @@ STAGES: dict[str, Stage] = {
                    "hgdpo.sweep.config:SweepConfig", "hgdpo.stages:run_sweep"),
     "run": Stage("the whole method: pool, HG-DPO, evaluation", "hgdpo.run:RunConfig", "hgdpo.stages:run_run"),
     "replicate": Stage("the paper's tables in the miniature world: one pool, every table's trials, one report",
-                       "hgdpo.replication.replicate:ReplicateConfig", "hgdpo.stages:run_replicate"),
+                       "hgdpo.replication.config:ReplicateConfig", "hgdpo.stages:run_replicate"),
     "import": Stage("import a public preference set (Pick-a-Pic v2, HPDv2, an hgdpo export) as a pool of pairs",
                     "hgdpo.interchange.config:ImportConfig", "hgdpo.stages:run_import",
                     (("--no-ray", "import in this process without Ray"),)),
@@ -81,7 +85,7 @@ for _step, _summary in zip(STEPS["study"], (
 
 
 def run_pool(cfg, args) -> str | None:
-    from hgdpo.pool.build import build_pool
+    from hgdpo.pool.build import build_pool  # late: a stage's work (Ray, torch) loads when it runs
 
     result = build_pool(cfg, mlflow=not args.no_mlflow, local=args.no_ray, verify=args.verify)
     if result.skipped:
@@ -90,7 +94,7 @@ def run_pool(cfg, args) -> str | None:
 
 
 def run_train(cfg, args) -> str | None:
-    from hgdpo.train.trainer import train
+    from hgdpo.train.trainer import train  # late: a stage's work (Ray, torch) loads when it runs
 
     result = train(cfg)
     if result.skipped:
@@ -100,9 +104,7 @@ def run_train(cfg, args) -> str | None:
 
 
 def run_sample(cfg, args) -> str:
-    import time
-
-    from hgdpo.evaluate.samples import run
+    from hgdpo.evaluate.samples import run  # late: a stage's work (Ray, torch) loads when it runs
 
     start = time.perf_counter()
     manifest = run(cfg)
@@ -112,7 +114,8 @@ def run_sample(cfg, args) -> str:
 
 
 def run_evaluate(cfg, args) -> str:
-    from hgdpo.evaluate.evaluate import evaluate, table
+    from hgdpo.evaluate.eval_result import table  # late: a stage's work (Ray, torch) loads when it runs
+    from hgdpo.evaluate.evaluate import evaluate  # late: a stage's work (Ray, torch) loads when it runs
 
     result = evaluate(cfg, record_mlflow=not args.no_mlflow)
     done = "" if result.skipped else \
@@ -121,7 +124,7 @@ def run_evaluate(cfg, args) -> str:
 
 
 def run_sweep(cfg, args) -> str:
-    from hgdpo.sweep.sweep import sweep
+    from hgdpo.sweep.sweep import sweep  # late: a stage's work (Ray, torch) loads when it runs
 
     result = sweep(cfg)
     ran = [t.name for t in result.trials if not t.skipped]
@@ -130,8 +133,8 @@ def run_sweep(cfg, args) -> str:
 
 
 def run_run(cfg, args) -> str:
-    from hgdpo.evaluate.evaluate import summary
-    from hgdpo.run import run
+    from hgdpo.evaluate.eval_result import summary  # late: a stage's work (Ray, torch) loads when it runs
+    from hgdpo.run import run  # late: a stage's work (Ray, torch) loads when it runs
 
     result = run(cfg)
     return (f"\n{summary(cfg.stages()[2], result.evaluation)}\n\nrun: pool {result.pool_seconds:.0f}s, train "
@@ -139,13 +142,13 @@ def run_run(cfg, args) -> str:
 
 
 def run_replicate(cfg, args) -> str:
-    from hgdpo.replication.replicate import replicate
+    from hgdpo.replication.replicate import replicate  # late: a stage's work (Ray, torch) loads when it runs
 
     return f"\nreplicate: the report is {replicate(cfg)}"
 
 
 def run_import(cfg, args) -> str | None:
-    from hgdpo.interchange.interchange import import_pairs
+    from hgdpo.interchange.import_job import import_pairs  # late: a stage's work (Ray, torch) loads when it runs
 
     result = import_pairs(cfg, local=args.no_ray)
     if result.skipped:
@@ -154,14 +157,14 @@ def run_import(cfg, args) -> str | None:
 
 
 def run_export(cfg, args) -> str:
-    from hgdpo.interchange.interchange import export_pairs
+    from hgdpo.interchange.pairs_export import export_pairs  # late: a stage's work (Ray, torch) loads when it runs
 
     result = export_pairs(cfg)
     return f"export: {result.rows} pairs in {result.seconds:.1f}s"
 
 
 def run_export_lora(cfg, args) -> str:
-    from hgdpo.models.kohya import export
+    from hgdpo.models.kohya import export  # late: a stage's work (Ray, torch) loads when it runs
 
     files = export(cfg)
     return f"export: {cfg.adapter} written as {cfg.format} LoRA to {cfg.output} ({len(files)} file(s))"
@@ -170,8 +173,6 @@ def run_export_lora(cfg, args) -> str:
 def parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
     """The command line of stage ``name``: its description (``doc``'s first line, else the stage's
     summary), ``--config``, the overrides, its flags, and every setting in ``--help``."""
-    from hgdpo.config.core import describe
-
     stage = STAGES[name]
     out = argparse.ArgumentParser(prog=f"hgdpo {name}", description=(doc or stage.summary).splitlines()[0],
                                   epilog="settings:\n" + describe(stage.config_class()),
@@ -187,14 +188,9 @@ def parser(name: str, doc: str | None = None) -> argparse.ArgumentParser:
 def main(name: str, argv: list[str] | None = None, doc: str | None = None,
          report: Callable[[str], None] = print) -> int:
     """Run stage ``name`` with ``argv``: 0 done, 2 bad input, 1 failure."""
-    from hgdpo.config.core import load_config
-    from hgdpo.errors import HgdpoError
-
     args = parser(name, doc).parse_intermixed_args(argv)
     stage = STAGES[name]
     try:
-        from hgdpo.infra.quiet import quiet_libraries
-
         quiet_libraries()
         cfg = load_config(stage.config_class(), args.config, args.overrides)
     except HgdpoError as err:
@@ -205,8 +201,6 @@ def main(name: str, argv: list[str] | None = None, doc: str | None = None,
 
 
 def _run(name: str, stage: Stage, cfg: Any, args: argparse.Namespace, report: Callable[[str], None]) -> int:
-    from hgdpo.errors import HgdpoError
-
     try:
         line = stage.run(cfg, args)
         if line:
@@ -271,12 +265,10 @@ def log_file(name: str, cfg: Any) -> Iterator[_LogCopy | None]:
     """For the ``LOGGED`` stages on a local output, everything the job prints (its own lines, its
     warnings and tracebacks, what Ray forwards from its workers) also goes to
     ``<output>/logs/<stage>-<UTC time>.log`` once the output folder exists; the console stays as it is."""
-    from hgdpo.infra import storage
-
-    if name not in LOGGED or not storage.is_local(cfg.output):
+    if name not in LOGGED or not is_local(cfg.output):
         yield None
         return
-    copy = _LogCopy(Path(storage.absolute(cfg.output)), name)
+    copy = _LogCopy(Path(absolute(cfg.output)), name)
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(sys.stdout, copy), _Tee(sys.stderr, copy)
     try:

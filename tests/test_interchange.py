@@ -21,19 +21,13 @@ from PIL import Image
 
 from hgdpo.errors import HgdpoError
 from hgdpo.interchange.config import PEOPLE_KEYWORDS, ImportConfig
-from hgdpo.interchange.interchange import (
-    EXPORT_SCHEMA,
-    EncodeParts,
-    decode_image,
-    encode,
-    fit,
-    import_pairs,
-    is_people,
-    iter_json,
-    load_vae,
-    plan,
-)
+from hgdpo.interchange.encoding import EncodeParts, decode_image, encode, fit, load_vae
+from hgdpo.interchange.import_job import _our_error, import_pairs
+from hgdpo.interchange.pairs_export import EXPORT_SCHEMA
+from hgdpo.interchange.selection import is_people, plan
+from hgdpo.interchange.sources import iter_json
 from hgdpo.pool import store as pool
+from hgdpo.pool.part_file import write_part
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -193,7 +187,7 @@ def built(work):
                     "num_prompts": 4, "images_per_prompt": 3, "latent_shape": [3, 4, 16, 16],
                     "base_model": {"name": "embedded", "fingerprint": fingerprint}})
     table = pool.to_table(rows, (3, 4, 16, 16))
-    names = [pool.write_part(out, table.slice(0, 2)), pool.write_part(out, table.slice(2, 2))]
+    names = [write_part(out, table.slice(0, 2)), write_part(out, table.slice(2, 2))]
     pool.mark_complete(out, names, 4)
     return work / "pool"
 
@@ -304,15 +298,16 @@ def test_an_interrupted_import_resumes_to_what_an_uninterrupted_one_writes(picka
 STREAM = textwrap.dedent("""
     import json, sys, tracemalloc
     import pyarrow as pa
-    from hgdpo.interchange.interchange import _fetch_pickapic, plan, source_files
     from hgdpo.interchange.config import ImportConfig
+    from hgdpo.interchange.selection import plan
+    from hgdpo.interchange.sources import fetch_pickapic, source_files
     cfg = ImportConfig(source=sys.argv[1], output="unused", rows_per_file=4)
     tracemalloc.start()
     planned = plan(cfg, log=lambda *_: None)
     files = source_files(cfg)
     got = 0
     for start in range(0, len(planned), 4):  # what an encoder does for each part
-        got += sum(len(p["w"]) + len(p["l"]) for p in _fetch_pickapic(cfg, files, planned.chunk(start, start + 4)))
+        got += sum(len(p["w"]) + len(p["l"]) for p in fetch_pickapic(cfg, files, planned.chunk(start, start + 4)))
     print(json.dumps({"peak": tracemalloc.get_traced_memory()[1] + pa.default_memory_pool().max_memory(),
                       "bytes": got}))
 """)
@@ -336,7 +331,9 @@ def test_memory_is_flat_in_the_number_of_rows(work):
         images = pq.read_table(folder, columns=["jpg_0", "jpg_1"])
         assert measured["bytes"] == sum(len(b) for c in images.columns for b in c.to_pylist())  # every image read
         peaks.append(measured["peak"])
-    assert peaks[1] < 1.25 * peaks[0] and peaks[1] < sizes[1] / 2, (peaks, sizes)  # holding them: > sizes
+    # 4x the rows adds less than a quarter of one 1x folder's bytes (pyarrow's allocations at import vary by about
+    # that much between runs); holding the files would take more than their size
+    assert peaks[1] < peaks[0] + sizes[0] / 4 and peaks[1] < sizes[1] / 2, (peaks, sizes)
 
 
 # --- Bad input --------------------------------------------------------------------------------------
@@ -430,8 +427,6 @@ def test_the_public_sets_scores_are_the_worlds_pickscore():
 def test_an_error_of_ours_inside_a_ray_actor_comes_back_as_itself():
     """Ray Data hands back a failed map UDF's error with only the remote traceback's text (seen with Ray 2.60:
     the job then prints the message and exits 2, as in the local path)."""
-    from hgdpo.interchange.interchange import _our_error
-
     remote = RuntimeError("ray::MapWorker(MapBatches(EncodeParts)).submit()\n  File ...\nhgdpo.errors.HgdpoError: "
                           "/d/train.parquet: row 5: the image cannot be decoded (...)\n")
     assert str(_our_error(remote)) == "/d/train.parquet: row 5: the image cannot be decoded (...)"

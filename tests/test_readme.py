@@ -11,7 +11,7 @@ from hgdpo.evaluate.config import EvalConfig
 from hgdpo.evaluate.sample_config import SampleConfig
 from hgdpo.interchange.config import ImportConfig, PairsExportConfig
 from hgdpo.pool.config import PoolConfig
-from hgdpo.replication.replicate import ReplicateConfig
+from hgdpo.replication.config import ReplicateConfig
 from hgdpo.run import RunConfig
 from hgdpo.sweep.config import SweepConfig
 from hgdpo.train.config import TrainConfig

@@ -15,13 +15,12 @@ from PIL import Image
 
 from hgdpo.config.core import load_config
 from hgdpo.errors import HgdpoError
+from hgdpo.replication.config import ReplicateConfig
+from hgdpo.replication.design import DUELS, trials
 from hgdpo.replication.replicate import (
-    DUELS,
-    ReplicateConfig,
     make_public_pools,
     public_imports,
     sweep_config,
-    trials,
     unmade_public_pools,
 )
 from hgdpo.replication.report import Results, table1, targets

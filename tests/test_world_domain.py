@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hgdpo.world.judge import detect, judge, judge_batch, judge_details
+from hgdpo.world.judge import judge, judge_batch, judge_details
 from hgdpo.world.prompts import make_pairs, make_prompts, split_of, write_prompts
 from hgdpo.world.render import coverage, degrade, render, render_batch, render_captions
 from hgdpo.world.scene import (
@@ -33,6 +33,7 @@ from hgdpo.world.scene import (
     sample_spec,
     scene_from_caption,
 )
+from hgdpo.world.segmentation import detect
 
 N_TEST = 200
 

@@ -24,7 +24,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from hgdpo.errors import ConfigError
+from hgdpo.errors import ConfigError, HgdpoError
+from hgdpo.infra import locations, tracking
 
 C = TypeVar("C")
 
@@ -276,15 +277,12 @@ def check_actors(cfg: Any, *roles: str) -> None:
 
 def check_locations(cfg: Any, *names: str) -> None:
     """Storage locations (outputs, pools, adapters) and the tracking URI must not carry credentials
-    (``hgdpo.infra.storage.check_uri``, ``hgdpo.infra.tracking.check_uri``)."""
-    from hgdpo.errors import HgdpoError
-    from hgdpo.infra import storage, tracking
-
+    (``hgdpo.infra.locations.check_uri``, ``hgdpo.infra.tracking.check_uri``)."""
     try:
         for name in names:
             value = getattr(cfg, name)
             if isinstance(value, str):
-                storage.check_uri(value, f"{cfg.SECTION}.{name}")
+                locations.check_uri(value, f"{cfg.SECTION}.{name}")
         tracking.check_uri(getattr(cfg, "mlflow_uri", None), f"{cfg.SECTION}.mlflow_uri")
     except HgdpoError as err:
         raise ConfigError(str(err)) from None

@@ -52,8 +52,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*steps_offset.*")
-    import diffusers
-    import transformers
+    import diffusers  # late: the variables above are read when these libraries (and Ray) are imported
+    import transformers  # late: as diffusers
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables", run links
     diffusers.utils.logging.set_verbosity_error()
@@ -74,7 +74,7 @@ def _drop_auth_enabled_notice(record: logging.LogRecord) -> bool:
 def quiet_ray_data(terminal: bool) -> None:
     """Ray Data in this process: its one global progress bar on a terminal, none elsewhere; its notices
     (INFO) in its log file only."""
-    import ray.data
+    import ray.data  # late: Ray reads RAY_DEDUP_LOGS_SKIP_REGEX, set by quiet_libraries, when imported
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = terminal

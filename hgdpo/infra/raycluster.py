@@ -6,13 +6,15 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from hgdpo.infra.locations import is_local
+
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect to ``address`` / ``$RAY_ADDRESS`` (set by ``ray job submit``), else start Ray locally.
 
     A local Ray gets no dashboard (it costs ~1 GiB and a port); a cluster keeps its own.
     """
-    import ray
+    import ray  # late: Ray reads RAY_DEDUP_LOGS_SKIP_REGEX (set by hgdpo.infra.quiet) when imported
 
     if ray.is_initialized():
         return
@@ -29,7 +31,7 @@ def ensure_ray(address: str | None = None) -> None:
 def node_count() -> int:
     """Alive nodes of the Ray cluster this job runs on: connects when the job was submitted to one
     (``$RAY_ADDRESS``) or Ray is already up; a job that would start Ray itself runs on one node."""
-    import ray
+    import ray  # late: Ray reads RAY_DEDUP_LOGS_SKIP_REGEX (set by hgdpo.infra.quiet) when imported
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         return 1
@@ -39,8 +41,6 @@ def node_count() -> int:
 
 def warn_if_not_shared(location: str, setting: str, log=print) -> None:
     """A local path on a cluster of several nodes works only on a disk every node mounts at that path."""
-    from hgdpo.infra.storage import is_local
-
     if not is_local(location):
         return
     nodes = node_count()

@@ -1,9 +1,8 @@
 """One storage layer for every stage's files: local paths and object-store URIs alike.
 
-A *location* is a string: a local path (relative paths and ``~`` allowed) or a URI that pyarrow
-resolves to a filesystem (``s3://bucket/prefix``, ``gs://bucket/prefix``, ``hdfs://...``,
-``file:///...``). Pools, checkpoints, adapters, evaluations, samples and sweep state are all read
-and written here, so no stage assumes a disk shared between the nodes of a cluster.
+A *location* (``hgdpo.infra.locations``) is a local path or a URI that pyarrow resolves to a filesystem.
+Pools, checkpoints, adapters, evaluations, samples and sweep state are all read and written here, so no
+stage assumes a disk shared between the nodes of a cluster.
 
 **A file that exists is whole.** Every write goes to ``.tmp-<random>-<name>`` in the same folder
 and is then moved onto its name. On a local disk the move is a rename (atomic on POSIX). On an
@@ -15,21 +14,14 @@ temporary names; ``remove_temporaries`` deletes the ones a crash left behind. A 
 that dies at any point; on a local disk nothing is fsync'ed, so a power loss may still lose the
 last files written before it.
 
-**No file is larger than ``MAX_OBJECT_BYTES``** (5 GiB): the move onto the final name is one S3
-``CopyObject``, which S3 refuses above 5 GiB, so ``write`` refuses a file that grows past it, on every
-store (a run on a laptop fails where a run on a bucket would), before anything is moved, and removes
-the temporary file. A table that can grow past it is written as a folder of parts
-(``write_parquet_parts``: bounded parts, then ``_COMPLETE.json`` last); ``read_parquet`` reads a file
-and such a folder alike. The jobs' configs refuse settings that would make a larger file (``rows_per_file``
-of a pool, ``rows_per_part`` of an evaluation), naming the setting. ``HGDPO_MAX_OBJECT_BYTES`` (bytes)
-lowers the bound, in every process that writes (the tests; a store with a smaller limit); it cannot
-raise it.
+**No file is larger than ``MAX_OBJECT_BYTES``** (5 GiB, ``hgdpo.infra.file_bound``): ``write`` refuses a
+file that grows past it before anything is moved. A table that can grow past it is written as a folder of
+parts (``write_parquet_parts``: bounded parts, then ``_COMPLETE.json`` last); ``read_parquet`` reads a file
+and such a folder alike.
 
-**Credentials** come from the standard environment of each process (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` for an
-S3-compatible store, an instance profile; ``GOOGLE_APPLICATION_CREDENTIALS``), never from a
-location: a URI holding a key (``s3://KEY:SECRET@bucket``, ``?secret_key=``) is refused, so no
-config, output or log line can carry one.
+The location helpers (``join``, ``name``, ``parent``, ``absolute``, ...), the bound (``MAX_OBJECT_BYTES``,
+``bound_text``, ``size_text``) and ``errors`` live in their own modules and are part of this module's API
+too, so that a caller reaches every file operation through ``storage``.
 """
 
 from __future__ import annotations
@@ -46,76 +38,38 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from hgdpo.errors import HgdpoError
+from hgdpo.infra.file_bound import (  # noqa: F401 (MAX_OBJECT_BYTES, BOUND_ENV, bound_text, size_text: this API)
+    BOUND_ENV,
+    MAX_OBJECT_BYTES,
+    BoundedWriter,
+    DigestingWriter,
+    bound_text,
+    object_bound,
+    size_text,
+)
+from hgdpo.infra.locations import (  # noqa: F401 (is_local, name, parent: this API)
+    absolute,
+    check_uri,
+    is_local,
+    is_uri,
+    join,
+    name,
+    parent,
+)
+from hgdpo.infra.storage_errors import errors
 
 TMP_PREFIX = ".tmp-"
-CREDENTIAL_QUERY = ("access_key", "secret_key", "session_token")
 OBJECT_STORES = ("s3", "gcs")  # pyarrow type names of stores where folders need no creation
-MAX_OBJECT_BYTES = 5 << 30  # S3's limit on one CopyObject, which is how `write` moves a file onto its name
-BOUND_ENV = "HGDPO_MAX_OBJECT_BYTES"  # lowers the bound (tests; a store with a smaller limit)
 PARTS_MANIFEST = "_COMPLETE.json"  # in a folder of parquet parts: written last, its presence marks them complete
 PARTS_FORMAT = "hgdpo-parts/1"
 PART_NAME = "part-{:05d}.parquet"
-CREDENTIAL_HINT = ("check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
-                   "AWS_SESSION_TOKEN / AWS_PROFILE, or GOOGLE_APPLICATION_CREDENTIALS)")
-
-
-def is_uri(location: str | os.PathLike) -> bool:
-    return "://" in os.fspath(location)
-
-
-def is_local(location: str | os.PathLike) -> bool:
-    """On this machine's disk: a path or a ``file://`` URI (other nodes see it only on a shared mount)."""
-    return not is_uri(location) or os.fspath(location).startswith("file://")
-
-
-def absolute(location: str | os.PathLike) -> str:
-    """A URI unchanged; a local path made absolute (what a job records, and what Ray workers get)."""
-    location = os.fspath(location)
-    return location if is_uri(location) else str(Path(location).expanduser().resolve())
-
-
-def _with_path(uri: str, edit: Callable[[str], str]) -> str:
-    """``uri`` with its path edited, its scheme, bucket and query (``?endpoint_override=...``) kept."""
-    parts = urlsplit(uri)
-    return urlunsplit(parts._replace(path=edit(parts.path.rstrip("/"))))
-
-
-def join(location: str | os.PathLike, *parts: str) -> str:
-    """``location/part/...``; a URI stays a URI (``Path`` would fold ``s3://`` into ``s3:/``)."""
-    location = os.fspath(location)
-    if is_uri(location):
-        return _with_path(location, lambda path: posixpath.join(path or "/", *parts))
-    return os.path.join(location, *parts)
-
-
-def name(location: str | os.PathLike) -> str:
-    if is_uri(location):
-        return posixpath.basename(urlsplit(os.fspath(location)).path.rstrip("/"))
-    return Path(location).name
-
-
-def parent(location: str | os.PathLike) -> str:
-    location = os.fspath(location)
-    if is_uri(location):
-        return _with_path(location, lambda path: posixpath.dirname(path).rstrip("/"))
-    return str(Path(location).parent)
-
-
-def check_uri(location: str, setting: str) -> None:
-    """Refuse a location that carries credentials: they would be copied into configs, outputs and logs."""
-    if not is_uri(location):
-        return
-    parts = urlsplit(location)
-    query = parse_qs(parts.query)
-    if "@" in parts.netloc or any(key in query for key in CREDENTIAL_QUERY):
-        raise HgdpoError(f"{setting}: credentials inside the URI are refused (they would be written into "
-                         f"configs, outputs and logs); give them in the environment instead "
-                         f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or GOOGLE_APPLICATION_CREDENTIALS)")
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -218,75 +172,6 @@ def read_json(location: str, what: str = "file") -> Any:
         raise HgdpoError(f"{location}: corrupt {what}, not valid JSON ({err})") from None
 
 
-def object_bound() -> int:
-    """The most bytes one file may have: ``MAX_OBJECT_BYTES``, or less when ``HGDPO_MAX_OBJECT_BYTES`` says so."""
-    value = os.environ.get(BOUND_ENV, "").strip()
-    if not value:
-        return MAX_OBJECT_BYTES
-    try:
-        bound = int(value)
-    except ValueError:
-        raise HgdpoError(f"{BOUND_ENV}={value!r}: not a whole number of bytes") from None
-    if not 0 < bound <= MAX_OBJECT_BYTES:
-        raise HgdpoError(f"{BOUND_ENV}={value}: must be between 1 and {MAX_OBJECT_BYTES} ({size_text(MAX_OBJECT_BYTES)}, "
-                         f"S3's limit on the copy that moves a file onto its name); it can only lower the bound")
-    return bound
-
-
-def bound_text(bound: int | None = None) -> str:
-    """The bound on one file in words, with why it is there (for error messages)."""
-    bound = object_bound() if bound is None else bound
-    lowered = f", lowered by {BOUND_ENV}" if bound < MAX_OBJECT_BYTES else ""
-    text = size_text(bound) if size_text(bound) in (f"{bound} B", "5 GiB") else f"{size_text(bound)} ({bound} bytes)"
-    return (f"the {text} bound on one file (storage.MAX_OBJECT_BYTES{lowered}: S3 moves a written "
-            f"file onto its name with one CopyObject, which refuses more than 5 GiB)")
-
-
-def size_text(n: float) -> str:
-    """Bytes in binary units: ``5 GiB``, ``1.4 MiB``."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f}".removesuffix(".0") + f" {unit}"
-    return f"{int(n)} B"
-
-
-class _Passing:
-    """A writable file that passes the bytes on to ``out`` and counts them (``tell``)."""
-
-    closed = False
-
-    def __init__(self, out=None):
-        self.out, self.size = out, 0
-
-    def write(self, data) -> int:
-        self.size += memoryview(data).nbytes
-        return self.out.write(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self.out.flush()
-
-    def close(self) -> None:  # ``write`` closes ``out`` itself, after the last byte
-        self.closed = True
-
-
-class _Bounded(_Passing):
-    """A writable file that refuses to grow past ``bound`` bytes: the write that would pass it raises, so a
-    file over the bound fails before the rest of it is uploaded, and is never moved onto its name."""
-
-    def __init__(self, out, location: str, bound: int):
-        super().__init__(out)
-        self.location, self.bound = location, bound
-
-    def write(self, data) -> int:
-        if self.size + memoryview(data).nbytes > self.bound:
-            raise HgdpoError(f"{self.location}: the file grows past {bound_text(self.bound)}; nothing was written "
-                             f"under its name; write it in smaller parts")
-        return super().write(data)
-
-
 def write(location: str, fill: Callable[[Any], None]) -> None:
     """Write a file atomically: ``fill(stream)`` writes into a temporary file, which is then moved onto
     ``location`` (see the module docstring). On any error the temporary file is removed. A file that
@@ -299,7 +184,7 @@ def write(location: str, fill: Callable[[Any], None]) -> None:
     tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{base}")
     try:
         with fs.open_output_stream(tmp) as out:
-            fill(_Bounded(out, location, bound))
+            fill(BoundedWriter(out, location, bound))
         fs.move(tmp, path)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -319,25 +204,10 @@ def write_json(location: str, data: Any) -> None:
     write_text(location, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-class _Digesting(_Passing):
-    """A writable file that hashes the bytes on their way to ``out``: a written file's size and sha256
-    without reading it back (a pool's manifest records them; reading an object back costs a download)."""
-
-    def __init__(self):
-        super().__init__()
-        self.hash = hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.hash.update(data)
-        return super().write(data)
-
-
 def write_parquet(location: str, table, **kwargs) -> tuple[int, str]:
     """Write a table as one parquet file, atomically; returns its size and sha256 (``digest`` of the file),
     taken from the bytes as they were written."""
-    import pyarrow.parquet as pq
-
-    sink = _Digesting()
+    sink = DigestingWriter()
 
     def fill(out) -> None:
         sink.out = out
@@ -349,8 +219,6 @@ def write_parquet(location: str, table, **kwargs) -> tuple[int, str]:
 
 def parquet_rows(location: str) -> int:
     """Rows of a parquet file, from its footer."""
-    import pyarrow.parquet as pq
-
     fs, path = resolve(location)
     return pq.read_metadata(path, filesystem=fs).num_rows
 
@@ -421,8 +289,6 @@ def parquet_files(location: str) -> list[str]:
 
 def iter_parquet(location: str, columns: list[str] | None = None) -> Iterator:
     """The tables of a parquet location (``parquet_files``), one file at a time (memory bounded by a part)."""
-    import pyarrow.parquet as pq
-
     for file in parquet_files(location):
         fs, path = resolve(file)
         yield pq.read_table(path, columns=columns, filesystem=fs)
@@ -430,8 +296,6 @@ def iter_parquet(location: str, columns: list[str] | None = None) -> Iterator:
 
 def read_parquet(location: str, columns: list[str] | None = None):
     """A parquet file, or a folder of parts (``write_parquet_parts``) as one table."""
-    import pyarrow as pa
-
     tables = list(iter_parquet(location, columns))
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
@@ -490,34 +354,6 @@ def local_copy(location: str) -> Iterator[Path]:
         yield Path(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def describe_error(err: Exception) -> str:
-    """What went wrong with a storage request, in words, with the setting to check."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    upper = text.upper()
-    if "NO_SUCH_BUCKET" in upper or ("BUCKET" in upper and ("NOT FOUND" in upper or "DOES NOT EXIST" in upper)):
-        return f"the bucket does not exist ({text})"
-    if any(s in upper for s in ("ACCESS_DENIED", "ACCESSDENIED", "FORBIDDEN", "INVALIDACCESSKEYID",
-                                "SIGNATURE", "HTTP STATUS 403", "CREDENTIALS")):
-        return f"access denied: {CREDENTIAL_HINT} ({text})"
-    if any(s in upper for s in ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "COULD NOT RESOLVE",
-                                "TIMED OUT", "CONNECTION REFUSED")):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-        where = f" (AWS_ENDPOINT_URL={endpoint})" if endpoint else ""
-        return f"cannot reach the store's endpoint{where} ({text})"
-    return f"{CREDENTIAL_HINT}, the endpoint and the bucket ({text})"
-
-
-@contextlib.contextmanager
-def errors(setting: str, location: str) -> Iterator[None]:
-    """Turn a failed storage request into an error naming the setting and the location."""
-    try:
-        yield
-    except HgdpoError:
-        raise
-    except (OSError, ValueError) as err:
-        raise HgdpoError(f"{setting}: {location}: {describe_error(err)}") from None
 
 
 def check_reachable(location: str, setting: str) -> None:

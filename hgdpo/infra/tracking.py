@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from hgdpo.errors import HgdpoError
+from hgdpo.infra.raycluster import node_count
 
 PACKAGES = ("hgdpo", "torch", "diffusers", "transformers", "peft", "ray", "pyarrow", "mlflow",
             "safetensors", "open_clip_torch", "numpy")
@@ -74,8 +75,6 @@ def check_store(configured: str | None, allow_local: bool, setting: str = "mlflo
     the trainer's rank 0, on another node, logs its metrics to the store. (A cluster that will grow
     by autoscaling counts only the nodes it has now: its nodes get MLFLOW_TRACKING_URI from
     cluster/ray-cluster.yaml or cluster/rayjob.yaml.)"""
-    from hgdpo.infra.raycluster import node_count
-
     uri = tracking_uri(configured)
     # The resolved URI reaches Ray workers and a sweep's trial configs (written into outputs).
     check_uri(uri, setting if configured else "MLFLOW_TRACKING_URI")
@@ -97,7 +96,7 @@ def artifact_root(uri: str) -> str | None:
 
 
 def experiment_id(name: str, uri: str) -> str:
-    import mlflow
+    import mlflow  # late: mlflow reads MLFLOW_LOGGING_LEVEL (set by hgdpo.infra.quiet) when imported
 
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(name)
@@ -122,7 +121,7 @@ def run(uri: str | None, experiment: str, run_name: str | None = None, run_id: s
     With ``run_id``, log into that existing run instead (a sweep's trial run, which the trial's
     training and evaluation share), whatever its experiment.
     """
-    import mlflow
+    import mlflow  # late: mlflow reads MLFLOW_LOGGING_LEVEL (set by hgdpo.infra.quiet) when imported
 
     uri = tracking_uri(uri)
     if run_id is not None:

@@ -10,7 +10,7 @@ from hgdpo.config.sections import BaseModel, Dtype, Encoders
 from hgdpo.errors import ConfigError
 
 # The "(H)" subset of the paper's Table 1: pairs whose caption names a person. Whole words, case-insensitive
-# (plural and possessive forms are listed or matched by the trailing "s" / "'s" rule in hgdpo.interchange.interchange).
+# (plural and possessive forms are listed or matched by the trailing "s" / "'s" rule in hgdpo.interchange.selection).
 PEOPLE_KEYWORDS = [
     "person", "people", "man", "men", "woman", "women", "boy", "girl", "child", "children", "kid", "baby",
     "guy", "lady", "gentleman", "human", "humans", "face", "portrait", "selfie", "teenager", "adult",

@@ -52,7 +52,7 @@ import numpy as np
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 #: RGB of each named colour.  Chosen so that every blend of a colour with the background is
 #: nearer (as a point on the background->colour segment) to its own colour than to any other,
-#: with a margin of >= 48 RGB units: see judge.py.
+#: with a margin of >= 48 RGB units: see segmentation.py.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "yellow": (240, 220, 30),
