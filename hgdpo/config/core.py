@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from hgdpo.errors import ConfigError, HgdpoError
-from hgdpo.infra import locations, tracking
+from hgdpo.infra import locations
 
 C = TypeVar("C")
 
@@ -277,13 +277,13 @@ def check_actors(cfg: Any, *roles: str) -> None:
 
 def check_locations(cfg: Any, *names: str) -> None:
     """Storage locations (outputs, pools, adapters) and the tracking URI must not carry credentials
-    (``hgdpo.infra.locations.check_uri``, ``hgdpo.infra.tracking.check_uri``)."""
+    (``hgdpo.infra.locations.check_uri``, ``hgdpo.infra.locations.check_tracking_uri``)."""
     try:
         for name in names:
             value = getattr(cfg, name)
             if isinstance(value, str):
                 locations.check_uri(value, f"{cfg.SECTION}.{name}")
-        tracking.check_uri(getattr(cfg, "mlflow_uri", None), f"{cfg.SECTION}.mlflow_uri")
+        locations.check_tracking_uri(getattr(cfg, "mlflow_uri", None), f"{cfg.SECTION}.mlflow_uri")
     except HgdpoError as err:
         raise ConfigError(str(err)) from None
 

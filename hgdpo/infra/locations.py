@@ -77,3 +77,11 @@ def check_uri(location: str, setting: str) -> None:
         raise HgdpoError(f"{setting}: credentials inside the URI are refused (they would be written into "
                          f"configs, outputs and logs); give them in the environment instead "
                          f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or GOOGLE_APPLICATION_CREDENTIALS)")
+
+
+def check_tracking_uri(uri: str | None, setting: str) -> None:
+    """Refuse a tracking URI holding a password: configs are written into outputs and MLflow."""
+    if uri and urlsplit(uri).password is not None:
+        raise HgdpoError(f"{setting}: a password inside the tracking URI is refused (it would be written into "
+                         f"outputs and MLflow parameters); give MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                         f"in the environment instead")

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from hgdpo.errors import HgdpoError
+from hgdpo.infra.locations import check_tracking_uri
 from hgdpo.infra.raycluster import node_count
 
 PACKAGES = ("hgdpo", "torch", "diffusers", "transformers", "peft", "ray", "pyarrow", "mlflow",
@@ -49,14 +50,6 @@ def is_local_store(uri: str) -> bool:
     return scheme in ("", "file", "sqlite") or len(scheme) == 1  # "C:\\..." is a path
 
 
-def check_uri(uri: str | None, setting: str) -> None:
-    """Refuse a tracking URI holding a password: configs are written into outputs and MLflow."""
-    if uri and urlsplit(uri).password is not None:
-        raise HgdpoError(f"{setting}: a password inside the tracking URI is refused (it would be written into "
-                         f"outputs and MLflow parameters); give MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
-                         f"in the environment instead")
-
-
 def redact(uri: str) -> str:
     """A URI as it may be shown or recorded: a password inside it replaced by ``***``."""
     parts = urlsplit(uri)
@@ -77,7 +70,7 @@ def check_store(configured: str | None, allow_local: bool, setting: str = "mlflo
     cluster/ray-cluster.yaml or cluster/rayjob.yaml.)"""
     uri = tracking_uri(configured)
     # The resolved URI reaches Ray workers and a sweep's trial configs (written into outputs).
-    check_uri(uri, setting if configured else "MLFLOW_TRACKING_URI")
+    check_tracking_uri(uri, setting if configured else "MLFLOW_TRACKING_URI")
     if allow_local or not is_local_store(uri):
         return
     nodes = node_count()

@@ -27,6 +27,7 @@ import numpy as np
 
 from hgdpo.errors import HgdpoError
 from hgdpo.infra import storage
+from hgdpo.infra.locations import check_tracking_uri
 from hgdpo.report.winrates import WinRate, win_rate
 from hgdpo.study import db
 
@@ -189,7 +190,7 @@ def log_mlflow(cfg, result: dict, study_config: dict) -> str:
     from hgdpo.infra import tracking
 
     uri = tracking.tracking_uri(cfg.mlflow_uri)
-    tracking.check_uri(uri, "mlflow_uri")
+    check_tracking_uri(uri, "mlflow_uri")
     linked = source_run(uri, result["source"])
     with tracking.run(uri, cfg.mlflow_experiment, run_name=f"study:{cfg.study}") as active:
         mlflow.log_params(tracking.flat_params({**{f"create.{k}": v for k, v in study_config.items()
