@@ -17,11 +17,11 @@ import torch
 
 from hgdpo.errors import HgdpoError
 from hgdpo.models import loading as models
+from hgdpo.objectives.base import choose_pair
 from hgdpo.pool import store as pool
 from hgdpo.pool.part_file import GROUP_ROWS, write_part
-from hgdpo.train import pair_data
+from hgdpo.train import pair_data, pair_records
 from hgdpo.train.config import TrainConfig
-from hgdpo.objectives.base import choose_pair
 from hgdpo.train.pairs import plan as make_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,7 +238,7 @@ def test_the_dataset_holds_each_pairs_latents_and_hidden_states_and_is_written_o
     data, plan_ = ensure(pool_dir, tmp_path / "run-a")
     assert data.written and data.location == str(tmp_path / Path(data.location).name)  # beside the output
     assert data.manifest["rows"] == 8 and data.manifest["hidden_shape"] == [77, 32]
-    reader = pair_data.PairReader(data.location, data.manifest, owned=lambda index: np.ones(len(index), bool))
+    reader = pair_records.PairReader(data.location, data.manifest, owned=lambda index: np.ones(len(index), bool))
     batch = reader.read([5, 0, 7])
     want = expected_pairs(pool_dir, plan_)
     for k, i in enumerate([5, 0, 7]):
@@ -264,11 +264,11 @@ def test_an_interrupted_selection_resumes_from_the_parts_it_finished(ray_local, 
     folder = Path(data.location)
     first, second = sorted(folder.glob("records-*.parquet"))
     # As a job killed while writing the second part leaves it: no manifest, no index, no rows file.
-    for path in (folder / pair_data.MANIFEST, folder / pair_data.INDEX, second):
+    for path in (folder / pair_records.MANIFEST, folder / pair_records.INDEX, second):
         path.unlink()
     kept = first.with_suffix(".bin").stat().st_mtime_ns
     with pytest.raises(HgdpoError):  # not a dataset yet: a reader refuses it
-        pair_data.PairReader(str(folder), data.manifest, owned=lambda index: np.ones(len(index), bool))
+        pair_records.PairReader(str(folder), data.manifest, owned=lambda index: np.ones(len(index), bool))
     again, _ = ensure(pool_dir, tmp_path / "run")
     assert again.written and again.manifest == data.manifest
     assert first.with_suffix(".bin").stat().st_mtime_ns == kept and second.exists()
@@ -285,7 +285,7 @@ def test_a_record_file_cut_short_is_refused_naming_it(ray_local, pool_dir, tmp_p
 def test_a_reader_holds_and_reads_only_its_own_shards(ray_local, pool_dir, tmp_path):
     data, plan_ = ensure(pool_dir, tmp_path / "run")
     shards = plan_.worker_shards(1, 2)
-    reader = pair_data.PairReader(data.location, data.manifest,
+    reader = pair_records.PairReader(data.location, data.manifest,
                                   owned=lambda index: np.isin(index % plan_.data_shards, shards))
     assert shards == [1] and reader.read([1, 3, 5]).latents_w.shape == (3, 4, 16, 16)
     with pytest.raises(ValueError, match="prompt 2 is not among this reader's prompts"):
@@ -300,12 +300,12 @@ def test_prefetched_loads_one_step_ahead_in_order():
         return k * 10
 
     seen = []
-    for value in pair_data.prefetched(load, range(3, 7)):
+    for value in pair_records.prefetched(load, range(3, 7)):
         time.sleep(0.05)  # let the thread run ahead if it could
         seen.append(value)
         assert max(started) <= value // 10 + 1  # never more than the next step ahead
     assert seen == [30, 40, 50, 60] and started == [3, 4, 5, 6]
-    assert list(pair_data.prefetched(load, range(0))) == []
+    assert list(pair_records.prefetched(load, range(0))) == []
 
 
 def test_encode_prompts_is_the_text_encoders_output(pool_dir):

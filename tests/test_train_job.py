@@ -610,7 +610,7 @@ def test_ospo_trains_on_the_pairs_the_self_judge_kept_under_the_original_prompt(
     assert all(r["winner"] == expected[r["prompt_index"]] and r["loser"] == 4 + r["winner"] for r in index)
     # Each record: the original's and its negative's latents (same seed), the *original* prompt's hidden states,
     # and its nouns.
-    from hgdpo.train.pair_data import PairReader
+    from hgdpo.train.pair_records import PairReader
 
     manifest = json.loads((pairs / "pairs.json").read_text())
     batch = PairReader(str(pairs), manifest, owned=lambda i: np.ones(len(i), bool)).read([0])

@@ -28,7 +28,6 @@ import torch
 
 from hgdpo.objectives.losses import per_sample_error, weighted_per_sample_error
 
-
 PICTURE_TIMESTEPS = (100, 500, 900)  # a picture's low, middle and high noise (the default focus ramp: 600 to 300)
 PICTURE_PAIRS = 4  # pairs in a picture
 

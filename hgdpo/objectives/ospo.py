@@ -26,6 +26,7 @@ from hgdpo.objectives.masks import mask_weights
 from hgdpo.pool.ospo import choose_pair
 from hgdpo.report.pictures import weight_grid
 
+
 @dataclass(kw_only=True)
 class OspoConfig:
     """The ``ospo`` objective's keys of the train config."""

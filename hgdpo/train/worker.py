@@ -39,7 +39,7 @@ from hgdpo.models import loading as models
 from hgdpo.models.lora import add_lora, save_adapter
 from hgdpo.objectives.registry import OBJECTIVES
 from hgdpo.pool.ospo import decode_nouns
-from hgdpo.train import pair_data
+from hgdpo.train import pair_records
 from hgdpo.train.config import TrainConfig
 from hgdpo.train.optim import (
     hold_frozen_in,
@@ -135,7 +135,7 @@ def train_loop(config: dict) -> dict | None:
             start = load_checkpoint(Path(d), unet, optimizer, scheduler, tuple(config["accepted"]), prec.scaler)
 
     shards = plan_.worker_shards(rank, world)
-    reader = pair_data.PairReader(config["pairs"], config["pairs_manifest"],
+    reader = pair_records.PairReader(config["pairs"], config["pairs_manifest"],
                                   owned=lambda index: np.isin(index % plan_.data_shards, shards))
 
     def load(step: int):
@@ -150,7 +150,7 @@ def train_loop(config: dict) -> dict | None:
     probes: dict[str, float] = {}  # measured once a window (every worker alike: their all-reduce needs one key set)
     counted, applied, skipped, tick = 0, 0, 0, time.perf_counter()
     steps = range(start, cfg.max_steps)
-    for step, (index, batch) in zip(steps, pair_data.prefetched(load, steps)):
+    for step, (index, batch) in zip(steps, pair_records.prefetched(load, steps)):
         if step == 0 and objective.picture_name and mlflow_client is not None:  # rank 0, once a run
             log_picture(mlflow_client, config["mlflow_run_id"], objective.picture_name,
                         first_picture(cfg, objective, unet, noise_scheduler, batch, index, step, device, prec.autocast()))

@@ -21,6 +21,7 @@ import numpy as np
 from hgdpo.errors import HgdpoError
 from hgdpo.infra import storage
 from hgdpo.pool import store as pool
+from hgdpo.pool.part_file import write_part_file
 
 SCORER = "world-judge"  # the scorer the oracle pool records in its metadata
 
@@ -39,7 +40,7 @@ def judge_scores(pipe, prompt: str, latents: np.ndarray) -> tuple[np.ndarray, np
 def rerank(source: str, target: str, model: str = "embedded", log=print) -> int:
     """Write ``target``: the pool ``source`` ranked by the judge. Returns its rows."""
     from hgdpo.models import loading as models
-    from hgdpo.scorers.pickscore import rank
+    from hgdpo.scorers.base import rank
 
     meta = pool.read_meta(source, "--pool")
     if meta["config"].get("keep") != "all":
@@ -70,7 +71,7 @@ def rerank(source: str, target: str, model: str = "embedded", log=print) -> int:
             batch["loser"].append(lo)
             batch["image_w"].append(pool.png_bytes(images[w]))
             batch["image_l"].append(pool.png_bytes(images[lo]))
-        name, entry = pool.write_part_file(target, pool.to_table(batch, tuple(meta["latent_shape"])))
+        name, entry = write_part_file(target, pool.to_table(batch, tuple(meta["latent_shape"])))
         parts.append(name)
         files[name] = entry
         rows += table.num_rows
