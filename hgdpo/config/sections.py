@@ -17,7 +17,6 @@ from hgdpo.config.core import ALLOW_LOCAL_DOC, doc
 Sampler = Literal["dpm_multistep", "ddim", "euler", "euler_ancestral", "ddpm", "pndm"]
 PromptFormat = Literal["auto", "txt", "jsonl", "csv", "tsv", "parquet"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
-SCORER_NAMES = ("judge", "pickscore", "clip", "aesthetic", "hpsv2", "imagereward")
 
 
 @dataclass(kw_only=True)

@@ -2,8 +2,8 @@
 
 * From an evaluation's output (``scores.parquet``, one row per prompt and seed): A is the
   evaluated model, B the baseline; the AI feedback is one scorer's scores of both (Fig. 3).
-* From a pool (one row per prompt): A is the winner, B the loser; the AI feedback is PickScore,
-  which picked them (Fig. 5a: do people agree with it?).
+* From a pool (one row per prompt): A is the winner, B the loser; the AI feedback is the scorer
+  that ranked it (PickScore by default), which picked them (Fig. 5a: do people agree with it?).
 * Gold items, the attention checks, with a right answer (A) under the question asked (``gold``):
   every rater gets all of them, mixed among their pairs. Items are stored in a shuffled order, so
   their ids (which the page and the API show) do not tell gold items from pairs.
@@ -30,6 +30,7 @@ from hgdpo.config.core import to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.infra import storage
 from hgdpo.pool import store as pool
+from hgdpo.pool.config import pool_scorer
 from hgdpo.study import db
 from hgdpo.study.config import CreateConfig
 from hgdpo.study.gold import gold_pairs
@@ -83,7 +84,7 @@ def evaluation_pairs(source: str, scorer: str | None) -> tuple[list[Pair], str]:
 
 
 def pool_pairs(source: str) -> tuple[list[Pair], str]:
-    """Winner (A) vs loser (B) of every prompt of a pool, with their PickScores."""
+    """Winner (A) vs loser (B) of every prompt of a pool, with the scores of the scorer that ranked it."""
     columns = ["prompt_id", "prompt", "seeds", "scores", "winner", "loser", "image_w", "image_l"]
     pairs = []
     for part in pool.read_parts(source, columns=columns):
@@ -92,7 +93,7 @@ def pool_pairs(source: str) -> tuple[list[Pair], str]:
             w, lo = int(r["winner"]), int(r["loser"])
             pairs.append(Pair(str(r["prompt_id"]), str(r["prompt"]), int(r["seeds"][w]), r["image_w"], r["image_l"],
                               float(r["scores"][w]), float(r["scores"][lo])))
-    return pairs, "pickscore"
+    return pairs, pool_scorer(pool.read_meta(source, "source"))
 
 
 def choose(pairs: list[Pair], n: int | None, rng: random.Random, source: str) -> list[Pair]:
@@ -119,9 +120,10 @@ def create(cfg: CreateConfig) -> tuple[str, list[Invite]]:
     if kind == "evaluation":
         pairs, scorer = evaluation_pairs(source, cfg.scorer)
     else:
-        if cfg.scorer not in (None, "pickscore"):
-            raise HgdpoError(f"scorer: a pool's AI feedback is its PickScore; leave scorer unset (got {cfg.scorer!r})")
         pairs, scorer = pool_pairs(source)
+        if cfg.scorer not in (None, scorer):
+            raise HgdpoError(f"scorer: a pool's AI feedback is the scorer that ranked it ({scorer}); leave scorer "
+                             f"unset (got {cfg.scorer!r})")
     pairs = choose(pairs, cfg.items, rng, source)
     gold = gold_pairs(pairs, cfg.gold_items, cfg.question_kind, rng)
     rows = list(enumerate([(p, False) for p in pairs] + [(p, True) for p in gold]))  # position: pairs, then gold
