@@ -5,6 +5,8 @@ first batch warms the kernels up. A rate counted from the start climbs all run l
 first line said 0.29 images/s and 5.8 h left for a pool that took 9 minutes). So the rate counts
 only the parts finished after the first wave (one part per actor: they start together), over a
 recent window, and there is no estimate until ``actors`` parts have finished after that wave.
+Parts that arrive together (Ray Data hands the driver a block of rows at once) count as one
+delivery: timed apart by microseconds, they would otherwise make the rate of a burst, not of the work.
 """
 
 from __future__ import annotations
@@ -21,13 +23,21 @@ class SteadyRate:
     ``part(items)`` is called as each part finishes; ``rate()`` is None until there is an estimate.
     """
 
+    BURST_S = 0.05  # parts this close to the previous one arrived with it
+
     def __init__(self, actors: int = 1, window_s: float = 300.0, clock=time.perf_counter):
         self.actors, self.window_s, self.clock = max(1, actors), window_s, clock
-        self.seen = 0  # parts finished
+        self.seen = 0  # deliveries of parts
+        self.last: float | None = None  # when the last delivery began
         self.parts: deque[tuple[float, int]] = deque()  # (finish time, items); [0] is the reference
 
     def part(self, items: int, now: float | None = None) -> None:
         now = self.clock() if now is None else now
+        if self.last is not None and now - self.last < self.BURST_S:  # part of the same delivery
+            if self.parts and self.parts[-1][0] == self.last:
+                self.parts[-1] = (self.last, self.parts[-1][1] + items)
+            return
+        self.last = now
         self.seen += 1
         if self.seen < self.actors:  # the first wave: start-up, not the steady rate
             return
