@@ -91,6 +91,7 @@ class Objective:
     default_lambda_stat: ClassVar[float] = 0.0  # ``lambda_stat`` when the config leaves it unset
     uses_beta: ClassVar[bool] = True
     needs_nouns: ClassVar[bool] = False  # the pair records carry each prompt's noun tokens (for masks)
+    term: ClassVar[str] = "dpo"  # the metric of its own loss, shown in the console's step line
     picture_name: ClassVar[str | None] = None  # its MLflow artifact, e.g. "focus/weights.png"
 
     def __init__(self, cfg: Any):

@@ -96,6 +96,7 @@ class KTO(Objective):
     Settings = KtoConfig
     selection = "utility"
     per_prompt = "many"
+    term = "kto"
 
     @classmethod
     def check(cls, cfg) -> None:

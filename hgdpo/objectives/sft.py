@@ -13,6 +13,7 @@ class SFT(Objective):
     summary = "the noise-prediction loss on winners (the paper's SFT baseline)"
     pairwise = False
     dpo_family = False
+    term = "sft"
     uses_beta = False
 
     def loss(self, pred: Predictions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

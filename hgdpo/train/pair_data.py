@@ -267,7 +267,9 @@ def ensure(cfg, meta: dict, plan_: PairPlan, model_fingerprint: str, log=print) 
     parts = list(complete["parts"])
     done = {name.removesuffix(".parquet") for name in _sizes(where) if name.endswith(".parquet")}
     todo = [p for p in parts if _stem(p) not in done]
-    log(f"train: pairs: selecting {plan_.dataset_size} pairs (n={plan_.pool_size}, loser rank {plan_.loser_rank}) "
+    one = by_selection(plan_.selection).per_prompt == "one"
+    what = f"{plan_.dataset_size} pairs" if one else f"the {plan_.selection} pairs of {plan_.dataset_size} prompts"
+    log(f"train: pairs: selecting {what} (n={plan_.pool_size}, loser rank {plan_.loser_rank}) "
         f"from {len(todo)} of {len(parts)} pool parts into {where}")
     tables = dict(_run_tasks(cfg, plan_, todo, where, meta["latent_shape"][1:]))
     for part in parts:

@@ -215,7 +215,7 @@ def train_loop(config: dict) -> dict | None:
                     Metric(k, float(v), stamp, done) for k, v in metrics.items() if k != "step"])
             if rank == 0:  # written, not printed: Ray Train's print patch would show the line twice
                 sys.stdout.write(f"train: step {done}/{cfg.max_steps} loss {metrics.get('loss', float('nan')):.4f} "
-                                 f"(dpo {metrics.get('dpo', 0):.4f}, stat {metrics.get('stat', 0):.3g}) accuracy "
+                                 f"({objective.term} {metrics.get(objective.term, 0):.4f}, stat {metrics.get('stat', 0):.3g}) accuracy "
                                  f"{metrics.get('accuracy', 0):.3f} lr {metrics['lr']:.3g} "
                                  f"{metrics['pairs_per_s']:.1f} pairs/s"
                                  + (f", {skipped} steps skipped (fp16 overflow)" if skipped else "") + "\n")
