@@ -36,9 +36,15 @@ SWEEP_FILE = "sweep.json"  # the sweep's resolved config, versions and MLflow pa
 BASELINE_DIR = "baseline"  # baseline B's rows, one folder per distinct B (hgdpo.evaluate.baseline.build_baseline)
 
 
+def _param(train, name: str) -> Any:
+    """A train setting as the trial used it: an unset ``lambda_stat`` is the objective's default."""
+    value = getattr(train, name)
+    return train.stat_weight() if name == "lambda_stat" and value is None else value
+
+
 def trial_params(trial: Trial, plan) -> dict[str, Any]:
     """The trial's parameters under their common names, resolved (pool_size None -> the pool's N)."""
-    return {**{k: (trial.train.stat_weight() if k == "lambda_stat" else getattr(trial.train, k)) for k in TRAIN_PARAMETERS},
+    return {**{k: _param(trial.train, k) for k in TRAIN_PARAMETERS},
             "pool_size": plan.pool_size, "loser_rank": plan.loser_rank, "dataset_size": plan.dataset_size,
             **{k: getattr(trial.evaluate, k) for k in EVAL_PARAMETERS},
             **({"pool": trial.values["pool"]} if "pool" in trial.values else {})}  # a trial's own pool, as given
