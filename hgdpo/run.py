@@ -15,16 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hgdpo.config.core import ALLOW_LOCAL_DOC, check_locations, doc, from_dict
+from hgdpo.config.core import ALLOW_LOCAL_DOC, check_locations, doc, refuse_wired, wire
 from hgdpo.errors import ConfigError
 from hgdpo.evaluate.config import EvalConfig
 from hgdpo.infra.storage import join
 from hgdpo.pool.config import PoolConfig
 from hgdpo.train.config import TrainConfig
-
-# Settings the run sets itself in each stage (they wire the stages together).
-WIRED = {"pool": ("prompts", "output"), "train": ("pool", "output", "model", "model_config"),
-         "evaluate": ("prompts", "output", "adapter", "model", "model_config")}
 
 
 @dataclass
@@ -32,7 +28,7 @@ class RunConfig:
     """Pool -> HG-DPO training -> evaluation against the base model, as one job."""
 
     SECTION = "run"
-    SECTIONS = WIRED  # section.key=value overrides (hgdpo.config.core.load_config)
+    SECTIONS = ("pool", "train", "evaluate")  # section.key=value overrides (hgdpo.config.core.load_config)
 
     output: str = doc("Folder or storage URI of the run: pool/, train/ and evaluate/ are written inside it.")
     train_prompts: str = doc("Prompt file the pool is built from (any format the pool job reads).")
@@ -53,33 +49,32 @@ class RunConfig:
             if not getattr(self, name):
                 raise ConfigError(f"{s}.{name}: required")
         check_locations(self, "output")
-        for section, wired in WIRED.items():
+        wiring = self.wiring()
+        for section in self.SECTIONS:
             settings = getattr(self, section)
             if not isinstance(settings, dict):
                 raise ConfigError(f"{s}.{section}: expected a mapping of {section} settings")
-            for key in wired:
-                if key in settings:
-                    raise ConfigError(f"{s}.{section}.{key}: set by the {s} itself (see {s}.output, "
-                                      f"{s}.train_prompts, {s}.test_prompts, {s}.model); remove it")
+            refuse_wired(settings, wiring[section], f"{s}.{section}", s,
+                         f"{s}.output, {s}.train_prompts, {s}.test_prompts, {s}.model")
         self.stages()  # every stage's own checks, now
 
+    def wiring(self) -> dict[str, dict[str, Any]]:
+        """What the run sets itself in each stage's config: they wire the stages together."""
+        out, model = self.output, {"model": self.model, "model_config": self.model_config}
+        return {"pool": {**model, "prompts": self.train_prompts, "output": join(out, "pool")},
+                "train": {**model, "pool": join(out, "pool"), "output": join(out, "train")},
+                "evaluate": {**model, "prompts": self.test_prompts, "output": join(out, "evaluate"),
+                             "adapter": join(out, "train", "adapter")}}
+
     def stages(self) -> tuple[PoolConfig, TrainConfig, EvalConfig]:
-        """The three stage configs, wired together and checked by their own rules."""
-        out = self.output
-        model = {"model": self.model, "model_config": self.model_config}
-        mlflow = {"mlflow_uri": self.mlflow_uri} if self.mlflow_uri else {}
+        """The three stage configs, wired together and checked by their own rules (``run.pool.steps: ...``)."""
+        base = {"mlflow_uri": self.mlflow_uri} if self.mlflow_uri else {}  # a stage's section may set its own
         if self.mlflow_allow_local:
-            mlflow["mlflow_allow_local"] = True
-        try:
-            pool_cfg = from_dict(PoolConfig, {**mlflow, **self.pool, **model, "prompts": self.train_prompts,
-                                              "output": join(out, "pool")})
-            train_cfg = from_dict(TrainConfig, {**mlflow, **self.train, **model, "pool": join(out, "pool"),
-                                                "output": join(out, "train")})
-            eval_cfg = from_dict(EvalConfig, {**mlflow, **self.evaluate, **model, "prompts": self.test_prompts,
-                                              "output": join(out, "evaluate"), "adapter": join(out, "train", "adapter")})
-        except ConfigError as err:  # "pool.steps: ..." -> "run.pool.steps: ..."
-            raise ConfigError(f"{self.SECTION}.{err}") from None
-        return pool_cfg, train_cfg, eval_cfg
+            base["mlflow_allow_local"] = True
+        wiring, where = self.wiring(), f"{self.SECTION}."
+        return (wire(PoolConfig, self.pool, wiring["pool"], base, where),
+                wire(TrainConfig, self.train, wiring["train"], base, where),
+                wire(EvalConfig, self.evaluate, wiring["evaluate"], base, where))
 
 
 @dataclass

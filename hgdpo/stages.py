@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hgdpo.config.core import describe, load_config
+from hgdpo.config.core import load_config
+from hgdpo.config.reference import describe
 from hgdpo.errors import HgdpoError
 from hgdpo.infra.locations import absolute, is_local
 from hgdpo.infra.quiet import quiet_libraries
@@ -55,7 +56,7 @@ STAGES: dict[str, Stage] = {
                   "hgdpo.pool.config:PoolConfig", "hgdpo.stages:run_pool",
                   (NO_MLFLOW, ("--no-ray", "build in this process without Ray (one model, torch's threads)"),
                    ("--verify", "on a finished pool, read every part and check its checksum; rebuild the bad ones"))),
-    "train": Stage("train LoRA with HG-DPO (or dpo, sft, focus, ospo) on a pool, on Ray Train",
+    "train": Stage("train LoRA with HG-DPO or another objective (the `objective` setting) on a pool, on Ray Train",
                    "hgdpo.train.config:TrainConfig", "hgdpo.stages:run_train"),
     "sample": Stage("sample images of prompts, with an adapter at weight alpha and optionally LAN",
                     "hgdpo.evaluate.sample_config:SampleConfig", "hgdpo.stages:run_sample"),

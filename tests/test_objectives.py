@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hgdpo.config.core import markdown_table
+from hgdpo.config.reference import markdown_table
 from hgdpo.errors import ConfigError
 from hgdpo.models import loading as models
 from hgdpo.models.lora import add_lora

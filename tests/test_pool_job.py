@@ -137,8 +137,11 @@ def test_resume_finishes_what_a_dead_run_left(built, work, capsys):
     assert build_pool.main(settings(work, partial, "--no-mlflow")) == 0
     out = capsys.readouterr().out
     assert "10 prompts, 4 already built, 6 to build" in out and "removed 1 half-written file" in out
-    # progress counts the prompts built before, and tells the time left for the configured count
-    assert re.search(r"pool: 10/10 prompts done \(100%\), [0-9.]+ images/s, 0 s left", out), out
+    # progress counts the prompts built before, and tells the time left for the configured count. Whether a rate is
+    # shown depends on how Ray Data bundles rows: rows delivered in one burst give no steady rate (test_quiet.py
+    # times the rate itself); where one is shown, it counts against the configured 10 prompts.
+    assert re.search(r"pool: 10/10 prompts done \(100%\)(, [0-9.]+ images/s, 0 s left)?\n", out), out
+    assert not re.search(r"prompts done \(100%\), [0-9.]+ images/s, [1-9]", out), out
     assert pool.read(str(partial)).equals(pool.read(str(built)))
     assert not list(partial.glob(".tmp-*"))
 

@@ -290,7 +290,7 @@ def test_the_focus_objective_is_dpo_on_errors_weighted_by_the_pairs_focus_map(se
 
 @pytest.mark.parametrize("field, value, message", [
     ("focus_alpha_d", -1.0, "train.focus_alpha_d: must be >= 0"),
-    ("focus_t_lo", 700, "train.focus_t_lo: must be at most focus_t_hi=600"),
+    ("focus_t_lo", 700, "train.focus_t_lo: must be between 0 and focus_t_hi=600"),
 ])
 def test_bad_focus_settings_are_refused_naming_the_setting(field, value, message):
     from hgdpo.errors import ConfigError

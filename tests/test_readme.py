@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hgdpo.config.core import load_config, markdown_table
+from hgdpo.config.core import load_config
+from hgdpo.config.reference import markdown_table
 from hgdpo.evaluate.config import EvalConfig
 from hgdpo.evaluate.sample_config import SampleConfig
 from hgdpo.interchange.config import ImportConfig, PairsExportConfig
@@ -31,7 +32,7 @@ def test_configuration_reference_is_current(name):
     settings = SETTINGS.read_text()
     found = re.search(rf"<!-- config:{name} -->\n(.*?)\n<!-- /config:{name} -->", settings, re.S)
     assert found, f"docs/settings.md has no reference section for {name}"
-    assert found.group(1) == markdown_table(CONFIGS[name]), "regenerate it with hgdpo.config.core.markdown_table"
+    assert found.group(1) == markdown_table(CONFIGS[name]), "regenerate it with hgdpo.config.reference.markdown_table"
 
 
 def test_configuration_reference_has_one_section_per_config():

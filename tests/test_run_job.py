@@ -91,6 +91,7 @@ def test_rerun_does_nothing_and_prints_the_table(finished, work, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["pool.bogus=1"], "run.pool.bogus: unknown setting"),
     (["train.pool=/elsewhere"], "run.train.pool: set by the run itself"),
+    (["pool.model=/another/model"], "run.pool.model: set by the run itself"),  # the pool is the run.model's
     (["evaluate.scorers=[judge,nope]"], "run.evaluate.scorers[1]: unknown scorer"),
     (["train.loser_rank=1"], "run.train.loser_rank"),
     (["other.steps=3"], "unknown section 'other'"),

@@ -337,6 +337,16 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_checkpoint(work, caps
     assert kept == ["checkpoint_00000001"]
 
 
+# The settings every adapter was stamped with before timestep_min/max (and kto) existed: such adapters must still match.
+STAMPED_BEFORE_TIMESTEPS = (
+    "pool", "model", "model_config", "objective", "pool_size", "loser_rank", "dataset_size", "beta",
+    "lambda_stat", "lora_rank", "lora_alpha", "learning_rate", "lr_schedule", "warmup_steps", "max_steps",
+    "global_batch", "data_shards", "max_grad_norm", "weight_decay", "optimizer", "seed", "mixed_precision",
+    "stat_step", "stat_sampler_steps", "focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo", "focus_t_hi",
+    "ospo_alpha", "ospo_gamma", "ospo_margin", "ospo_mask_resolutions",
+)
+
+
 def test_training_timesteps_are_drawn_from_the_configured_range():
     from hgdpo.train import step as train_step
     from hgdpo.train import trainer
@@ -353,10 +363,8 @@ def test_training_timesteps_are_drawn_from_the_configured_range():
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     assert torch.equal(t, torch.randint(0, 1000, (1,), generator=gen)) and torch.equal(noise, torch.randn((4, 2, 2), generator=gen))
     # ... and adapters trained before the setting existed keep their fingerprint (they resume, reruns skip them).
-    from hgdpo.train.config import RESUME_FIELDS
-
     default, meta = TrainConfig(pool="p", output="o"), {"fingerprint": {"pool": "x"}}
-    before = {k: getattr(default, k) for k in RESUME_FIELDS if k not in ("timestep_min", "timestep_max")}
+    before = {k: getattr(default, k) for k in STAMPED_BEFORE_TIMESTEPS}
     before["lambda_stat"] = 10000.0  # the field's old default, which every adapter was stamped with unless set
 
     def stamp(settings):

@@ -35,23 +35,108 @@ ALLOW_LOCAL_DOC = ("Keep a local MLflow store (sqlite file or folder) even on a 
                    "where only this node reaches it. Off: such a job is refused.")
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
-    """A dataclass field with its documentation (shown by ``--help`` and in docs/settings.md)."""
+def doc(text: str, default: Any = dataclasses.MISSING, *, minimum: float | None = None,
+        maximum: float | None = None, above: float | None = None, below: float | None = None,
+        resume: bool | str = False, sweep: bool = False, path: bool = False, **kwargs) -> Any:
+    """A dataclass field with its documentation (shown by ``--help`` and in docs/settings.md) and its rules, each
+    declared here once and read by whoever needs it:
+
+    * ``minimum``/``maximum`` (inclusive), ``above``/``below`` (exclusive): bounds that ``check_fields`` holds
+      a value to (None passes: an unset optional setting); a bound may name another setting (``maximum=
+      "pool_size"``), which bounds it once set;
+    * ``resume``: the setting changes what the stage produces, so an output made under another value is
+      another job's (a training's fingerprint, ``resume_fields``); ``"if-set"`` for a setting added after
+      outputs were made without it, which counts only once it leaves its default (the default does what
+      hgdpo did before the setting existed);
+    * ``sweep``: a sweep's trials may vary it (``sweep_fields``);
+    * ``path``: it may name a local file or folder, which a job run elsewhere (a Tune trial) needs absolute.
+    """
+    rules = {"minimum": minimum, "maximum": maximum, "above": above, "below": below, "resume": resume,
+             "sweep": sweep, "path": path}
+    metadata = {"doc": text, **{k: v for k, v in rules.items() if v is not None and v is not False}}
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"doc": text}, **kwargs)
-    return dataclasses.field(default=default, metadata={"doc": text}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
-def _type_name(tp: Any) -> str:
+BOUNDS = ("minimum", "maximum", "above", "below")
+
+
+def field_bounds(m: Any, cfg: Any = None) -> dict[str, tuple[float, str]]:
+    """A field's declared bounds as (value, how a message names it); a bound naming another setting
+    (``maximum="pool_size"``) is that setting's value in ``cfg``, and no bound while it is unset."""
+    out = {}
+    for key in BOUNDS:
+        bound = m.get(key)
+        if isinstance(bound, str):
+            value = getattr(cfg, bound) if cfg is not None else None
+            if cfg is None or value is not None:
+                out[key] = (value, f"{bound}={value}" if cfg is not None else bound)
+        elif bound is not None:
+            out[key] = (bound, f"{bound:g}")
+    return out
+
+
+def bounds_text(b: dict[str, tuple[float, str]]) -> str | None:
+    """Bounds as an error message states them: ``at least 1``, ``positive``, ``between 2 and pool_size=4``."""
+    low, high = b.get("minimum", b.get("above")), b.get("maximum", b.get("below"))
+    if low is not None and high is not None:
+        return f"between {low[1]} and {high[1]}"
+    if "minimum" in b:
+        return ">= 0" if low[0] == 0 else f"at least {low[1]}"
+    if "above" in b:
+        return "positive" if low[0] == 0 else f"above {low[1]}"
+    if high is not None:
+        return f"at most {high[1]}" if "maximum" in b else f"below {high[1]}"
+    return None
+
+
+def _in_bounds(value: float, b: dict[str, tuple[float, str]]) -> bool:
+    return not (("minimum" in b and value < b["minimum"][0]) or ("maximum" in b and value > b["maximum"][0])
+                or ("above" in b and value <= b["above"][0]) or ("below" in b and value >= b["below"][0]))
+
+
+def check_fields(cfg: Any) -> None:
+    """Hold every setting of ``cfg`` to the bounds its field declares (``doc``): a ConfigError naming it."""
+    for f in dataclasses.fields(cfg):
+        value, bounds = getattr(cfg, f.name), field_bounds(f.metadata, cfg)
+        if bounds and isinstance(value, (int, float)) and not _in_bounds(value, bounds):
+            raise ConfigError(f"{cfg.SECTION}.{f.name}: must be {bounds_text(bounds)} (got {value})")
+
+
+def rule_fields(cls: type, rule: str) -> tuple[str, ...]:
+    """The names of the settings of ``cls`` that declare ``rule`` (``resume``, ``sweep``, ``path``), in order."""
+    return tuple(f.name for f in reference_fields(cls) if f.metadata.get(rule))
+
+
+def output_settings(cfg: Any) -> dict[str, Any]:
+    """The settings of ``cfg`` that change what its stage writes (declared ``resume``), which the output is stamped
+    with; one declared ``resume="if-set"`` only off its default, so outputs made before it existed still match."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.metadata.get("resume") is True
+            or (f.metadata.get("resume") == "if-set" and getattr(cfg, f.name) != defaults_of(f))}
+
+
+def if_set_defaults(cls: type) -> dict[str, Any]:
+    """The default of every setting of ``cls`` declared ``resume="if-set"`` (what an older output had)."""
+    return {f.name: defaults_of(f) for f in dataclasses.fields(cls) if f.metadata.get("resume") == "if-set"}
+
+
+def defaults_of(f: dataclasses.Field) -> Any:
+    """The default of field ``f`` (a fresh one of a list or mapping; MISSING when it is required)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
-        return f"list of {_type_name(inner)}"
+        return f"list of {type_name(inner)}"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -65,14 +150,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{where}: must be one of {_type_name(tp)} (got {value!r})")
+        raise ConfigError(f"{where}: must be one of {type_name(tp)} (got {value!r})")
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: must be {_type_name(tp)} (got {value!r})")
+        raise ConfigError(f"{where}: must be {type_name(tp)} (got {value!r})")
     if tp is type(None):
         if value is None:
             return None
@@ -203,6 +288,25 @@ def merge(base: dict[str, Any], extra: dict[str, Any], sections: Sequence[str]) 
     return out
 
 
+def refuse_wired(settings: dict[str, Any], wired: Sequence[str], where: str, job: str, see: str) -> None:
+    """Refuse a setting in a composing job's section ``where`` (``run.train``) that the job sets itself."""
+    for key in wired:
+        if key in settings:
+            raise ConfigError(f"{where}.{key}: set by the {job} itself (see {see}); remove it")
+
+
+def wire(cls: type[C], settings: dict[str, Any], wired: dict[str, Any], base: dict[str, Any] | None = None,
+         where: str = "") -> C:
+    """Stage config ``cls`` as a job that composes stages (run, sweep, replicate) makes it: its defaults ``base``
+    (which the user's ``settings`` may change), then ``settings``, then the values the job sets itself (``wired``,
+    which ``refuse_wired`` keeps out of ``settings``); checked by the stage's own rules, an error prefixed with
+    ``where`` (``"run."``: ``run.pool.steps: ...``)."""
+    try:
+        return from_dict(cls, {**(base or {}), **settings, **wired})
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Read ``path`` (YAML; optional) and apply ``key=value`` overrides (``section.key=value`` for the
     ``SECTIONS`` a config holds), then validate."""
@@ -223,56 +327,20 @@ def reference_fields(cls: type) -> list[dataclasses.Field]:
     return sorted(dataclasses.fields(cls), key=trailing)
 
 
-def describe(cls: type) -> str:
-    """The configuration reference of ``cls`` as text: name, type, default, doc."""
-    lines = []
-    for f in reference_fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
-        )
-        tp = _type_name(typing.get_type_hints(cls)[f.name])
-        lines.append(f"  {f.name} ({tp}, default {default!r})\n      {f.metadata.get('doc', '')}")
-    return "\n".join(lines)
-
-
-def markdown_table(cls: type) -> str:
-    """The configuration reference of ``cls`` as a Markdown table (used for docs/settings.md)."""
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for f in reference_fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
-        )
-        tp = _type_name(typing.get_type_hints(cls)[f.name]).replace("|", "\\|")
-        rows.append(f"| `{f.name}` | {tp} | `{default!r}` | {f.metadata.get('doc', '')} |")
-    return "\n".join(rows)
-
-
-def check_sampling(cfg: Any) -> None:
-    """Checks shared by every config that samples images: steps, size, guidance, prompt limit."""
-    s = cfg.SECTION
-    if cfg.steps < 1:
-        raise ConfigError(f"{s}.steps: must be at least 1 (got {cfg.steps})")
+def check_image_size(cfg: Any) -> None:
+    """``width`` and ``height``, where set, positive multiples of 8 (the VAE's downsampling)."""
     for name in ("width", "height"):
         value = getattr(cfg, name)
         if value is not None and (value < 8 or value % 8):
-            raise ConfigError(f"{s}.{name}: must be a positive multiple of 8 (got {value})")
-    if cfg.max_prompts is not None and cfg.max_prompts < 1:
-        raise ConfigError(f"{s}.max_prompts: must be at least 1 (got {cfg.max_prompts})")
-    if cfg.guidance_scale < 0:
-        raise ConfigError(f"{s}.guidance_scale: must be >= 0 (got {cfg.guidance_scale})")
+            raise ConfigError(f"{cfg.SECTION}.{name}: must be a positive multiple of 8 (got {value})")
 
 
 def check_actors(cfg: Any, *roles: str) -> None:
-    """``<role>_actors`` at least 1, ``<role>_gpus`` a fraction or a whole number, ``<role>_cpus`` positive."""
-    s = cfg.SECTION
+    """``<role>_gpus`` a fraction or a whole number (the counts and CPUs are bounded by their fields)."""
     for role in roles:
-        actors, gpus, cpus = (getattr(cfg, f"{role}_{k}") for k in ("actors", "gpus", "cpus"))
-        if actors < 1:
-            raise ConfigError(f"{s}.{role}_actors: must be at least 1 (got {actors})")
+        gpus = getattr(cfg, f"{role}_gpus")
         if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
-            raise ConfigError(f"{s}.{role}_gpus: must be a fraction in [0, 1] or a whole number (got {gpus})")
-        if cpus <= 0:
-            raise ConfigError(f"{s}.{role}_cpus: must be positive (got {cpus})")
+            raise ConfigError(f"{cfg.SECTION}.{role}_gpus: must be a fraction in [0, 1] or a whole number (got {gpus})")
 
 
 def check_locations(cfg: Any, *names: str) -> None:

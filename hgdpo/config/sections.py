@@ -23,15 +23,19 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 class PromptSource:
     """The prompts a stage reads (``hgdpo.prompts.read_prompts``)."""
 
-    prompts: str = doc("Prompt file: .txt (one per line), .jsonl, .csv, .tsv (PartiPrompts) or .parquet.")
-    prompt_format: PromptFormat = doc("Format of the prompt file; `auto` goes by its suffix.", "auto")
+    prompts: str = doc("Prompt file: .txt (one per line), .jsonl, .csv, .tsv (PartiPrompts) or .parquet.",
+                       path=True, resume=True)
+    prompt_format: PromptFormat = doc("Format of the prompt file; `auto` goes by its suffix.", "auto", resume=True)
     prompt_column: str | None = doc(
-        "Column/field holding the prompt text (default: the first of prompt, Prompt, caption, text).", None)
+        "Column/field holding the prompt text (default: the first of prompt, Prompt, caption, text).", None,
+        resume=True)
     id_column: str | None = doc(
         "Column/field holding a stable prompt id (default: id or prompt_id if present, "
-        "else an id derived from the text and its position).", None)
-    category: str | None = doc("Keep only prompts of this category (PartiPrompts: `People`, 177 prompts).", None)
-    max_prompts: int | None = doc("Use only the first this many prompts (after the category filter).", None)
+        "else an id derived from the text and its position).", None, resume=True)
+    category: str | None = doc("Keep only prompts of this category (PartiPrompts: `People`, 177 prompts).", None,
+                               resume=True)
+    max_prompts: int | None = doc("Use only the first this many prompts (after the category filter).", None,
+                                  minimum=1, resume=True)
 
     def prompt_settings(self) -> dict:
         """The keyword arguments of ``hgdpo.prompts.read_prompts`` besides the file."""
@@ -45,10 +49,10 @@ class BaseModel:
 
     model: str = doc(
         "The base model: `embedded`, a hub id, a local diffusers folder, or a single-file "
-        "`.safetensors` checkpoint.", "embedded")
+        "`.safetensors` checkpoint.", "embedded", resume=True)
     model_config: str | None = doc(
         "For a single-file checkpoint: a diffusers folder or hub id with the component configs "
-        "(default: the SD1.5 configs from the hub).", None)
+        "(default: the SD1.5 configs from the hub).", None, resume=True)
     allow_pickle: bool = doc("Allow pickle weight formats (.bin/.ckpt/.pt) of models and scorers. Off: safetensors "
                              "only.", False)
 
@@ -57,13 +61,14 @@ class BaseModel:
 class Sampling:
     """How images are sampled (``hgdpo.models.sampling``); ``hgdpo.config.core.check_sampling`` checks the values."""
 
-    sampler: Sampler = doc("Scheduler used for sampling (paper: DPM-Solver multistep).", "dpm_multistep")
-    steps: int = doc("Sampler steps (paper: 50).", 50)
-    guidance_scale: float = doc("Classifier-free guidance scale (paper: 5.0).", 5.0)
-    width: int | None = doc("Image width in pixels (paper: 704); default: the model's native size.", None)
-    height: int | None = doc("Image height in pixels (paper: 1024); default: the model's native size.", None)
-    negative_prompt: str = doc("Negative prompt used for classifier-free guidance.", "")
-    dtype: Dtype = doc("Model precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
+    sampler: Sampler = doc("Scheduler used for sampling (paper: DPM-Solver multistep).", "dpm_multistep", resume=True)
+    steps: int = doc("Sampler steps (paper: 50).", 50, minimum=1, resume=True)
+    guidance_scale: float = doc("Classifier-free guidance scale (paper: 5.0).", 5.0, minimum=0, resume=True)
+    width: int | None = doc("Image width in pixels (paper: 704); default: the model's native size.", None, resume=True)
+    height: int | None = doc("Image height in pixels (paper: 1024); default: the model's native size.", None,
+                             resume=True)
+    negative_prompt: str = doc("Negative prompt used for classifier-free guidance.", "", resume=True)
+    dtype: Dtype = doc("Model precision: `auto` is float16 on CUDA and float32 on CPU.", "auto", resume=True)
 
 
 @dataclass(kw_only=True)
@@ -74,9 +79,9 @@ class Generators:
 
     generator_actors: int = doc("Generator actors, one per GPU: each loads once what its stage samples with (the "
                                 "pool's: the model and PickScore, and scores its images; the evaluation's: the model "
-                                "with A's and B's adapters).", 1)
+                                "with A's and B's adapters).", 1, minimum=1)
     generator_gpus: float = doc("GPUs per generator actor (fractions allowed, e.g. 0.5).", 0.0)
-    generator_cpus: float = doc("CPUs per generator actor (its torch threads on CPU).", 1.0)
+    generator_cpus: float = doc("CPUs per generator actor (its torch threads on CPU).", 1.0, above=0)
 
 
 @dataclass(kw_only=True)
@@ -85,9 +90,9 @@ class Scorers:
 
     TRAILING = True  # listed after the stage's own settings (hgdpo.config.core.reference_fields)
 
-    scorer_actors: int = doc("Scorer actors: each loads every scorer once.", 1)
+    scorer_actors: int = doc("Scorer actors: each loads every scorer once.", 1, minimum=1)
     scorer_gpus: float = doc("GPUs per scorer actor (fractions allowed).", 0.0)
-    scorer_cpus: float = doc("CPUs per scorer actor.", 1.0)
+    scorer_cpus: float = doc("CPUs per scorer actor.", 1.0, above=0)
 
 
 @dataclass(kw_only=True)
@@ -96,9 +101,9 @@ class Encoders:
 
     TRAILING = True  # listed after the stage's own settings (hgdpo.config.core.reference_fields)
 
-    encoder_actors: int = doc("VAE encoder actors: each loads the VAE once; one per GPU.", 1)
+    encoder_actors: int = doc("VAE encoder actors: each loads the VAE once; one per GPU.", 1, minimum=1)
     encoder_gpus: float = doc("GPUs per encoder actor (fractions allowed).", 0.0)
-    encoder_cpus: float = doc("CPUs per encoder actor (its torch threads on CPU).", 1.0)
+    encoder_cpus: float = doc("CPUs per encoder actor (its torch threads on CPU).", 1.0, above=0)
 
 
 @dataclass(kw_only=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, make_dataclass
 
-from hgdpo.config.core import check_actors, check_locations, check_sampling, doc
+from hgdpo.config.core import check_actors, check_fields, check_image_size, check_locations, doc
 from hgdpo.config.sections import BaseModel, Generators, PromptSource, Sampling, Scorers, Tracking
 from hgdpo.errors import ConfigError
 from hgdpo.evaluate.sample_config import ALPHA_MAX
@@ -19,11 +19,9 @@ SCORER_SETTINGS = [(name, part, setting, default) for name, cls in registry.SCOR
                    for part, setting, default in (("model", cls.model_setting, cls.default_model),
                                                   ("processor", cls.processor_setting, cls.default_processor))
                    if setting is not None]
-# Those that may name a local file or folder.
-SCORER_PATHS = tuple(setting.key for _, _, setting, _ in SCORER_SETTINGS if setting.path)
-
 ScorerSettings = make_dataclass(
-    "ScorerSettings", [(setting.key, str if default is not None else str | None, doc(setting.doc, default))
+    "ScorerSettings", [(setting.key, str if default is not None else str | None,
+                        doc(setting.doc, default, path=setting.path))
                        for _, _, setting, default in SCORER_SETTINGS],
     kw_only=True, namespace={"__module__": __name__, "__doc__": "Each scorer's model and processor settings."})
 
@@ -37,11 +35,13 @@ class Comparison:
 
     adapter: str | None = doc("A's adapter (the <output>/adapter folder or URI of jobs/train.py); none: the base "
                                         "model.", None)
-    alpha: float = doc(f"Weight of A's adapter, 0..{ALPHA_MAX:g} (paper: 0.5).", 0.5)
-    lan: bool = doc("A samples with latent normalisation (eq. 7) against the base model. Needs an adapter.", False)
+    alpha: float = doc(f"Weight of A's adapter, 0..{ALPHA_MAX:g} (paper: 0.5).", 0.5, minimum=0, maximum=ALPHA_MAX,
+                       sweep=True)
+    lan: bool = doc("A samples with latent normalisation (eq. 7) against the base model. Needs an adapter.", False,
+                    sweep=True)
     baseline_adapter: str | None = doc("B's adapter; none (default): B is the base model, the paper's target model.",
-                                       None)
-    baseline_alpha: float = doc(f"Weight of B's adapter, 0..{ALPHA_MAX:g}.", 0.5)
+                                       None, path=True)
+    baseline_alpha: float = doc(f"Weight of B's adapter, 0..{ALPHA_MAX:g}.", 0.5, minimum=0, maximum=ALPHA_MAX)
     baseline_lan: bool = doc("B samples with LAN. Needs baseline_adapter.", False)
 
     scorers: list[str] = doc(f"Scorers to compare A and B with, any of {', '.join(SCORERS)}. `judge` is the "
@@ -59,16 +59,18 @@ class EvalConfig(Tracking, Scorers, Generators, ScorerSettings, Comparison, Samp
 
     SECTION = "evaluate"
 
-    images_per_prompt: int = doc("Seeds per prompt; A and B share them, and each seed is one comparison.", 1)
+    images_per_prompt: int = doc("Seeds per prompt; A and B share them, and each seed is one comparison.", 1,
+                                minimum=1)
     seed: int = doc("Run seed; image k of prompt p uses a seed derived from (seed, prompt id, k).", 0)
     rows_per_part: int = doc("(prompt, seed) rows per parquet file of scores.parquet, each with A's and B's PNGs "
                              "(~4.1 MiB at 704x1024); B's images per file of a baseline cache. No file may pass 5 GiB "
                              "(S3's limit on the copy that commits it; hgdpo.infra.storage.MAX_OBJECT_BYTES): a value "
-                             "that would is refused. Changes only how the scores are split into files.", 128)
+                             "that would is refused. Changes only how the scores are split into files.", 128,
+                            minimum=1)
 
-    bootstrap: int = doc("Bootstrap resamples (over prompts) of the win-rate intervals.", 2000)
-    confidence: float = doc("Confidence of the win-rate intervals.", 0.95)
-    picture_prompts: int = doc("Prompts shown in the side-by-side picture of A and B.", 8)
+    bootstrap: int = doc("Bootstrap resamples (over prompts) of the win-rate intervals.", 2000, minimum=1)
+    confidence: float = doc("Confidence of the win-rate intervals.", 0.95, above=0, below=1)
+    picture_prompts: int = doc("Prompts shown in the side-by-side picture of A and B.", 8, minimum=0)
     mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-evaluate")
 
     def __post_init__(self) -> None:
@@ -76,9 +78,7 @@ class EvalConfig(Tracking, Scorers, Generators, ScorerSettings, Comparison, Samp
         for name in ("prompts", "output"):
             if not getattr(self, name):
                 raise ConfigError(f"{s}.{name}: required")
-        for name, adapter in (("alpha", self.adapter), ("baseline_alpha", self.baseline_adapter)):
-            if not 0 <= getattr(self, name) <= ALPHA_MAX:
-                raise ConfigError(f"{s}.{name}: must be between 0 and {ALPHA_MAX:g} (got {getattr(self, name)})")
+        check_fields(self)
         for name, adapter in (("adapter", self.adapter), ("baseline_adapter", self.baseline_adapter)):
             if adapter == "":
                 raise ConfigError(f"{s}.{name}: empty; give an adapter folder or leave it unset")
@@ -97,14 +97,7 @@ class EvalConfig(Tracking, Scorers, Generators, ScorerSettings, Comparison, Samp
             required = part == "model" and registry.SCORERS[name].required_model is not None
             if required and name in self.scorers and not getattr(self, setting.key):
                 raise ConfigError(f"{s}.{setting.key}: required by scorer {name!r} (a checkpoint file or folder)")
-        for name in ("images_per_prompt", "bootstrap", "rows_per_part"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
-        if self.picture_prompts < 0:
-            raise ConfigError(f"{s}.picture_prompts: must be >= 0 (got {self.picture_prompts})")
-        if not 0 < self.confidence < 1:
-            raise ConfigError(f"{s}.confidence: must be between 0 and 1 (got {self.confidence})")
-        check_sampling(self)
+        check_image_size(self)
         check_actors(self, "generator", "scorer")
         check_locations(self, "output", "adapter", "baseline_adapter")
         if self.width and self.height:  # else once the model's native size is read (hgdpo.evaluate.evaluate.prepare)

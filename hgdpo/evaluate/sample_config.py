@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hgdpo.config.core import check_locations, check_sampling, doc
+from hgdpo.config.core import check_fields, check_image_size, check_locations, doc
 from hgdpo.config.sections import BaseModel, PromptSource, Sampling
 from hgdpo.errors import ConfigError
 
@@ -24,13 +24,13 @@ class SampleConfig(Sampling, BaseModel, PromptSource):
         "none: sample the model itself.", None)
     alpha: float = doc(
         f"Weight of the adapter's LoRA, 0..{ALPHA_MAX:g}: 0 is the base model, 1 the adapter as trained "
-        "(paper: 0.5). Ignored without an adapter.", 0.5)
+        "(paper: 0.5). Ignored without an adapter.", 0.5, minimum=0, maximum=ALPHA_MAX)
     lan: bool = doc(
         "Latent normalisation (paper eq. 7): after every sampler step give the tuned latent the channel-wise "
         "mean and std of the base model's latent from the same noise (two UNet calls a step). Needs an adapter.",
         False)
 
-    images_per_prompt: int = doc("Images per prompt, each from its own seed.", 1)
+    images_per_prompt: int = doc("Images per prompt, each from its own seed.", 1, minimum=1)
     seed: int = doc("Run seed; image k of prompt p uses a seed derived from (seed, prompt id, k), as in the pool.", 0)
 
     def __post_init__(self) -> None:
@@ -41,14 +41,11 @@ class SampleConfig(Sampling, BaseModel, PromptSource):
             raise ConfigError(f"{s}.output: required (the folder the images are written to)")
         if self.adapter == "":
             raise ConfigError(f"{s}.adapter: empty; give an adapter folder or leave it unset")
-        if not 0 <= self.alpha <= ALPHA_MAX:
-            raise ConfigError(f"{s}.alpha: must be between 0 and {ALPHA_MAX:g} (got {self.alpha})")
+        check_fields(self)
         if self.lan and self.adapter is None:
             raise ConfigError(f"{s}.lan: needs an adapter (LAN normalises the adapted model to the base model); "
                               f"set adapter or lan=false")
-        if self.images_per_prompt < 1:
-            raise ConfigError(f"{s}.images_per_prompt: must be at least 1 (got {self.images_per_prompt})")
-        check_sampling(self)
+        check_image_size(self)
         check_locations(self, "output", "adapter")
 
     def adapter_weight(self) -> float | None:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
-from hgdpo.config.core import check_actors, check_locations, doc
+from hgdpo.config.core import (
+    check_actors,
+    check_fields,
+    check_image_size,
+    check_locations,
+    doc,
+    output_settings,
+    rule_fields,
+)
 from hgdpo.config.sections import BaseModel, Dtype, Encoders
 from hgdpo.errors import ConfigError
 
@@ -22,11 +30,6 @@ PEOPLE_KEYWORDS = [
     "elf", "superhero", "he", "she", "him", "her", "his", "hers",
 ]
 
-# Settings that change what an import holds; a rerun that differs in one of them is refused.
-IMPORT_DATA_FIELDS = ("source", "format", "images", "model", "model_config", "width", "height", "subset",
-                      "people_keywords", "id_column", "max_pairs", "exclude_rows", "dtype")
-
-
 @dataclass(kw_only=True)
 class ImportConfig(Encoders, BaseModel):
     """Import a public preference set (Pick-a-Pic v2, HPDv2, or an hgdpo export) as a pool of pairs (N = 2),
@@ -35,28 +38,32 @@ class ImportConfig(Encoders, BaseModel):
     SECTION = "import"
 
     source: str = doc("The preference set: a Pick-a-Pic v2 parquet file or a folder of them (our export too), or an "
-                      "HPDv2 JSON / JSON-lines file.")
+                      "HPDv2 JSON / JSON-lines file.", resume=True)
     output: str = doc("Folder or storage URI the imported pool is written to.")
     format: Literal["auto", "pickapic", "hpdv2"] = doc(
-        "Format of `source`: `auto` goes by its suffix (.json/.jsonl: hpdv2; .parquet or a folder: pickapic).", "auto")
+        "Format of `source`: `auto` goes by its suffix (.json/.jsonl: hpdv2; .parquet or a folder: pickapic).", "auto",
+        resume=True)
     images: str | None = doc("HPDv2: the folder its `file_path` entries are relative to (default: the JSON's folder).",
-                             None)
+                             None, resume=True)
     width: int | None = doc("Width the images are resized and centre-cropped to; default: the model's native size.",
-                            None)
+                            None, resume=True)
     height: int | None = doc("Height the images are resized and centre-cropped to; default: the model's native size.",
-                             None)
+                             None, resume=True)
     subset: Literal["all", "people"] = doc(
-        "`people`: keep only pairs whose caption names a person (`people_keywords`): the paper's \"(H)\" sets.", "all")
+        "`people`: keep only pairs whose caption names a person (`people_keywords`): the paper's \"(H)\" sets.", "all",
+        resume=True)
     people_keywords: list[str] = doc("Whole words (case-insensitive; plurals and 's too) that make a caption one of "
-                                     "people (the default list is in hgdpo/interchange/config.py).", PEOPLE_KEYWORDS)
+                                     "people (the default list is in hgdpo/interchange/config.py).", PEOPLE_KEYWORDS,
+                                     resume=True)
     id_column: str | None = doc("Column/field of a stable pair id (default: prompt_id, else ranking_id, else the "
-                                "row's position in the source).", None)
-    max_pairs: int | None = doc("Keep only the first this many pairs (after dropping ties and filtering).", None)
+                                "row's position in the source).", None, resume=True)
+    max_pairs: int | None = doc("Keep only the first this many pairs (after dropping ties and filtering).", None,
+                                minimum=1, resume=True)
     exclude_rows: list[int] = doc("Source rows (0-based over the whole source, as error messages name them) left out, "
-                                  "e.g. rows whose image is undecodable.", [])
-    dtype: Dtype = doc("VAE precision: `auto` is float16 on CUDA and float32 on CPU.", "auto")
-    encode_batch: int = doc("Images per VAE encode call (a pair's two images go in the same call).", 16)
-    rows_per_file: int = doc("Pairs per parquet part of the imported pool.", 64)
+                                  "e.g. rows whose image is undecodable.", [], resume=True)
+    dtype: Dtype = doc("VAE precision: `auto` is float16 on CUDA and float32 on CPU.", "auto", resume=True)
+    encode_batch: int = doc("Images per VAE encode call (a pair's two images go in the same call).", 16, minimum=1)
+    rows_per_file: int = doc("Pairs per parquet part of the imported pool.", 64, minimum=1)
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -64,15 +71,8 @@ class ImportConfig(Encoders, BaseModel):
             raise ConfigError(f"{s}.source: required (a Pick-a-Pic parquet file or folder, or an HPDv2 JSON)")
         if not self.output:
             raise ConfigError(f"{s}.output: required (where to write the imported pool)")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ConfigError(f"{s}.{name}: must be a positive multiple of 8 (got {value})")
-        for name in ("encode_batch", "rows_per_file"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
-        if self.max_pairs is not None and self.max_pairs < 1:
-            raise ConfigError(f"{s}.max_pairs: must be at least 1 (got {self.max_pairs})")
+        check_fields(self)
+        check_image_size(self)
         if self.subset == "people" and not self.people_keywords:
             raise ConfigError(f"{s}.people_keywords: empty; subset=people needs at least one keyword")
         if any(r < 0 for r in self.exclude_rows):
@@ -88,10 +88,12 @@ class ImportConfig(Encoders, BaseModel):
         return "hpdv2" if lower.endswith((".json", ".jsonl")) else "pickapic"
 
     def data_settings(self) -> dict:
-        """The settings that determine the import's content (``IMPORT_DATA_FIELDS``)."""
-        names = {f.name for f in fields(self)}
-        assert set(IMPORT_DATA_FIELDS) <= names
-        return {k: getattr(self, k) for k in IMPORT_DATA_FIELDS}
+        """The settings that determine the import's content (declared ``resume``: ``IMPORT_DATA_FIELDS``); a rerun
+        that differs in one of them is refused."""
+        return output_settings(self)
+
+
+IMPORT_DATA_FIELDS = rule_fields(ImportConfig, "resume")
 
 
 @dataclass
@@ -104,7 +106,7 @@ class PairsExportConfig:
     output: str = doc("The parquet file written (a local path or a storage URI), e.g. runs/export/pairs.parquet.")
     model_name: str | None = doc("What `model_0` / `model_1` say made the images; default: the pool's base model name.",
                                  None)
-    row_group_rows: int = doc("Rows per parquet row group of the export (readers hold one at a time).", 64)
+    row_group_rows: int = doc("Rows per parquet row group of the export (readers hold one at a time).", 64, minimum=1)
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -114,6 +116,5 @@ class PairsExportConfig:
             raise ConfigError(f"{s}.output: required (the parquet file to write)")
         if not self.output.lower().endswith(".parquet"):
             raise ConfigError(f"{s}.output: must name a .parquet file (got {self.output!r})")
-        if self.row_group_rows < 1:
-            raise ConfigError(f"{s}.row_group_rows: must be at least 1 (got {self.row_group_rows})")
+        check_fields(self)
         check_locations(self, "pool", "output")

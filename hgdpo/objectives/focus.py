@@ -92,7 +92,6 @@ import torch
 import torch.nn.functional as F
 
 from hgdpo.config.core import doc
-from hgdpo.errors import ConfigError
 from hgdpo.objectives.base import PICTURE_TIMESTEPS, Predictions, reference_pass
 from hgdpo.objectives.dpo import DPO
 from hgdpo.objectives.losses import _float, _require_same_shape
@@ -312,11 +311,16 @@ class FocusConfig:
 
     TRAILING = True  # listed after the trainer's own settings
 
-    focus_alpha_d: float = doc("focus: weight of the map of where winner and loser differ.", 1.0)
-    focus_alpha_c: float = doc("focus: weight of the winner's local complexity, at low noise.", 0.5)
-    focus_gamma_c: float = doc("focus: exponent of the reference's confidence (0: off).", 1.0)
-    focus_t_lo: int = doc("focus: timestep at and below which the complexity term is at full strength.", 300)
-    focus_t_hi: int = doc("focus: timestep at and above which the complexity term is off.", 600)
+    focus_alpha_d: float = doc("focus: weight of the map of where winner and loser differ.", 1.0,
+                               minimum=0, resume=True, sweep=True)
+    focus_alpha_c: float = doc("focus: weight of the winner's local complexity, at low noise.", 0.5,
+                               minimum=0, resume=True, sweep=True)
+    focus_gamma_c: float = doc("focus: exponent of the reference's confidence (0: off).", 1.0, minimum=0, resume=True,
+                               sweep=True)
+    focus_t_lo: int = doc("focus: timestep at and below which the complexity term is at full strength.", 300,
+                            minimum=0, maximum="focus_t_hi", resume=True, sweep=True)
+    focus_t_hi: int = doc("focus: timestep at and above which the complexity term is off.", 600,
+                          resume=True, sweep=True)
 
 
 class Focus(DPO):
@@ -325,15 +329,6 @@ class Focus(DPO):
                "winner's detail at low noise, less where the reference is unsure)")
     Settings = FocusConfig
     picture_name = "focus/weights.png"
-
-    @classmethod
-    def check(cls, cfg) -> None:
-        for name in ("focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo"):
-            if getattr(cfg, name) < 0:
-                raise ConfigError(f"{cfg.SECTION}.{name}: must be >= 0 (got {getattr(cfg, name)})")
-        if cfg.focus_t_lo > cfg.focus_t_hi:
-            raise ConfigError(f"{cfg.SECTION}.focus_t_lo: must be at most focus_t_hi={cfg.focus_t_hi} "
-                              f"(got {cfg.focus_t_lo})")
 
     def settings(self) -> FocusSettings:
         c = self.cfg

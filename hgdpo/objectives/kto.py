@@ -43,8 +43,9 @@ class KtoConfig:
     TRAILING = True  # listed after the trainer's own settings
 
     kto_lambda_d: float = doc("kto: weight of a desirable image's loss (an image above its prompt's median score).",
-                              1.0)
-    kto_lambda_u: float = doc("kto: weight of an undesirable image's loss (below its prompt's median score).", 1.0)
+                              1.0, above=0, resume="if-set", sweep=True)
+    kto_lambda_u: float = doc("kto: weight of an undesirable image's loss (below its prompt's median score).", 1.0,
+                              above=0, resume="if-set", sweep=True)
 
 
 def utility_labels(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,9 +101,6 @@ class KTO(Objective):
 
     @classmethod
     def check(cls, cfg) -> None:
-        for name in ("kto_lambda_d", "kto_lambda_u"):
-            if getattr(cfg, name) <= 0:
-                raise ConfigError(f"{cfg.SECTION}.{name}: must be positive (got {getattr(cfg, name)})")
         if cfg.objective == cls.name and cfg.loser_rank is not None:
             raise ConfigError(f"{cfg.SECTION}.loser_rank: kto labels every image by its prompt's median score and "
                               f"picks no loser; remove it")

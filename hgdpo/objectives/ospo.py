@@ -33,13 +33,16 @@ class OspoConfig:
 
     TRAILING = True  # listed after the trainer's own settings
 
-    ospo_alpha: float = doc("ospo: how much more an object's positions weigh, w = 1 + alpha * m^gamma.", 1.0)
-    ospo_gamma: float = doc("ospo: exponent gamma of the soft object mask m.", 1.0)
+    ospo_alpha: float = doc("ospo: how much more an object's positions weigh, w = 1 + alpha * m^gamma.", 1.0,
+                              minimum=0, resume=True, sweep=True)
+    ospo_gamma: float = doc("ospo: exponent gamma of the soft object mask m.", 1.0, above=0, resume=True, sweep=True)
     ospo_margin: float = doc("ospo: the least margin by which the chosen image must answer each question (its "
-                             "denoising error under the perturbed prompt minus under the prompt; hgdpo.pool.ospo).", 0.0)
+                             "denoising error under the perturbed prompt minus under the prompt; hgdpo.pool.ospo).",
+                             0.0, resume=True, sweep=True)
     ospo_mask_resolutions: list[int] | None = doc(
         "ospo: the cross-attention layers the masks are read from, by resolution (hgdpo.models.attention; SD1.5: 64, "
-        "32, 16, 8); default: the one nearest a quarter of the UNet's latent side (SD1.5: 16).", None)
+        "32, 16, 8); default: the one nearest a quarter of the UNet's latent side (SD1.5: 16).", None,
+        resume=True, sweep=True)
 
 
 def _side(config: dict) -> int:
@@ -60,10 +63,6 @@ class OSPO(DPO):
 
     @classmethod
     def check(cls, cfg) -> None:
-        if cfg.ospo_alpha < 0:
-            raise ConfigError(f"{cfg.SECTION}.ospo_alpha: must be >= 0 (got {cfg.ospo_alpha})")
-        if cfg.ospo_gamma <= 0:
-            raise ConfigError(f"{cfg.SECTION}.ospo_gamma: must be positive (got {cfg.ospo_gamma})")
         if cfg.ospo_mask_resolutions is not None and not cfg.ospo_mask_resolutions:
             raise ConfigError(f"{cfg.SECTION}.ospo_mask_resolutions: empty; leave it unset for the default")
 

@@ -18,32 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hgdpo.config.core import check_locations, doc, from_dict
+from hgdpo.config.core import check_locations, doc, refuse_wired, rule_fields, wire
 from hgdpo.config.sections import Tracking
 from hgdpo.errors import ConfigError
-from hgdpo.evaluate.config import SCORER_PATHS, EvalConfig
+from hgdpo.evaluate.config import EvalConfig
 from hgdpo.infra import tracking
 from hgdpo.infra.storage import absolute as absolute_location
 from hgdpo.infra.storage import join, parent
-from hgdpo.objectives.registry import OBJECTIVES
 from hgdpo.train.config import TrainConfig
 
-# The parameters a trial may set, under the names the paper's tables use, and their stage.
-TRAIN_PARAMETERS = ("objective", "pool_size", "loser_rank", "dataset_size", "beta", "lambda_stat", "stat_step",
-                    "stat_sampler_steps", "learning_rate", "max_steps", "lora_rank", "focus_alpha_d", "focus_alpha_c",
-                    "focus_gamma_c", "focus_t_lo", "focus_t_hi", "ospo_alpha", "ospo_gamma", "ospo_margin",
-                    "timestep_min", "timestep_max")
-TRAIN_PARAMETERS += tuple(f.name for o in OBJECTIVES.values() for f in o.own_fields() if f.name not in TRAIN_PARAMETERS)
-EVAL_PARAMETERS = ("lan", "alpha")
+# The parameters a trial may set (declared ``sweep`` with each field), under the names the paper's tables use.
+TRAIN_PARAMETERS = rule_fields(TrainConfig, "sweep")
+EVAL_PARAMETERS = rule_fields(EvalConfig, "sweep")
 # A trial's own pool (e.g. an imported public set for Table 1's rows) instead of the sweep's; a named trial only.
 PARAMETERS = TRAIN_PARAMETERS + EVAL_PARAMETERS + ("pool",)
 
-# Settings the sweep sets itself in each stage (they wire a trial together).
-WIRED = {"train": ("pool", "output", "model", "model_config", "mlflow_uri", "mlflow_experiment", "mlflow_allow_local"),
-         "evaluate": ("output", "adapter", "model", "model_config", "mlflow_uri", "mlflow_experiment",
-                      "mlflow_allow_local")}
-# Evaluate settings naming files or models: made absolute, since Tune runs a trial in its own folder.
-EVAL_PATHS = ("prompts", *SCORER_PATHS, "baseline_adapter")  # SCORER_PATHS: the scorers' file settings
+# Settings naming files or models (declared ``path``): made absolute, since Tune runs a trial in its own folder.
+TRAIN_PATHS = rule_fields(TrainConfig, "path")
+EVAL_PATHS = rule_fields(EvalConfig, "path")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
 
 
@@ -118,11 +110,10 @@ class SweepConfig(Tracking):
         if not NAME.match(self.name):
             raise ConfigError(f"{s}.name: {self.name!r} must start with a letter or digit and hold only "
                               f"letters, digits and . _ + = , -")
-        for section, wired in WIRED.items():
-            for key in wired:
-                if key in getattr(self, section):
-                    raise ConfigError(f"{s}.{section}.{key}: set by the sweep itself (see sweep.pool, sweep.output, "
-                                      f"sweep.model, sweep.mlflow_uri); remove it")
+        for section in self.SECTIONS:
+            wired = self.wiring(join(self.output, "trials", "-"))[section]
+            refuse_wired(getattr(self, section), wired, f"{s}.{section}", "sweep",
+                         "sweep.pool, sweep.output, sweep.model, sweep.mlflow_uri")
         for key, values in self.parameters.items():
             self._check_name(key, f"{s}.parameters.{key}")
             if key == "pool":
@@ -174,13 +165,20 @@ class SweepConfig(Tracking):
                 out.append((full, {**values, **point}))
         return out
 
+    def wiring(self, folder: str, pool: str | None = None) -> dict[str, dict[str, Any]]:
+        """What the sweep sets itself in the train and evaluate configs of the trial in ``folder`` (on ``pool``,
+        else the sweep's): they wire a trial together."""
+        shared = {"model": absolute(self.model), "model_config": absolute(self.model_config),
+                  "mlflow_uri": tracking.tracking_uri(self.mlflow_uri), "mlflow_experiment": self.mlflow_experiment,
+                  "mlflow_allow_local": self.mlflow_allow_local}
+        return {"train": {**shared, "pool": absolute(pool or self.pool), "output": join(folder, "train")},
+                "evaluate": {**shared, "output": join(folder, "eval"), "adapter": join(folder, "train", "adapter")}}
+
     def expand(self) -> list[Trial]:
         """Every trial with its train and evaluate configs (paths absolute, MLflow wired), checked."""
         s = self.SECTION
         output = absolute_location(self.output)
-        model = {"model": absolute(self.model), "model_config": absolute(self.model_config)}
-        mlflow = {"mlflow_uri": tracking.tracking_uri(self.mlflow_uri), "mlflow_experiment": self.mlflow_experiment,
-                  "mlflow_allow_local": self.mlflow_allow_local}
+        base_train = {k: (absolute(v) if k in TRAIN_PATHS and isinstance(v, str) else v) for k, v in self.train.items()}
         base_eval = {k: (absolute(v) if k in EVAL_PATHS and isinstance(v, str) else v)
                      for k, v in self.evaluate.items()}
         trials, seen = [], {}
@@ -193,16 +191,11 @@ class SweepConfig(Tracking):
             if "pool" in values and explicit is None:
                 raise ConfigError(f"{s}: trial {index} trains on its own pool ({values['pool']}); give it a `name`")
             folder = join(output, "trials", name)
-            train = {**self.train, **{k: v for k, v in values.items() if k in TRAIN_PARAMETERS}}
+            train = {**base_train, **{k: v for k, v in values.items() if k in TRAIN_PARAMETERS}}
             evaluate = {**base_eval, **{k: v for k, v in values.items() if k in EVAL_PARAMETERS}}
-            try:
-                # pairs_folder: trials of the same selection share one pair dataset, <output>/pairs-<key>.
-                train_cfg = from_dict(TrainConfig, {"pairs_folder": output, **train, **model, **mlflow,
-                                                    "pool": absolute(values.get("pool", self.pool)),
-                                                    "output": join(folder, "train")})
-                eval_cfg = from_dict(EvalConfig, {**evaluate, **model, **mlflow, "output": join(folder, "eval"),
-                                                  "adapter": join(folder, "train", "adapter")})
-            except ConfigError as err:  # "train.beta: ..." -> "sweep trial 'beta=-1': train.beta: ..."
-                raise ConfigError(f"{s} trial {name!r}: {err}") from None
+            wired, where = self.wiring(folder, values.get("pool")), f"{s} trial {name!r}: "  # "sweep trial 'x': ..."
+            # pairs_folder: trials of the same selection share one pair dataset, <output>/pairs-<key>.
+            train_cfg = wire(TrainConfig, train, wired["train"], {"pairs_folder": output}, where)
+            eval_cfg = wire(EvalConfig, evaluate, wired["evaluate"], where=where)
             trials.append(Trial(index, name, values, train_cfg, eval_cfg))
         return trials

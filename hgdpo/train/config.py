@@ -6,24 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from hgdpo.config.core import check_locations, doc
+from hgdpo.config.core import check_fields, check_locations, doc, output_settings, rule_fields
 from hgdpo.config.sections import Tracking
 from hgdpo.errors import ConfigError
 from hgdpo.infra import storage
 from hgdpo.objectives.registry import OBJECTIVES, owner, settings_classes
-
-# Settings that change the trained adapter: a checkpoint written under other values of these
-# cannot be resumed. (workers may change: the data order and noise do not depend on it.)
-RESUME_FIELDS = (
-    "pool", "model", "model_config", "objective", "pool_size", "loser_rank", "dataset_size", "beta",
-    "lambda_stat", "lora_rank", "lora_alpha", "learning_rate", "lr_schedule", "warmup_steps", "max_steps",
-    "global_batch", "data_shards", "max_grad_norm", "weight_decay", "optimizer", "seed", "mixed_precision",
-    "stat_step", "stat_sampler_steps", "focus_alpha_d", "focus_alpha_c", "focus_gamma_c", "focus_t_lo", "focus_t_hi",
-    "ospo_alpha", "ospo_gamma", "ospo_margin", "ospo_mask_resolutions", "timestep_min", "timestep_max",
-)
-# Resume settings added after adapters were trained without them: left out of the fingerprint at these
-# values (which train as before they existed), so those adapters and checkpoints still match.
-NEWER_RESUME_FIELDS = {"timestep_min": 0, "timestep_max": None}
 
 
 @dataclass(kw_only=True)
@@ -32,75 +19,86 @@ class TrainConfig(Tracking, *settings_classes()):
 
     SECTION = "train"
 
-    pool: str = doc("The pool to train on (a folder or URI written by jobs/build_pool.py).")
+    pool: str = doc("The pool to train on (a folder or URI written by jobs/build_pool.py).", path=True, resume=True)
     output: str = doc("Folder or storage URI (s3://...) for the checkpoints and the final adapter.")
     model: str = doc("Base model (must be the pool's): `embedded`, a diffusers folder, a .safetensors file "
-                     "or a hub id.", "embedded")
-    model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None)
+                     "or a hub id.", "embedded", path=True, resume=True)
+    model_config: str | None = doc("For a single-file checkpoint: a diffusers folder or hub id with the configs.", None,
+                                   path=True, resume=True)
     allow_pickle: bool = doc("Allow pickle weight formats. Off: safetensors only.", False)
 
     objective: Literal[tuple(OBJECTIVES)] = doc(
         "; ".join(f"{name}: {o.summary}" for name, o in OBJECTIVES.items())
-        + " (hgdpo.objectives: each objective's own settings follow, by its name).", "hgdpo")
-    pool_size: int | None = doc("n: use the first n images of each prompt (paper Table 3); default all N.", None)
-    loser_rank: int | None = doc("Rank (2..n) of the loser among the first n (paper Table 5); default n.", None)
-    dataset_size: int | None = doc("D: train on the first D prompts of the pool (paper Table 6); default all.", None)
-    beta: float = doc("Diffusion-DPO beta; 2500 is the paper's value in the diffusers convention.", 2500.0)
+        + " (hgdpo.objectives: each objective's own settings follow, by its name).", "hgdpo", resume=True, sweep=True)
+    pool_size: int | None = doc("n: use the first n images of each prompt (paper Table 3); default all N.", None,
+                                minimum=2, resume=True, sweep=True)
+    loser_rank: int | None = doc("Rank (2..n) of the loser among the first n (paper Table 5); default n.", None,
+                                 minimum=2, maximum="pool_size", resume=True, sweep=True)
+    dataset_size: int | None = doc("D: train on the first D prompts of the pool (paper Table 6); default all.", None,
+                                   minimum=1, resume=True, sweep=True)
+    beta: float = doc("Diffusion-DPO beta; 2500 is the paper's value in the diffusers convention.", 2500.0,
+                      above=0, resume=True, sweep=True)
     lambda_stat: float | None = doc(
         "Weight of statistic matching (eq. 8, 9), a regulariser any Diffusion-DPO-family objective takes; default: "
-        "10000 (the paper's) for hgdpo, 0 (off) for the others; sft takes none.", None)
+        "10000 (the paper's) for hgdpo, 0 (off) for the others; sft takes none.", None,
+        minimum=0, resume=True, sweep=True)
     stat_step: Literal["ddpm", "sampler"] = doc(
         "The sampler step l^t -> l^(t-1) of eq. 8, whose two outcomes (policy, reference) statistic matching "
         "compares: `ddpm`, one step of the training schedule, t -> t-1 (the noise prediction's coefficient is "
         "0.004-0.012); `sampler`, one deterministic DDIM step of a `stat_sampler_steps`-step sampling schedule, "
         "t -> t - 1000/stat_sampler_steps (at 50 steps about ten times the coefficient, a hundred times the term).",
-        "ddpm")
-    stat_sampler_steps: int = doc("Steps of the sampling schedule that `stat_step: sampler` takes one step of.", 50)
+        "ddpm", resume=True, sweep=True)
+    stat_sampler_steps: int = doc("Steps of the sampling schedule that `stat_step: sampler` takes one step of.", 50,
+                                  minimum=1, resume=True, sweep=True)
 
-    lora_rank: int = doc("LoRA rank on every attention projection of the UNet (paper: 8).", 8)
-    lora_alpha: float | None = doc("LoRA alpha (scale = alpha / rank); default: the rank.", None)
-    learning_rate: float = doc("Peak learning rate (paper: 1e-5).", 1e-5)
-    lr_schedule: Literal["constant", "cosine", "linear"] = doc("Learning-rate schedule after warm-up.", "constant")
-    warmup_steps: int = doc("Linear warm-up steps.", 0)
-    max_steps: int = doc("Optimizer steps.", 1000)
-    global_batch: int = doc("Pairs per optimizer step, over all workers (paper: 16).", 16)
-    micro_batch: int = doc("Pairs per forward pass on a worker (gradient accumulation fills the rest).", 4)
+    lora_rank: int = doc("LoRA rank on every attention projection of the UNet (paper: 8).", 8,
+                         minimum=1, resume=True, sweep=True)
+    lora_alpha: float | None = doc("LoRA alpha (scale = alpha / rank); default: the rank.", None, resume=True)
+    learning_rate: float = doc("Peak learning rate (paper: 1e-5).", 1e-5, above=0, resume=True, sweep=True)
+    lr_schedule: Literal["constant", "cosine", "linear"] = doc("Learning-rate schedule after warm-up.", "constant",
+                                                               resume=True)
+    warmup_steps: int = doc("Linear warm-up steps.", 0, minimum=0, resume=True)
+    max_steps: int = doc("Optimizer steps.", 1000, minimum=1, resume=True, sweep=True)
+    global_batch: int = doc("Pairs per optimizer step, over all workers (paper: 16).", 16, minimum=1, resume=True)
+    micro_batch: int = doc("Pairs per forward pass on a worker (gradient accumulation fills the rest).", 4, minimum=1)
     data_shards: int = doc("Fixed data shards (a multiple of workers, dividing global_batch): the data order "
-                           "depends on them, not on the worker count.", 4)
-    max_grad_norm: float = doc("Gradient clipping (global norm; 0 disables).", 1.0)
-    weight_decay: float = doc("AdamW weight decay.", 1e-2)
+                           "depends on them, not on the worker count.", 4, minimum=1, resume=True)
+    max_grad_norm: float = doc("Gradient clipping (global norm; 0 disables).", 1.0, minimum=0, resume=True)
+    weight_decay: float = doc("AdamW weight decay.", 1e-2, resume=True)
     optimizer: Literal["auto", "adamw", "adamw8bit"] = doc(
-        "`auto`: 8-bit Adam where bitsandbytes and CUDA are present (the paper's), else AdamW.", "auto")
+        "`auto`: 8-bit Adam where bitsandbytes and CUDA are present (the paper's), else AdamW.", "auto", resume=True)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = doc(
         "Compute dtype on GPU, also holding the frozen UNet weights (LoRA weights stay float32): `auto` is bf16 "
         "where the GPU has bf16 tensor cores (Ampere on: A100, H100), else fp16 (V100, T4), whose loss scaler skips a step that overflows and carries on; `no`: "
-        "float32. Always float32 on CPU.", "auto")
+        "float32. Always float32 on CPU.", "auto", resume=True)
     gradient_checkpointing: bool | None = doc(
         "Recompute the UNet's activations in the backward pass (less memory, about a third more compute); "
         "default: on when training on GPUs (gpus_per_worker > 0), off on CPU.", None)
-    seed: int = doc("Seed of the LoRA initialisation, data order, timesteps and noise.", 0)
+    seed: int = doc("Seed of the LoRA initialisation, data order, timesteps and noise.", 0, resume=True)
     timestep_min: int = doc("Training timesteps (of the scheduler's 0..999 for SD1.5; higher is noisier) are drawn "
                             "uniformly from [timestep_min, timestep_max); paper: all of them. E.g. 500 trains only "
                             "the noisier half, where an image's composition forms. focus: its complexity term acts "
-                            "only below focus_t_hi.", 0)
+                            "only below focus_t_hi.", 0, minimum=0, resume="if-set", sweep=True)
     timestep_max: int | None = doc("End (exclusive) of the training timesteps; default: the scheduler's "
                                    "num_train_timesteps (SD1.5: 1000); a larger value is refused before any work.",
-                                   None)
+                                   None, above="timestep_min", resume="if-set", sweep=True)
 
     pairs_folder: str | None = doc(
         "Folder or URI where the pair dataset (the selected pairs' latents and their prompts' text-encoder hidden "
         "states, one per pool, base model, pool_size, loser_rank and dataset_size) is written once and reused; "
-        "default: the output's parent folder.", None)
+        "default: the output's parent folder.", None, path=True)
 
-    workers: int = doc("Data-parallel workers (one per GPU).", 1)
+    workers: int = doc("Data-parallel workers (one per GPU).", 1, minimum=1)
     gpus_per_worker: float = doc("GPUs per worker (0: CPU with gloo; >0: CUDA with NCCL).", 0.0)
     cpus_per_worker: float = doc("CPUs per worker.", 1.0)
-    checkpoint_every: int = doc("Steps between checkpoints (adapter, optimizer, schedule, step).", 100)
-    metrics_every: int = doc("Steps between metric reports (MLflow, console).", 10)
+    checkpoint_every: int = doc("Steps between checkpoints (adapter, optimizer, schedule, step).", 100, minimum=1)
+    metrics_every: int = doc("Steps between metric reports (MLflow, console).", 10, minimum=1)
     probe_every: int = doc("Steps between measurements of `stat_dpo_grad_ratio` (hgdpo: the norm of the weighted "
                            "statistic-matching term's gradient over the DPO term's; two extra backward passes of one "
-                           "micro-batch each; 0: never; not at step 0, where a new adapter's gradient of that term is 0).", 100)
-    max_failures: int = doc("Worker failures survived by resuming from the last checkpoint.", 2)
+                           "micro-batch each; 0: never; not at step 0, where a new adapter's gradient of that term is 0).",
+                           100,
+                           minimum=0)
+    max_failures: int = doc("Worker failures survived by resuming from the last checkpoint.", 2, minimum=0)
 
     mlflow_experiment: str = doc("MLflow experiment name.", "hgdpo-train")
 
@@ -110,38 +108,12 @@ class TrainConfig(Tracking, *settings_classes()):
             if not getattr(self, name):
                 raise ConfigError(f"{s}.{name}: required")
         check_locations(self, "pool", "output", "pairs_folder")
-        positive = ("lora_rank", "max_steps", "global_batch", "micro_batch", "data_shards", "workers",
-                    "checkpoint_every", "metrics_every", "stat_sampler_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{s}.{name}: must be at least 1 (got {getattr(self, name)})")
-        if self.pool_size is not None and self.pool_size < 2:
-            raise ConfigError(f"{s}.pool_size: must be at least 2 (got {self.pool_size})")
-        if self.loser_rank is not None:
-            top = self.pool_size if self.pool_size is not None else None
-            if self.loser_rank < 2 or (top is not None and self.loser_rank > top):
-                raise ConfigError(f"{s}.loser_rank: must be between 2 and pool_size={top} (got {self.loser_rank})"
-                                  if top else f"{s}.loser_rank: must be at least 2 (got {self.loser_rank})")
-        if self.dataset_size is not None and self.dataset_size < 1:
-            raise ConfigError(f"{s}.dataset_size: must be at least 1 (got {self.dataset_size})")
-        if self.beta <= 0:
-            raise ConfigError(f"{s}.beta: must be positive (got {self.beta})")
-        if self.lambda_stat is not None and self.lambda_stat < 0:
-            raise ConfigError(f"{s}.lambda_stat: must be >= 0 (got {self.lambda_stat})")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"{s}.learning_rate: must be positive (got {self.learning_rate})")
-        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.max_failures < 0 or self.probe_every < 0:
-            raise ConfigError(f"{s}: warmup_steps, max_grad_norm, max_failures and probe_every must be >= 0")
+        check_fields(self)
         if self.data_shards % self.workers:
             raise ConfigError(f"{s}.data_shards: must be a multiple of workers={self.workers} (got {self.data_shards})")
         if self.global_batch % self.data_shards:
             raise ConfigError(f"{s}.global_batch: must be a multiple of data_shards={self.data_shards} "
                               f"(got {self.global_batch})")
-        if self.timestep_min < 0:
-            raise ConfigError(f"{s}.timestep_min: must be >= 0 (got {self.timestep_min})")
-        if self.timestep_max is not None and self.timestep_max <= self.timestep_min:
-            raise ConfigError(f"{s}.timestep_max: must be above timestep_min={self.timestep_min} "
-                              f"(got {self.timestep_max})")
         self._check_objective()
         per_worker = self.global_batch // self.workers
         if per_worker % self.micro_batch:
@@ -198,12 +170,9 @@ class TrainConfig(Tracking, *settings_classes()):
         return storage.parent(storage.absolute(self.output))
 
     def resume_settings(self) -> dict:
-        """The settings a checkpoint or an adapter must have been made with (``lambda_stat`` as taken)."""
-        values = {k: getattr(self, k) for k in RESUME_FIELDS
-                  if not (k in NEWER_RESUME_FIELDS and getattr(self, k) == NEWER_RESUME_FIELDS[k])}
-        for f in (f for o in OBJECTIVES.values() for f in o.own_fields()):  # an objective's newer settings: at
-            if f.name not in RESUME_FIELDS and getattr(self, f.name) != f.default:  # their defaults, left out
-                values[f.name] = getattr(self, f.name)
+        """The settings a checkpoint or an adapter must have been made with (those declared ``resume``; one
+        declared ``resume="if-set"`` only off its default; ``lambda_stat`` as taken)."""
+        values = output_settings(self)
         values["lambda_stat"] = self.lambda_stat if self.lambda_stat is not None else self.stat_weight()
         if self.objective != "hgdpo" and self.stat_weight() > 0:
             values["stat_regulariser"] = True  # not an adapter made when only hgdpo took lambda_stat
@@ -216,3 +185,9 @@ class TrainConfig(Tracking, *settings_classes()):
         if self.objective == "hgdpo" or self.stat_weight() > 0:
             return []
         return [dict(self.resume_settings(), lambda_stat=10000.0)]
+
+
+# Settings that change the trained adapter: a checkpoint written under other values of these cannot be resumed
+# (declared with each field: ``resume=True``, or ``resume="if-set"`` for one added after adapters were trained
+# without it). workers may change: the data order and noise do not depend on it.
+RESUME_FIELDS = rule_fields(TrainConfig, "resume")
