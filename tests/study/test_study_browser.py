@@ -24,7 +24,7 @@ from hgdpo.study import db
 from hgdpo.study.app import Running, make_app
 from studykit import read_invites, study_job, synthetic_evaluation
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 # What works here (root, a closed network): no sandbox, no GPU, no background connections.
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -24,7 +24,7 @@ from hgdpo.train import pair_data, pair_records
 from hgdpo.train.config import TrainConfig
 from hgdpo.train.pairs import plan as make_plan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import build_pool  # noqa: E402
 

@@ -18,7 +18,7 @@ from hgdpo.infra import storage
 from hgdpo.pool.config import PoolConfig
 from hgdpo.world.prompts import write_prompts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import build_pool as build_pool_job  # noqa: E402
 import evaluate as evaluate_job  # noqa: E402

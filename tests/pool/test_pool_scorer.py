@@ -17,7 +17,7 @@ from hgdpo.pool.config import PoolConfig, pool_scorer
 from hgdpo.scorers.base import ScorerSpec
 from hgdpo.scorers.registry import SCORER_NAMES, load_scorer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import build_pool  # noqa: E402
 

@@ -24,7 +24,7 @@ from hgdpo.models import loading as models
 from hgdpo.models.sampling import generate, image_seeds, set_sampler
 from hgdpo.prompts import read_prompts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import sample as sample_job  # noqa: E402
 

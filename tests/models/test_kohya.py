@@ -22,7 +22,7 @@ from hgdpo.models import kohya, lan, lora
 from hgdpo.models import loading as models
 from hgdpo.models.sampling import sample_latents
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import export_lora  # noqa: E402
 

@@ -20,7 +20,7 @@ from hgdpo.sweep.config import TRAIN_PARAMETERS
 from hgdpo.train import step as train_step
 from hgdpo.train.config import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

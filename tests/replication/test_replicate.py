@@ -27,7 +27,7 @@ from hgdpo.replication.report import Results, table1, targets
 from hgdpo.report.winrates import WinRate
 from hgdpo.world.prompts import write_prompts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import replicate as replicate_job  # noqa: E402
 

@@ -26,7 +26,7 @@ from hgdpo.sweep.config import SweepConfig
 from hgdpo.sweep.trials import fitting_trials, trial_peak
 from hgdpo.world.prompts import write_prompts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import build_pool  # noqa: E402
 import sweep as sweep_job  # noqa: E402

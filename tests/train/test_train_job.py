@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from hgdpo.models.lora import ADAPTER_FILE, INFO_FILE
 from hgdpo.train.trainer import CHECKPOINT_SNAPSHOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import build_pool  # noqa: E402
 import train as train_job  # noqa: E402

@@ -20,7 +20,7 @@ from hgdpo.models.sampling import image_seeds
 from hgdpo.pool import store as pool
 from hgdpo.prompts import read_prompts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import build_pool  # noqa: E402
 

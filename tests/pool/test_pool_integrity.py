@@ -23,7 +23,7 @@ from hgdpo.pool import store as pool
 from hgdpo.pool.part_file import write_part_file
 from hgdpo.world.prompts import write_prompts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import build_pool  # noqa: E402
 import sweep as sweep_job  # noqa: E402

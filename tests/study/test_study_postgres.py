@@ -24,7 +24,7 @@ from studykit import Rater, read_invites, study_job, synthetic_evaluation, token
 
 RATERS = 50
 ITEMS = {"sqlite": 40, "postgresql": 8}  # 2,000 votes on the default database; 400 on PostgreSQL
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def free_port() -> int:

@@ -29,7 +29,7 @@ from hgdpo.interchange.sources import iter_json
 from hgdpo.pool import store as pool
 from hgdpo.pool.part_file import write_part
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import export_pairs  # noqa: E402
 import import_pairs as import_job  # noqa: E402

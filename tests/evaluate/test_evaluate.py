@@ -23,7 +23,7 @@ from hgdpo.pool.store import png_image
 from hgdpo.world.judge import judge_batch
 from hgdpo.world.prompts import write_prompts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
 import evaluate as evaluate_job  # noqa: E402
 
