@@ -35,7 +35,7 @@ import argparse
 import sys
 
 from hgdpo import stages
-from hgdpo.errors import HgdpoError
+from hgdpo.errors import exit_status
 
 # What the commands other than the stages run, resolved when one runs (as the stages are: hgdpo.stages).
 COMMANDS = {"table": "hgdpo.report.tables:table_from_mlflow", "verify": "hgdpo.inspection:verify_pool",
@@ -68,17 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     duel.add_argument("b", help="another evaluation's output, made on the same prompts and seeds")
     args = parser.parse_args(argv)
 
-    try:
-        if args.command == "table":
-            print(stages.resolve(COMMANDS["table"])(args.sweep, args.mlflow_uri, args.experiment))
-        elif args.command == "verify":
-            print(stages.resolve(COMMANDS["verify"])(args.pool))
-        elif args.command == "duel":
-            print(stages.resolve(COMMANDS["duel"])(args.a, args.b))
-    except HgdpoError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    work = {"table": lambda: stages.resolve(COMMANDS["table"])(args.sweep, args.mlflow_uri, args.experiment),
+            "verify": lambda: stages.resolve(COMMANDS["verify"])(args.pool),
+            "duel": lambda: stages.resolve(COMMANDS["duel"])(args.a, args.b)}[args.command]
+    return exit_status(lambda: print(work()))
 
 
 if __name__ == "__main__":

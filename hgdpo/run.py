@@ -92,6 +92,7 @@ class RunResult:
 def run(cfg: RunConfig, log=print) -> RunResult:
     """Pool, then training, then evaluation; the storage, MLflow store, prompts, model and scorers are
     checked first."""
+    # late: RunConfig, above, is read by configs (replicate's, the docs' tests) that must not load Ray or torch
     from hgdpo.evaluate.evaluate import evaluate
     from hgdpo.evaluate.evaluate import prepare as prepare_evaluation
     from hgdpo.infra import storage, tracking

@@ -47,7 +47,6 @@ class GenerateAB:
         return self.torch_thread.run(self._rows, batch)
 
     def _load(self, config: dict, sides: tuple[str, ...]) -> None:
-
         self.cfg = cfg = from_dict(EvalConfig, config)
         quiet_libraries()
         set_threads(cfg.generator_cpus)
@@ -99,7 +98,6 @@ class ScoreAB:
         return self.torch_thread.run(self._rows, batch)
 
     def _load(self, config: dict, sides: tuple[str, ...]) -> None:
-
         self.cfg = cfg = from_dict(EvalConfig, config)
         self.sides = tuple(sides)
         quiet_libraries()

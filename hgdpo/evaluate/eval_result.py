@@ -4,7 +4,7 @@ as figures, a short summary and the readable table.
 ``summarize`` makes it from the rows of every (prompt, seed): per scorer, A's win rate over B with a
 bootstrap interval over prompts (``hgdpo.report.winrates``), the mean scores, the mean H, S and V
 of each side and A's change against B (paper Tables 1 and 2), and the figures of every report hook
-its scorers offer (``hgdpo.scorers.report_hook``: the judge's object-level rates), read again from
+its scorers offer (``hgdpo.scorers.registry.report_hooks``: the judge's object-level rates), read again from
 the PNGs, in the driver.
 """
 
@@ -19,7 +19,7 @@ from hgdpo.evaluate.scores_file import SIDES
 from hgdpo.infra import storage
 from hgdpo.pool.store import png_image
 from hgdpo.report.winrates import WinRate, percent_change, win_rate
-from hgdpo.scorers.report_hook import report_hooks
+from hgdpo.scorers.registry import report_hooks
 
 
 @dataclass
@@ -136,7 +136,7 @@ def summarize(cfg: EvalConfig, rows: list[dict]) -> EvalResult:
 
 
 def report_figures(cfg: EvalConfig, rows: list[dict]) -> dict[str, float]:
-    """The figures of the report hooks of ``cfg``'s scorers (``hgdpo.scorers.report_hook``; the judge's: the
+    """The figures of the report hooks of ``cfg``'s scorers (``hgdpo.scorers.registry.report_hooks``; the judge's: the
     world's object-level colour, shape, size and position accuracy, relation accuracy and attribute
     leakage) of A's images against B's, paired by (prompt, seed), with bootstrap intervals over prompts.
     From the PNGs, in the driver: each hook reads every image again (the judge: a few milliseconds each)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hgdpo.errors import HgdpoError
+from hgdpo.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer, write_vocab_files
 
 EMBEDDED = "embedded"
 IMAGE_SIZE = 64  # native resolution of the embedded model (pixels)
@@ -46,8 +47,6 @@ TEXT_HIDDEN = 32
 
 
 def _text_config(**extra) -> dict:
-    from hgdpo.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE
-
     return dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
                 num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH,
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **extra)
@@ -99,8 +98,6 @@ def save_pipeline(dst: Path, text_encoder, vae, unet) -> None:
     """Write the components as a diffusers ``StableDiffusionPipeline`` folder (safetensors)."""
     from diffusers import StableDiffusionPipeline
 
-    from hgdpo.models.tokenizer import clip_tokenizer, write_vocab_files
-
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=new_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -111,8 +108,6 @@ def save_pipeline(dst: Path, text_encoder, vae, unet) -> None:
 def save_scorer(dst: Path, clip) -> None:
     """Write a CLIP model and its processor (the real CLIP tokenizer) as a PickScore-style folder."""
     from transformers import CLIPImageProcessor, CLIPProcessor
-
-    from hgdpo.models.tokenizer import clip_tokenizer, write_vocab_files
 
     clip.save_pretrained(dst, safe_serialization=True)
     CLIPProcessor(

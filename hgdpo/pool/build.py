@@ -1,7 +1,7 @@
 """Building a preference pool (paper §3.1, eq. 4-6), on Ray Data or in one process.
 
-The stream: prompts -> ``RowMaker`` actors (one per GPU: each loads the model and the scorer once;
-per prompt, the N images ``generator_batch`` at a time through the sampler and ``vae_batch`` at a
+The stream: prompts -> ``RowMaker`` actors (``hgdpo.pool.rows``; one per GPU: each loads the model and
+the scorer once; per prompt, the N images ``generator_batch`` at a time through the sampler and ``vae_batch`` at a
 time through the VAE and the scorer (``pool.scorer``, PickScore by default; scores in float32), ranking,
 the latents to keep) -> ``write_rows`` tasks (the winner's and loser's PNGs, then one atomic parquet part
 per ``rows_per_file`` prompts), whose small summaries flow back to the driver for progress and
@@ -40,142 +40,19 @@ from typing import Iterator
 import numpy as np
 
 from hgdpo import prompts as prompt_io
-from hgdpo.config.core import from_dict, to_dict
+from hgdpo.config.core import to_dict
 from hgdpo.errors import HgdpoError
 from hgdpo.infra import storage, tracking
 from hgdpo.infra.progress import SteadyRate, rate_text
 from hgdpo.infra.quiet import show_progress
-from hgdpo.infra.raycluster import TorchThread, ensure_ray, warn_if_not_shared
+from hgdpo.infra.raycluster import ensure_ray, warn_if_not_shared
 from hgdpo.models import loading as models
 from hgdpo.pool import store as pool
 from hgdpo.pool.config import NEWER_DATA_FIELDS, PoolConfig
-from hgdpo.pool.part_file import write_part_file
-from hgdpo.scorers.base import ScorerError, rank
-from hgdpo.scorers.registry import load_scorer, scorer_class
-
-ROW_COLUMNS = ("prompt_id", "prompt_index", "prompt", "seeds", "scores", "rank", "winner", "loser", "latent_index",
-               "latents", "pixels_w", "pixels_l")
-
-
-class RowMaker:
-    """Makes pool rows: loads the model and the scorer once, then per prompt its N images, their
-    scores, the ranking, and what the pool keeps. A Ray Data actor (``__call__`` on batches of
-    prompts) and the plain loop's worker (``make``). As an actor, its torch work runs on a
-    ``TorchThread`` (loading and every batch on one thread of its own)."""
-
-    def __init__(self, config: dict, actor: bool = True, log=print):
-        self.torch_thread = TorchThread("rowmaker-torch") if actor else None
-        if self.torch_thread is not None:
-            self.torch_thread.run(self._load, config, actor, log)
-        else:
-            self._load(config, actor, log)
-
-    def _load(self, config: dict, actor: bool, log) -> None:
-        from hgdpo.infra.quiet import quiet_libraries
-        from hgdpo.models.sampling import native_size, resolve_device_dtype, set_sampler, set_threads, setup_inference
-
-        self.cfg = cfg = from_dict(PoolConfig, config)
-        quiet_libraries()
-        if actor:  # the plain loop keeps torch's threads
-            set_threads(cfg.generator_cpus)
-        device, dtype = resolve_device_dtype(cfg.dtype)
-        self.pipe = models.load_pipeline(cfg.model, model_config=cfg.model_config,
-                                         allow_pickle=cfg.allow_pickle, dtype=dtype, device=device)
-        set_sampler(self.pipe, cfg.sampler)
-        self.applied = setup_inference(self.pipe, attention=cfg.attention, channels_last=cfg.channels_last,
-                                       compile_unet=cfg.compile, log=log)
-        self.scorer = load_scorer(cfg.scorer_spec(), allow_pickle=cfg.allow_pickle, device=device, dtype=dtype,
-                                  attention="sdpa" if cfg.attention == "sdpa" else "eager")
-        native_w, native_h = native_size(self.pipe)
-        self.width, self.height = cfg.width or native_w, cfg.height or native_h
-        self.loser_rank = cfg.resolved_loser_rank()
-        if cfg.hard_negatives:  # the self-judge noises images as training does
-            from diffusers import DDPMScheduler
-
-            self.noise_schedule = DDPMScheduler.from_config(self.pipe.scheduler.config)
-
-    def make(self, prompt_id: str, prompt_index: int, text: str) -> dict:
-        """One prompt's row (``ROW_COLUMNS``), the winner's and loser's images as uint8 pixels."""
-        from hgdpo.models.sampling import generate, image_seeds
-
-        cfg = self.cfg
-        seeds = image_seeds(cfg.seed, prompt_id, cfg.images_per_prompt)
-        latents, images = generate(self.pipe, text, seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                   width=self.width, height=self.height, negative_prompt=cfg.negative_prompt,
-                                   batch=cfg.generator_batch, vae_batch=cfg.vae_batch)
-        scores = self.scorer.rank_scores(text, images, batch=cfg.vae_batch)  # float32, as the pool stores them
-        order = rank(scores)
-        w, l = int(order[0]), int(order[self.loser_rank - 1])
-        keep = np.arange(len(seeds), dtype=np.int32) if cfg.keep == "all" else np.asarray([w, l], np.int32)
-        row = {"prompt_id": prompt_id, "prompt_index": int(prompt_index), "prompt": text,
-               "seeds": np.asarray(seeds, dtype=np.int64), "scores": scores, "rank": order, "winner": w,
-               "loser": l, "latent_index": keep, "latents": latents[keep], "pixels_w": images[w], "pixels_l": images[l]}
-        if cfg.hard_negatives:
-            row.update(self.hard_negatives(prompt_id, text, seeds, latents))
-        return row
-
-    def hard_negatives(self, prompt_id: str, text: str, seeds: list[int], latents: np.ndarray) -> dict:
-        """OSPO's columns of a row: the negatives' latents after the originals', the questions, the self-judge's
-        scores of all 2N images (``hgdpo.pool.ospo``)."""
-        import torch
-
-        from hgdpo.models.sampling import sample_latents
-        from hgdpo.pool import ospo
-
-        cfg = self.cfg
-        questions = ospo.questions(text, cfg.hard_negatives, cfg.seed, cfg.self_judge_questions)
-        if questions:
-            negatives = sample_latents(self.pipe, questions[0], seeds, steps=cfg.steps,
-                                       guidance_scale=cfg.guidance_scale, width=self.width, height=self.height,
-                                       negative_prompt=cfg.negative_prompt, batch=cfg.generator_batch)
-            negatives = negatives.to(torch.float16).cpu().numpy()
-        else:  # nothing to perturb: no pair for this prompt (the self-scores are NaN)
-            negatives = np.zeros_like(latents)
-        both = np.concatenate([latents, negatives])  # (2N, C, h, w)
-        self_scores, self_least = ospo.self_judge(self.pipe, self.noise_schedule, prompt_id, text, questions, both,
-                                                  cfg.seed)
-        # The questions travel as one JSON string (a ragged list of strings per row would not cross Ray Data
-        # as a column); the pool stores them as a list column.
-        return {"latent_index": np.arange(len(both), dtype=np.int32), "latents": both,
-                "questions": json.dumps(questions),
-                "self_scores": self_scores, "self_least": self_least}
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.torch_thread is not None:
-            return self.torch_thread.run(self._rows, batch)
-        return self._rows(batch)
-
-    def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.make(str(pid), int(index), str(text))
-                for pid, index, text in zip(batch["prompt_id"], batch["prompt_index"], batch["prompt"])]
-        return columns(rows)
-
-
-def columns(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows (dicts of ``ROW_COLUMNS``, and a pool with hard negatives' ``pool.SELF_JUDGED``) as a batch of
-    columns."""
-    keys = ROW_COLUMNS + (pool.SELF_JUDGED_COLUMNS if "self_scores" in rows[0] else ())
-    return {key: np.stack([r[key] for r in rows]) if isinstance(rows[0][key], np.ndarray)
-            else np.asarray([r[key] for r in rows]) for key in keys}
-
-
-def write_rows(batch: dict[str, np.ndarray], output: str, latent_shape: list[int]) -> dict[str, np.ndarray]:
-    """Ray Data task (and the plain loop's writer): PNG-encode the winners' and losers' images, write
-    the rows as one part, return a summary per row."""
-    rows = {k: v for k, v in batch.items() if not k.startswith("pixels_")}
-    rows["image_w"] = [pool.png_bytes(im) for im in batch["pixels_w"]]
-    rows["image_l"] = [pool.png_bytes(im) for im in batch["pixels_l"]]
-    name, entry = write_part_file(output, pool.to_table(rows, tuple(latent_shape)))
-    scores = np.stack(batch["scores"])  # (B, N)
-    index = np.arange(len(scores))
-    return {
-        "prompt_id": np.asarray(batch["prompt_id"]),
-        "part": np.asarray([name] * len(scores)),
-        **{f"part_{key}": np.asarray([value] * len(scores)) for key, value in entry.items()},  # for the manifest
-        "score_w": scores[index, batch["winner"]],
-        "score_l": scores[index, batch["loser"]],
-        "score_mean": scores.mean(axis=1),
-    }
+from hgdpo.pool.rows import RowMaker, columns, write_rows
+from hgdpo.report.pictures import pairs_grid
+from hgdpo.scorers.base import ScorerError
+from hgdpo.scorers.registry import scorer_class
 
 
 @dataclass
@@ -288,7 +165,7 @@ def block_size(cfg: PoolConfig, meta: dict, pending: int) -> int:
 
 def generator_stage(ds, cfg: PoolConfig, maker: type = RowMaker):
     """``ds`` (prompts: ``prompt_id``, ``prompt_index``, ``prompt``) through ``cfg.generator_actors``
-    ``maker`` actors, a prompt per call: the rows (``ROW_COLUMNS``)."""
+    ``maker`` actors, a prompt per call: the rows (``hgdpo.pool.rows.ROW_COLUMNS``)."""
     import ray
 
     return ds.map_batches(maker, fn_constructor_kwargs={"config": to_dict(cfg)}, batch_size=1,
@@ -464,8 +341,6 @@ def _record(cfg: PoolConfig, result: PoolResult, meta: dict, parts: list[str]) -
     """The rest of the job's MLflow run: throughput, score statistics, a picture of the first pairs
     (read from one part), the pool's metadata."""
     import mlflow
-
-    from hgdpo.report.pictures import pairs_grid
 
     metrics = {"prompts_total": result.total, "prompts_built": result.built, "seconds": result.seconds,
                "images_per_s": result.images_per_second}

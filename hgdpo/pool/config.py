@@ -20,6 +20,7 @@ from hgdpo.config.sections import BaseModel, Generators, PromptSource, Sampling,
 from hgdpo.errors import ConfigError
 from hgdpo.infra import storage
 from hgdpo.models.embedded import EMBEDDED
+from hgdpo.pool.perturb import KINDS
 from hgdpo.scorers.base import ScorerSpec
 from hgdpo.scorers.registry import SCORER_NAMES, SCORERS
 
@@ -101,7 +102,6 @@ class PoolConfig(Tracking, Generators, Sampling, BaseModel, PromptSource):
         check_fields(self)
         if self.scorer not in SCORERS:
             raise ConfigError(f"{s}.scorer: unknown scorer {self.scorer!r}; known: {', '.join(SCORER_NAMES)}")
-        from hgdpo.pool.perturb import KINDS
 
         for i, kind in enumerate(self.hard_negatives):
             if kind not in KINDS:

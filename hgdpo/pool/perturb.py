@@ -12,7 +12,7 @@ makes one perturbation; ``perturbations`` one per prompt of a list, deterministi
 
 **Captions of the miniature world** (``hgdpo.world.scene``; detected by ``parse_caption``
 succeeding, or forced with ``world=True``) are perturbed exactly, on the scene spec
-(``hgdpo.pool.perturb_scene``):
+(``hgdpo.world.perturb``, through the judge scorer ``hgdpo.scorers.judge``):
 
 - replace: one ``mutate_spec`` change (colour, shape, size, position or relation);
 - swap: exchange the colours, shapes or sizes of two objects (``scene.swap_options``: only
@@ -54,18 +54,23 @@ naming the prompt and the kind.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from hgdpo.pool.perturb_scene import scene_kinds, scene_objects, scene_perturb
 from hgdpo.pool.perturb_text import free_kinds, free_perturb
 from hgdpo.pool.phrases import NounPhrase, Perturbation, noun_phrases
-from hgdpo.world.scene import SceneSpec, parse_caption, stable_hash
+from hgdpo.scorers.judge import SceneSpec, parse_caption, scene_kinds, scene_objects, scene_perturb
 
 __all__ = ["KINDS", "applicable_kinds", "objects", "perturb", "perturbations"]
 
 KINDS: tuple[str, ...] = ("replace", "swap", "drop")
+
+
+def stable_hash(text: str) -> int:
+    """A process-independent 64-bit hash of a string (the world's ``stable_hash``: the same seeds)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
 def _check_kind(kind: str) -> None:

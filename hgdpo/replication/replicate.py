@@ -52,9 +52,9 @@ from hgdpo.replication.design import (
 )
 from hgdpo.replication.report import write_report
 from hgdpo.report.winrates import WinRate, win_rate
+from hgdpo.scorers.judge import judge_details
 from hgdpo.sweep.config import SweepConfig
 from hgdpo.sweep.sweep import collect, sweep
-from hgdpo.world.judge import judge_details
 from hgdpo.world.public_set import write_public_set
 
 

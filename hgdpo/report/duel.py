@@ -4,7 +4,7 @@ Every evaluation of a sweep (or any two evaluations made alike) holds A's images
 (prompt, seed) comparisons, so two of them can meet head to head without making an image:
 ``compare_outputs`` pairs the A images of two evaluation folders by (prompt, seed) and gives each
 scorer's win rate with a bootstrap interval over prompts, and the figures of the scorers' report
-hooks (``hgdpo.scorers.report_hook``: the judge's object-level rates), A's minus B's.
+hooks (``hgdpo.scorers.registry.report_hooks``: the judge's object-level rates), A's minus B's.
 ``head_to_head`` meets a sweep's finished trials two by two (``duel_pairs``), and ``duel_metrics``
 names a duel's figures as the sweep's parent run records them.
 """
@@ -18,7 +18,8 @@ import pyarrow as pa
 from hgdpo.evaluate.scores_file import read_scores
 from hgdpo.pool.store import png_image
 from hgdpo.report.winrates import WinRate, win_rate
-from hgdpo.scorers.report_hook import ReportHook, report_hooks
+from hgdpo.scorers.base import ReportHook
+from hgdpo.scorers.registry import report_hooks
 from hgdpo.sweep.config import Trial
 
 ORDER = [("prompt_id", "ascending"), ("k", "ascending")]  # the comparisons of an evaluation, in one order

@@ -15,7 +15,8 @@ from hgdpo.errors import HgdpoError
 from hgdpo.infra import tracking
 from hgdpo.report.duel import Duel, hook_rates
 from hgdpo.report.winrates import WinRate
-from hgdpo.scorers.report_hook import ReportHook, report_hooks
+from hgdpo.scorers.base import ReportHook
+from hgdpo.scorers.registry import report_hooks
 from hgdpo.sweep.config import value_text
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's tag of a nested run: its parent's id

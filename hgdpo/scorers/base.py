@@ -25,7 +25,7 @@ check should not load torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -49,6 +49,25 @@ class Setting:
     key: str
     doc: str
     path: bool = True  # may name a local file or folder (a sweep makes it absolute)
+
+
+@dataclass(frozen=True)
+class ReportHook:
+    """What a scorer reads in images beyond their scores.
+
+    ``read(image, prompt)``: what it reads in one (H, W, 3) uint8 image of ``prompt``.
+    ``summarize(reads_a, reads_b, groups, *, resamples, confidence, seed)``: A's reads against B's, paired
+    one to one (``groups``: each pair's prompt), as flat figures: for each rate ``r`` of ``rates``,
+    ``r_a``, ``r_b`` and ``r_diff`` (A - B), each with ``_low`` and ``_high`` (a bootstrap interval over
+    prompts), and any counts the rates are fractions of.
+    """
+
+    kind: str  # what the figures are of; it names them in the duels' metrics (h2h_<a>_over_<b>_<kind>_<rate>)
+    source: str  # who reads the images, as the tables say
+    rates: tuple[tuple[str, str], ...]  # (figure, label) of each rate the tables show, in their order
+    read: Callable[[Any, str], Any]
+    summarize: Callable[..., dict[str, float]]
+
 
 
 class ScorerError(HgdpoError):
@@ -103,6 +122,7 @@ class Scorer:
     processor_setting: ClassVar[Setting | None] = None  # the evaluation's setting of ``processor``
     batch: ClassVar[int | None] = 16  # images per forward pass (bounds memory); None: all at once
     per_prompt: ClassVar[bool] = False  # batches hold one prompt's images only
+    report: ClassVar[ReportHook | None] = None  # what it reads in images beyond scores (the judge's objects)
 
     # -- the class: files, checks, loading
 

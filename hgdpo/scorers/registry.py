@@ -19,12 +19,18 @@ imagereward    ImageReward checkpoint or folder, required  BERT tokenizer (besid
 Scores: judge in [0, 1]; PickScore ``logit_scale * cos``; CLIP score ``100 * max(cos, 0)``; the
 aesthetic MLP's rating; HPSv2's cosine; ImageReward's normalised reward. Win rates and a pool's ranking
 need only the order within a scorer.
+
+A scorer may also offer a **report hook** (``Scorer.report``, ``hgdpo.scorers.base.ReportHook``): what it
+reads in an image beyond its score, and what that comes to over two models' images. Evaluation
+(``hgdpo.evaluate.eval_result``) and the duels (``hgdpo.report.duel``) ask ``report_hooks`` of the
+scorers they ran and use whichever hooks they get, knowing nothing of the scorer behind one. Only the
+judge has one (the world's object report).
 """
 
 from __future__ import annotations
 
 from hgdpo.scorers.aesthetic import AestheticScorer
-from hgdpo.scorers.base import Scorer, ScorerError, ScorerSpec
+from hgdpo.scorers.base import ReportHook, Scorer, ScorerError, ScorerSpec
 from hgdpo.scorers.clip import ClipScorer
 from hgdpo.scorers.hpsv2 import HPSv2Scorer
 from hgdpo.scorers.imagereward import ImageRewardScorer
@@ -67,3 +73,13 @@ def load_scorer(spec: ScorerSpec, *, allow_pickle: bool = False, device: str = "
     better; ``scorer.rank_scores(prompt, images)`` -> (N,) float32."""
     return scorer_class(spec.name).load(spec, allow_pickle=allow_pickle, device=device, dtype=dtype,
                                         attention=attention)
+
+
+def report_hook(name: str) -> ReportHook | None:
+    """The report hook scorer ``name`` offers, or None (every scorer but the judge)."""
+    return scorer_class(name).report
+
+
+def report_hooks(scorers: list[str]) -> list[ReportHook]:
+    """The hooks that the scorers ``scorers`` offer, in their order."""
+    return [hook for hook in map(report_hook, scorers) if hook is not None]

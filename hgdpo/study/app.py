@@ -33,6 +33,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, StrictInt
 
 from hgdpo.study import db
+from hgdpo.study.results import summary
 
 RATER_COOKIE = "hgdpo_rater"
 ADMIN_COOKIE = "hgdpo_admin"
@@ -206,8 +207,6 @@ def make_app(engine, *, max_body: int = 16384, secure_cookies: bool = False) -> 
         return Response(png, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
 
     def admin_view(study_id: str) -> dict:
-        from hgdpo.study.results import summary
-
         study = db.study(engine, study_id)
         return {"study": study_id, "kind": study["kind"], "source": study["source"], "question": study["question"],
                 "counts": db.counts(engine, study_id), "raters": db.rater_progress(engine, study_id),

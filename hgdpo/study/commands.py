@@ -6,21 +6,21 @@ from __future__ import annotations
 import json
 import sys
 
+from hgdpo.study import db
+from hgdpo.study.app import make_app
 from hgdpo.study.config import CreateConfig, ExportConfig, RatersConfig, ResultsConfig, ServeConfig
+from hgdpo.study.create import add_raters, write_invites
+from hgdpo.study.create import create as make
+from hgdpo.study.results import export_pickapic, log_mlflow, write
 
 
 def run_create(cfg: CreateConfig, args=None) -> None:
-    from hgdpo.study.create import create as make
-
     study_id, invites = make(cfg)
     print(f"study {study_id}: {len(invites) - 1} raters invited; links (admin first) in {cfg.invites}")
 
 
 def run_serve(cfg: ServeConfig, args=None) -> None:
     import uvicorn
-
-    from hgdpo.study import db
-    from hgdpo.study.app import make_app
 
     engine = db.connect(cfg.db)
     print(f"study server on http://{cfg.host}:{cfg.port} (ctrl-c stops it)", flush=True)
@@ -29,9 +29,6 @@ def run_serve(cfg: ServeConfig, args=None) -> None:
 
 
 def run_raters(cfg: RatersConfig, args=None) -> None:
-    from hgdpo.study import db
-    from hgdpo.study.create import add_raters, write_invites
-
     engine = db.connect(cfg.db)
     db.study(engine, cfg.study)
     if cfg.revoke is not None:
@@ -44,9 +41,6 @@ def run_raters(cfg: RatersConfig, args=None) -> None:
 
 
 def run_results(cfg: ResultsConfig, args=None) -> None:
-    from hgdpo.study import db
-    from hgdpo.study.results import log_mlflow, write
-
     engine = db.connect(cfg.db)
     study = db.study(engine, cfg.study)
     result = write(engine, cfg)
@@ -68,8 +62,5 @@ def run_results(cfg: ResultsConfig, args=None) -> None:
 
 
 def run_export(cfg: ExportConfig, args=None) -> None:
-    from hgdpo.study import db
-    from hgdpo.study.results import export_pickapic
-
     rows = export_pickapic(db.connect(cfg.db), cfg)
     print(f"study {cfg.study}: {rows} preferences -> {cfg.output}")

@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from hgdpo.errors import HgdpoError
-from hgdpo.infra import storage
+from hgdpo.infra import storage, tracking
 from hgdpo.infra.locations import check_tracking_uri
 from hgdpo.report.winrates import WinRate, win_rate
 from hgdpo.study import db
@@ -186,8 +186,6 @@ def log_mlflow(cfg, result: dict, study_config: dict) -> str:
     from pathlib import Path
 
     import mlflow
-
-    from hgdpo.infra import tracking
 
     uri = tracking.tracking_uri(cfg.mlflow_uri)
     check_tracking_uri(uri, "mlflow_uri")

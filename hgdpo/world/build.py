@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from hgdpo.errors import HgdpoError
+from hgdpo.infra.quiet import quiet_libraries
 from hgdpo.models import embedded
+from hgdpo.models.tokenizer import clip_tokenizer
 from hgdpo.world.prompts import make_prompts, mutate_caption
 from hgdpo.world.render import degrade, render_captions
 
@@ -96,8 +98,6 @@ def _pixels(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.
 
 def train_clip(captions: list[str], s: BuildSettings, log) -> torch.nn.Module:
     from transformers import CLIPImageProcessor
-
-    from hgdpo.models.tokenizer import clip_tokenizer
 
     torch.manual_seed(s.seed)
     rng = np.random.default_rng(s.seed)
@@ -172,8 +172,6 @@ def train_vae(captions: list[str], s: BuildSettings, log) -> torch.nn.Module:
 @torch.no_grad()
 def encode_text(text_encoder, captions: list[str], batch: int = 512) -> torch.Tensor:
     """SD-style conditioning: last hidden states of the 77-token padded captions (N, 77, D)."""
-    from hgdpo.models.tokenizer import clip_tokenizer
-
     tok = clip_tokenizer()
     out = []
     for i in range(0, len(captions), batch):
@@ -307,7 +305,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--continue-unet", action="store_true",
                         help="with --unet-only-from: train that world's UNet further (--unet-steps more steps)")
     args = parser.parse_args(argv)
-    from hgdpo.infra.quiet import quiet_libraries
 
     quiet_libraries()
     settings = BuildSettings().scaled(args.scale) if args.scale != 1.0 else BuildSettings()

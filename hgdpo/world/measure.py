@@ -28,12 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hgdpo.infra.quiet import quiet_libraries
 from hgdpo.models import loading as models
 from hgdpo.models.sampling import generate, image_seeds, set_sampler
+from hgdpo.report.pictures import captioned_grid
 from hgdpo.scorers.pickscore import pickscore
 from hgdpo.world.judge import judge_details
+from hgdpo.world.mutate import mutate_caption, mutation_options
 from hgdpo.world.prompts import make_prompts
-from hgdpo.world.scene import mutate_caption, mutation_options, parse_caption
+from hgdpo.world.scene import parse_caption
 
 
 def sample_world(pipeline: str, captions: list[str], samples: int, steps: int = 20, guidance: float = 5.0,
@@ -119,7 +122,6 @@ def measure(pipeline: str = "embedded", scorer: str = "embedded", n_prompts: int
         "sample_seconds": sample_s,
     }
     if grid:
-        from hgdpo.report.pictures import captioned_grid
 
         captioned_grid([(c, list(imgs)) for c, imgs in zip(captions[:12], images[:12])]).save(grid)
     return figures
@@ -134,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", help="write a picture of held-out captions and samples here")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
-    from hgdpo.infra.quiet import quiet_libraries
 
     quiet_libraries()
     torch.manual_seed(0)

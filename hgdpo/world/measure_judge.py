@@ -22,9 +22,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from hgdpo.world.judge import judge_batch
+from hgdpo.world.mutate import MUTATION_KINDS
 from hgdpo.world.prompts import make_pairs, make_prompts
 from hgdpo.world.render import degrade, render_captions
-from hgdpo.world.scene import MUTATION_KINDS, parse_caption
+from hgdpo.world.scene import parse_caption
 
 #: name -> (blur sigma, noise std, colour-cast std, warp amplitude); blur and warp are in pixels
 #: at 64 px and scale with the image size.

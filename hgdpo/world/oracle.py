@@ -20,8 +20,12 @@ import numpy as np
 
 from hgdpo.errors import HgdpoError
 from hgdpo.infra import storage
+from hgdpo.models import loading as models
+from hgdpo.models.sampling import decode
 from hgdpo.pool import store as pool
 from hgdpo.pool.part_file import write_part_file
+from hgdpo.scorers.base import rank
+from hgdpo.world.judge import judge_details
 
 SCORER = "world-judge"  # the scorer the oracle pool records in its metadata
 
@@ -30,18 +34,12 @@ def judge_scores(pipe, prompt: str, latents: np.ndarray) -> tuple[np.ndarray, np
     """One prompt's latents (K, C, h, w): their images and minus the judge's violation of each."""
     import torch
 
-    from hgdpo.models.sampling import decode
-    from hgdpo.world.judge import judge_details
-
     images = decode(pipe, torch.from_numpy(latents.astype(np.float32)))
     return images, np.array([-judge_details(image, prompt).violation for image in images], dtype=np.float32)
 
 
 def rerank(source: str, target: str, model: str = "embedded", log=print) -> int:
     """Write ``target``: the pool ``source`` ranked by the judge. Returns its rows."""
-    from hgdpo.models import loading as models
-    from hgdpo.scorers.base import rank
-
     meta = pool.read_meta(source, "--pool")
     if meta["config"].get("keep") != "all":
         raise HgdpoError(f"--pool: {source} keeps only the winner's and loser's latents (keep: "

@@ -25,7 +25,8 @@ from typing import Optional
 
 import numpy as np
 
-from hgdpo.world.scene import caption_of_spec, canonical_key, mutate_caption, sample_spec, stable_hash
+from hgdpo.world.mutate import mutate_caption
+from hgdpo.world.scene import canonical_key, caption_of_spec, sample_spec, stable_hash
 
 __all__ = ["TEST_FRACTION", "split_of", "make_prompts", "write_prompts", "mutate_caption", "make_pairs"]
 

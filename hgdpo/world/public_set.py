@@ -29,6 +29,16 @@ import sys
 
 import numpy as np
 
+from hgdpo.errors import HgdpoError, exit_status
+from hgdpo.infra import storage
+from hgdpo.infra.quiet import quiet_libraries
+from hgdpo.models import embedded
+from hgdpo.models.tokenizer import clip_tokenizer
+from hgdpo.scorers.base import pooled
+from hgdpo.scorers.pickscore import preference_scores
+from hgdpo.world.prompts import make_prompts, mutate_caption
+from hgdpo.world.render import degrade, render_captions
+
 THINGS = ("a watercolor of a harbor", "a photo of a mountain lake", "an oil painting of a forest", "a vintage car",
           "a pencil sketch of a cathedral", "a close-up of a sunflower", "a bowl of ramen", "a lighthouse",
           "a cup of coffee on a desk", "a dragon made of clouds", "a steam train on a bridge", "a field of tulips")
@@ -59,9 +69,6 @@ def load_pickscore():
     this way in about 2 s, where ``AutoProcessor`` converts it to a fast tokenizer in 15 s or more."""
     from transformers import CLIPImageProcessor, CLIPModel
 
-    from hgdpo.models import embedded
-    from hgdpo.models.tokenizer import clip_tokenizer
-
     folder = str(embedded.scorer_dir())
     return clip_tokenizer(), CLIPImageProcessor.from_pretrained(folder), CLIPModel.from_pretrained(folder).eval()
 
@@ -70,9 +77,6 @@ def load_pickscore():
 def score_pairs(tokenizer, image_processor, scorer, captions: list[str], images: np.ndarray) -> np.ndarray:
     """PickScore (eq. 5) of each pair's two images under its caption, the batch in one call per tower:
     ``images`` (2m, H, W, 3) uint8 -> (m, 2)."""
-    from hgdpo.scorers.base import pooled
-    from hgdpo.scorers.pickscore import preference_scores
-
     text = tokenizer(captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
     text_emb = pooled(scorer.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]))
     pixels = image_processor(images=list(images), return_tensors="pt")["pixel_values"]
@@ -83,9 +87,6 @@ def score_pairs(tokenizer, image_processor, scorer, captions: list[str], images:
 
 def make_rows(pairs: int, subject_share: float = 0.35, seed: int = 0, batch: int = 64):
     """The set's rows, ``batch`` at a time (lists of Pick-a-Pic v2 records)."""
-    from hgdpo.world.prompts import make_prompts, mutate_caption
-    from hgdpo.world.render import degrade, render_captions
-
     rng = np.random.default_rng([seed, 14])
     subjects = iter(make_prompts(pairs, "train", seed=1000 + seed))
     scenes = make_prompts(max(16, pairs // 4), "train", seed=2000 + seed)
@@ -124,9 +125,6 @@ def write_public_set(out: str, pairs: int, subject_share: float = 0.35, seed: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hgdpo.errors import HgdpoError
-    from hgdpo.infra import storage
-
     if pairs < 1 or not 0 <= subject_share <= 1:
         raise HgdpoError(f"public set: pairs must be at least 1 and subject_share in [0, 1] (got {pairs}, "
                          f"{subject_share})")
@@ -155,16 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subject-share", type=float, default=0.35, help="share of pairs with world captions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from hgdpo.errors import HgdpoError
-    from hgdpo.infra.quiet import quiet_libraries
 
     quiet_libraries()
-    try:
-        write_public_set(args.out, args.pairs, args.subject_share, args.seed)
-    except HgdpoError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: write_public_set(args.out, args.pairs, args.subject_share, args.seed))
 
 
 if __name__ == "__main__":

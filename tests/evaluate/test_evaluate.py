@@ -302,7 +302,7 @@ def test_scores_in_parts_on_s3_read_back_as_the_old_single_file_does(s3_env, mon
         png for r in rows for png in r["png_a"]]
 
     from hgdpo.report.duel import a_scores, hook_reads
-    from hgdpo.scorers.report_hook import JUDGE_REPORT
+    from hgdpo.scorers.judge import JUDGE_REPORT
 
     assert a_scores(new, ["judge"]).equals(a_scores(old, ["judge"]))
     assert hook_reads(new, JUDGE_REPORT)[0] == hook_reads(old, JUDGE_REPORT)[0]

@@ -38,8 +38,9 @@ pytestmark = pytest.mark.cluster
 
 BUCKET = "hgdpo-multinode"
 RUN = f"s3://{BUCKET}/runs/demo"
-# The run's training: long enough to be killed half-way (a checkpoint every 4 of 40 steps).
-TRAIN = ["max_steps=40", "global_batch=2", "micro_batch=1", "data_shards=2", "workers=2", "checkpoint_every=4",
+# The run's training: long enough to be killed half-way (a checkpoint every 4 of 20 steps: once the first is
+# registered, 16 steps are left to find and kill the driver in).
+TRAIN = ["max_steps=20", "global_batch=2", "micro_batch=1", "data_shards=2", "workers=2", "checkpoint_every=4",
          "metrics_every=4", "learning_rate=1e-3"]
 RUN_ARGS = ["jobs/run.py", "--config", "examples/run.yaml", f"output={RUN}", "pool.images_per_prompt=4",
             "pool.steps=4", "pool.max_prompts=4", "pool.rows_per_file=2", *(f"train.{a}" for a in TRAIN),
@@ -109,8 +110,8 @@ def test_every_stage_writes_to_the_bucket(world, finished):
     assert len([k for k in rel if re.fullmatch(r"pool/part-\d+-\w+\.parquet", k)]) == 2  # 4 prompts, 2 per file
     assert {"train/adapter/pytorch_lora_weights.safetensors", "train/adapter/hgdpo_adapter.json"} <= set(rel)
     checkpoints = sorted({k.split("/")[3] for k in rel if re.match(r"train/checkpoints/train/checkpoint_\d{8}/", k)})
-    assert checkpoints == ["checkpoint_00000036", "checkpoint_00000040"]  # num_to_keep = 2
-    assert "train/checkpoints/train/checkpoint_00000040/adapter/hgdpo_adapter.json" in rel  # the final one
+    assert checkpoints == ["checkpoint_00000016", "checkpoint_00000020"]  # num_to_keep = 2
+    assert "train/checkpoints/train/checkpoint_00000020/adapter/hgdpo_adapter.json" in rel  # the final one
     assert {f"evaluate/{f}" for f in ("report.json", "table.md", "scores.parquet/_COMPLETE.json", "side_by_side.png")} <= set(rel)
     # The pair dataset the training workers read (by ranged GETs), beside train/.
     pairs = {k.split("/")[0] for k in rel if re.fullmatch(r"pairs-\w+/pairs\.json", k)}
@@ -208,7 +209,7 @@ def test_mlflow_runs_and_artifacts_are_on_the_server(world, finished):
     assert len(runs["hgdpo-sweep"]) == 2  # the parent and one run per trial
     (train_run,) = [r for r in runs["hgdpo-train"] if r.data.tags.get("output") == f"{RUN}/train"]
     # Logged by rank 0, on the worker node, straight to the server.
-    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")] == list(range(4, 41, 4))
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "loss")] == list(range(4, 21, 4))
     pool_files = {a.path for a in client.list_artifacts(runs["hgdpo-pool"][0].info.run_id)}
     assert {"pairs.png", "pool.json"} <= pool_files
     assert "adapter/pytorch_lora_weights.safetensors" in {
@@ -277,12 +278,12 @@ def test_a_killed_training_job_resumes_from_the_bucket(world, finished, s3_env):
     assert jobs.get_job_status(job) == JobStatus.FAILED
     assert not storage.exists(f"{output}/adapter/hgdpo_adapter.json"), "the job finished before it was killed"
     done = sorted(n for n in storage.listdir(f"{output}/checkpoints/train") if re.fullmatch(r"checkpoint_\d{8}", n))
-    assert done and done[-1] < "checkpoint_00000040", f"not killed half-way: {done}"
+    assert done and done[-1] < "checkpoint_00000020", f"not killed half-way: {done}"
     time.sleep(2)  # Ray frees the dead job's workers
 
     code, text = cluster.submit(args, work / "resumed.log")
     assert code == 0, text[-6000:]
-    assert re.search(r"train: resuming from checkpoint_000000(0[4-9]|[1-3]\d) \(step \d+\)", text), text[-3000:]
+    assert re.search(r"train: resuming from checkpoint_000000(0[4-9]|1[0-9]) \(step \d+\)", text), text[-3000:]
     resumed = storage.read_json(f"{output}/adapter/hgdpo_adapter.json")
     assert {k: v for k, v in resumed["config"].items() if k != "output"} == \
         {k: v for k, v in run_train.items() if k != "output"}

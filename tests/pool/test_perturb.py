@@ -16,18 +16,9 @@ import pytest
 from hgdpo.pool import phrases as P
 from hgdpo.pool.perturb import KINDS, applicable_kinds, perturb, perturbations
 from hgdpo.pool.phrases import noun_phrases, word_spans
+from hgdpo.world.mutate import drop_spec, swap_options, swap_spec
 from hgdpo.world.prompts import make_prompts
-from hgdpo.world.scene import (
-    ObjectSpec,
-    Relation,
-    SceneSpec,
-    canonical_key,
-    caption_of_spec,
-    drop_spec,
-    parse_caption,
-    swap_options,
-    swap_spec,
-)
+from hgdpo.world.scene import ObjectSpec, Relation, SceneSpec, canonical_key, caption_of_spec, parse_caption
 
 SEEDS = range(200)
 

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from ray import cloudpickle
 
-from hgdpo.pool.build import RowMaker, generator_stage
+from hgdpo.pool.build import generator_stage
 from hgdpo.pool.config import PoolConfig
+from hgdpo.pool.rows import RowMaker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ThreadProbe travels to the actor by value
 

@@ -24,9 +24,10 @@ from hgdpo.scorers.registry import (
     check_scorer,
     load_scorer,
 )
+from hgdpo.world.mutate import mutate_caption
 from hgdpo.world.prompts import make_prompts
 from hgdpo.world.render import render_captions
-from hgdpo.world.scene import BACKGROUND, mutate_caption
+from hgdpo.world.scene import BACKGROUND
 
 N_PROMPTS = 20
 

@@ -72,8 +72,6 @@ def test_unet_only_rebuild_keeps_the_worlds_clip_and_vae(tiny_world, tmp_path):
 def test_continued_unet_starts_from_the_worlds_own(tiny_world, tmp_path):
     """--continue-unet trains the world's UNet further: one step at a tiny rate leaves it close to where it was,
     a new UNet is far from it; an architecture other than the one continued is refused."""
-    import torch
-
     from hgdpo.errors import HgdpoError
 
     src, _ = tiny_world

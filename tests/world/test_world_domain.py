@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from hgdpo.world.judge import judge, judge_batch, judge_details
+from hgdpo.world.mutate import mutate_caption
 from hgdpo.world.prompts import make_pairs, make_prompts, split_of, write_prompts
 from hgdpo.world.render import coverage, degrade, render, render_batch, render_captions
 from hgdpo.world.scene import (
@@ -27,7 +28,6 @@ from hgdpo.world.scene import (
     SceneSpec,
     canonical_key,
     caption,
-    mutate_caption,
     parse_caption,
     sample_scene,
     sample_spec,

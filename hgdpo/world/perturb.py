@@ -1,4 +1,5 @@
-"""Perturbations of captions of the miniature world, made exactly on the scene spec (``hgdpo.world.scene``).
+"""Perturbations of captions of the miniature world, made exactly on the scene spec (``hgdpo.world.scene``);
+the pool reaches them through the judge scorer (``hgdpo.scorers.judge``), OSPO's negatives (``hgdpo.pool.perturb``).
 
 replace: one ``mutate_spec`` change (colour, shape, size, position or relation); swap: the colours,
 shapes or sizes of two objects exchanged (``swap_options``: only exchanges that make the caption false
@@ -13,18 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from hgdpo.pool.phrases import NounPhrase, Perturbation, word_spans
-from hgdpo.world.scene import (
-    COLORS,
-    SHAPES,
-    SIZES,
-    SWAP_ATTRIBUTES,
-    SceneSpec,
-    caption_of_spec,
-    drop_spec,
-    mutate_spec,
-    swap_options,
-    swap_spec,
-)
+from hgdpo.world.mutate import SWAP_ATTRIBUTES, drop_spec, mutate_spec, swap_options, swap_spec
+from hgdpo.world.scene import COLORS, SHAPES, SIZES, SceneSpec, caption_of_spec
 
 
 def scene_objects(prompt: str, spec: SceneSpec) -> tuple[NounPhrase, ...]:
