@@ -125,7 +125,7 @@ def run_bytes(args, work: Path, model: Path) -> dict:
 
 def memory_child(args, work: Path, model: Path, vae_batch: int) -> dict:
     from hgdpo.config.core import to_dict
-    from hgdpo.pool.rows import RowMaker
+    from hgdpo.pool.generator import RowMaker
 
     cfg = pool_config(args, work, "memory", model=str(model), steps=2, vae_batch=vae_batch, **PAPER)
     maker = RowMaker(to_dict(cfg), actor=False, log=lambda *_: None)
@@ -209,7 +209,7 @@ def calls_child(args, work: Path, threads: int) -> dict:
     import torch
 
     from hgdpo.config.core import to_dict
-    from hgdpo.pool.rows import RowMaker
+    from hgdpo.pool.generator import RowMaker
 
     torch.set_num_threads(threads)
     maker = RowMaker(to_dict(pool_config(args, work, "calls")), actor=False, log=lambda *_: None)

@@ -1,6 +1,6 @@
 """Building a preference pool (paper §3.1, eq. 4-6), on Ray Data or in one process.
 
-The stream: prompts -> ``RowMaker`` actors (``hgdpo.pool.rows``; one per GPU: each loads the model and
+The stream: prompts -> ``RowMaker`` actors (``hgdpo.pool.generator``; one per GPU: each loads the model and
 the scorer once; per prompt, the N images ``generator_batch`` at a time through the sampler and ``vae_batch`` at a
 time through the VAE and the scorer (``pool.scorer``, PickScore by default; scores in float32), ranking,
 the latents to keep) -> ``write_rows`` tasks (the winner's and loser's PNGs, then one atomic parquet part
@@ -49,7 +49,8 @@ from hgdpo.infra.raycluster import ensure_ray, warn_if_not_shared
 from hgdpo.models import loading as models
 from hgdpo.pool import store as pool
 from hgdpo.pool.config import NEWER_DATA_FIELDS, PoolConfig
-from hgdpo.pool.rows import RowMaker, columns, write_rows
+from hgdpo.pool.generator import RowMaker
+from hgdpo.pool.rows import columns, write_rows
 from hgdpo.report.pictures import pairs_grid
 from hgdpo.scorers.base import ScorerError
 from hgdpo.scorers.registry import scorer_class

@@ -19,7 +19,7 @@ from ray import cloudpickle
 
 from hgdpo.pool.build import generator_stage
 from hgdpo.pool.config import PoolConfig
-from hgdpo.pool.rows import RowMaker
+from hgdpo.pool.generator import RowMaker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ThreadProbe travels to the actor by value
 
