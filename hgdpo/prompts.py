@@ -24,6 +24,12 @@ ID_COLUMNS = ("id", "prompt_id")
 CATEGORY_COLUMNS = ("Category", "category")
 
 
+def stable_hash(text: str) -> int:
+    """A process-independent 64-bit hash of a string (unlike ``hash``): the seed of everything drawn per prompt."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+
 @dataclass(frozen=True)
 class Prompt:
     index: int  # position among the prompts used (after filtering), 0-based

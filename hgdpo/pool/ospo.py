@@ -46,6 +46,7 @@ import torch
 
 from hgdpo.pool import perturb as perturb_
 from hgdpo.pool.phrases import word_spans
+from hgdpo.prompts import stable_hash
 
 SELF_TIMESTEPS = (200, 400, 600, 800)  # mid-range noise levels, where a diffusion classifier separates texts best
 
@@ -58,7 +59,7 @@ def questions(prompt: str, kinds: Sequence[str], seed: int, count: int) -> list[
     out: list[str] = []
     if not usable:
         return out
-    rng = np.random.default_rng(perturb_.stable_hash(f"hgdpo-ospo:{int(seed)}:{prompt}"))
+    rng = np.random.default_rng(stable_hash(f"hgdpo-ospo:{int(seed)}:{prompt}"))
     for _ in range(8 * count):  # a few more tries than needed: draws can repeat a text
         text = perturb_.perturb(prompt, usable[rng.integers(len(usable))], rng).perturbed
         if text != prompt and text not in out:

@@ -54,23 +54,18 @@ naming the prompt and the kind.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 
 from hgdpo.pool.perturb_text import free_kinds, free_perturb
 from hgdpo.pool.phrases import NounPhrase, Perturbation, noun_phrases
+from hgdpo.prompts import stable_hash
 from hgdpo.scorers.judge import SceneSpec, parse_caption, scene_kinds, scene_objects, scene_perturb
 
 __all__ = ["KINDS", "applicable_kinds", "objects", "perturb", "perturbations"]
 
 KINDS: tuple[str, ...] = ("replace", "swap", "drop")
-
-
-def stable_hash(text: str) -> int:
-    """A process-independent 64-bit hash of a string (the world's ``stable_hash``: the same seeds)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
 def _check_kind(kind: str) -> None:

@@ -25,8 +25,9 @@ from typing import Optional
 
 import numpy as np
 
+from hgdpo.prompts import stable_hash
 from hgdpo.world.mutate import mutate_caption
-from hgdpo.world.scene import canonical_key, caption_of_spec, sample_spec, stable_hash
+from hgdpo.world.scene import canonical_key, caption_of_spec, sample_spec
 
 __all__ = ["TEST_FRACTION", "split_of", "make_prompts", "write_prompts", "mutate_caption", "make_pairs"]
 

@@ -38,7 +38,6 @@ true even after the blur and noise a small diffusion model adds.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
@@ -271,11 +270,6 @@ def canonical_key(spec_or_caption: SceneSpec | str) -> str:
             a, rel, b = b, _REL_INVERSE[rel], a
         parts.append(f"{a} {rel} {b}")
     return " ; ".join(sorted(parts))
-
-
-def stable_hash(text: str) -> int:
-    """A process-independent 64-bit hash of a string (unlike ``hash``)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
 # --------------------------------------------------------------------------------------------
